@@ -1,0 +1,163 @@
+"""Dataset folders, image loading, training items, the sampler and the generated dataset."""
+import hashlib
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, make_tree, write_image
+from prepare import FAMILIES, make_synthetic, synthetic_classes
+from utils import (PHOTO, SKETCH, DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset,
+                   load_image, scan_split)
+
+
+def test_scan_labels_domains_and_formats(tmp_path):
+    root = tmp_path / 'toy' / 'train'
+    write_image(root / 'sketch' / 'cat' / 'a.PNG', 'L')
+    write_image(root / 'sketch' / 'cat' / 'b.jpeg')
+    write_image(root / 'photo' / 'cat' / 'c.JPG', fmt='JPEG')
+    write_image(root / 'sketch' / 'ant' / 'd.png', 'RGBA')
+    write_image(root / 'photo' / 'ant' / 'e.jpg')
+    write_image(root / 'photo' / 'ant' / 'f.png', 'P')
+    (root / 'photo' / 'ant' / 'notes.txt').write_text('not an image')
+    (root / 'photo' / 'ant' / '.DS_Store').write_text('hidden')
+
+    split = scan_split(tmp_path, 'toy', 'train')
+    assert split.classes == ['ant', 'cat']  # sorted: label = index in sorted order
+    items = sorted(zip(split.paths, split.labels, split.domains))
+    assert items == [('photo/ant/e.jpg', 0, PHOTO), ('photo/ant/f.png', 0, PHOTO), ('photo/cat/c.JPG', 1, PHOTO),
+                     ('sketch/ant/d.png', 0, SKETCH), ('sketch/cat/a.PNG', 1, SKETCH),
+                     ('sketch/cat/b.jpeg', 1, SKETCH)]
+    assert [p.name for p in split.ignored_files] == ['notes.txt']
+    assert split.count(SKETCH) == 3 and split.count(PHOTO) == 3
+
+
+@pytest.mark.parametrize('mode, expected', [('RGB', (200, 30, 40)), ('L', (90, 90, 90)),
+                                            ('RGBA', (255, 255, 255)), ('LA', (90, 90, 90))])
+def test_load_image_any_mode_to_rgb(tmp_path, mode, expected):
+    path = write_image(tmp_path / 'x.png', mode, size=(7, 5))
+    image = load_image(path, 8)
+    assert image.dtype == torch.uint8 and image.shape == (3, 8, 8)
+    assert image[:, 4, 4].tolist() == list(expected)  # transparent pixels become white
+
+
+def test_load_image_corrupt_file_names_it(tmp_path):
+    bad = tmp_path / 'broken.jpg'
+    bad.write_bytes(b'\xff\xd8 not really a jpeg')
+    with pytest.raises(DataError, match='broken.jpg'):
+        load_image(bad, 8)
+
+
+def test_tuberlin_val_drops_classes_with_few_photos(tmp_path):
+    make_tree(tmp_path / 'tuberlin', {'val': {'sketch': {'big': 2, 'small': 3}, 'photo': {'big': 400, 'small': 399}}})
+    split = scan_split(tmp_path, 'tuberlin', 'val')
+    assert split.classes == ['big'] and split.dropped_classes == ['small']
+    assert split.count(SKETCH) == 2 and split.count(PHOTO) == 400  # the small class's sketches go too
+    # the rule is TU-Berlin val only
+    make_tree(tmp_path / 'other', {'val': {'sketch': {'big': 1, 'small': 1}, 'photo': {'big': 1, 'small': 1}}})
+    assert scan_split(tmp_path, 'other', 'val').classes == ['big', 'small']
+
+
+@pytest.mark.parametrize('layout, data_name, pattern', [
+    (None, 'toy', 'data root not found'),
+    ({}, 'toy', r"(?s)train folder of dataset 'toy' not found.*expected layout"),
+    ({'train': {'sketch': {'a': 1}}}, 'toy', r"'photo' folder not found"),
+    ({'train': {'sketch': {'a': 1, 'cow': 1}, 'photo': {'a': 1}}}, 'toy', r"one side only: 'cow' \(only in sketch/\)"),
+    ({'train': {'sketch': {'a': 1}, 'photo': {'a': 0}}}, 'toy', r"class 'a' has no images in .*photo/a"),
+    ({'train': {'sketch': {}, 'photo': {}}}, 'toy', 'no class folders'),
+])
+def test_scan_errors_are_clear(tmp_path, layout, data_name, pattern):
+    root = tmp_path / 'root'
+    if layout is not None:
+        root.mkdir()
+        (root / data_name).mkdir()
+        for split, sides in layout.items():
+            for side in sides:
+                (root / data_name / split / side).mkdir(parents=True)
+        make_tree(root / data_name, layout)
+    with pytest.raises(DataError, match=pattern):
+        scan_split(root, data_name, 'train')
+
+
+def test_pairs_draw_a_photo_of_the_sketch_class(tiny_data):
+    split = scan_split(tiny_data, 'synthetic', 'train')
+    images = FileImages(split.root, split.paths, 32, 'bilinear')
+    pairs = SketchPhotoPairs(split, images)
+    assert len(pairs) == split.count(SKETCH)
+    drawn = set()
+    for i in range(len(pairs)):
+        sketch, photo, label = pairs[(i, 7)]
+        assert sketch.shape == photo.shape == (3, 32, 32)
+        # the photo is one of the photos of the same class
+        matches = [j for j in split.indices(PHOTO) if torch.equal(images[j], photo)]
+        assert matches and all(split.labels[j] == label for j in matches)
+        assert label == split.labels[pairs.sketches[i]]
+        drawn.add(matches[0])
+    assert len(drawn) > 1
+    # the same key always gives the same item
+    assert all(torch.equal(a, b) for a, b in zip(pairs[(3, 7)][:2], pairs[(3, 7)][:2]))
+
+
+def test_split_dataset_items(tiny_data):
+    split = scan_split(tiny_data, 'synthetic', 'val')
+    data = SplitDataset(split, FileImages(split.root, split.paths, 32, 'bicubic'))
+    image, label, domain, index = data[5]
+    assert (label, domain, index) == (split.labels[5], split.domains[5], 5)
+    assert torch.equal(image, load_image(split.root / split.paths[5], 32, 'bicubic'))
+
+
+def test_epoch_sampler_is_a_function_of_seed_and_epoch():
+    def order(epoch, rank=0, replicas=1, seed=1):
+        sampler = EpochSampler(10, seed, rank=rank, num_replicas=replicas)
+        sampler.set_epoch(epoch)
+        return list(sampler)
+    assert order(1) == order(1) and order(1) != order(2) and order(1, seed=2) != order(1)
+    assert sorted(i for i, _ in order(1)) == list(range(10))
+    shards = [order(1, rank, 3) for rank in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4]  # padded to equal shares, as DistributedSampler
+    assert set(i for s in shards for i, _ in s) == set(range(10))
+    plain = EpochSampler(5, 0, shuffle=False, rank=1, num_replicas=2)
+    assert [i for i, _ in plain] == [1, 3] and len(plain) == 2
+
+
+def _digest(folder):
+    h = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob('*') if p.is_file()):
+        h.update(str(path.relative_to(folder)).encode())
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_synthetic_is_deterministic_and_zero_shot(tmp_path, tiny_data):
+    again = make_synthetic(tmp_path / 'again', **TINY)
+    assert _digest(again) == _digest(tiny_data / 'synthetic')
+    other = make_synthetic(tmp_path / 'other', **{**TINY, 'seed': TINY['seed'] + 1})
+    assert _digest(other) != _digest(again)
+
+    train, val = scan_split(tiny_data, 'synthetic', 'train'), scan_split(tiny_data, 'synthetic', 'val')
+    assert not set(train.classes) & set(val.classes)
+    assert len(train.classes) == TINY['num_classes'] - TINY['num_val_classes'] and len(val.classes) == 2
+    assert train.count(SKETCH) == 4 * TINY['num_sketches'] and val.count(PHOTO) == 2 * TINY['num_val_photos']
+    assert [p.suffix for p in (train.root / p for p in train.paths)].count('.png') == train.count(SKETCH)
+
+
+def test_synthetic_sketches_are_strokes_on_white_and_photos_are_not(tiny_data):
+    split = scan_split(tiny_data, 'synthetic', 'train')
+    images = FileImages(split.root, split.paths, 32, 'bilinear')
+    sketches = torch.stack([images[i] for i in split.indices(SKETCH)]).float()
+    photos = torch.stack([images[i] for i in split.indices(PHOTO)]).float()
+    white = (sketches > 230).all(dim=1).float().mean(dim=(1, 2))
+    dark = (sketches < 128).all(dim=1).float().mean(dim=(1, 2))
+    assert (white > 0.7).all() and (dark > 0.01).all()  # mostly white, some dark stroke pixels
+    assert (sketches.std(dim=1) < 1).all()  # grey: channels equal
+    assert photos.std(dim=1).mean() > 20  # colourful
+    assert ((photos > 230).all(dim=1).float().mean(dim=(1, 2)) < 0.5).all()
+
+
+def test_synthetic_class_choice_errors():
+    train, val = synthetic_classes(10, 3, seed=0)
+    assert len(train) == 7 and len(val) == 3 and not set(train) & set(val)
+    with pytest.raises(DataError, match='--num_classes'):
+        synthetic_classes(len(FAMILIES) + 1, 3, seed=0)
+    with pytest.raises(DataError, match='--num_val_classes'):
+        synthetic_classes(5, 5, seed=0)

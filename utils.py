@@ -1,0 +1,479 @@
+"""Data folders, image loading, retrieval metrics and safe file I/O shared by every script.
+
+Dataset layout (see README):  <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>
+Domain codes: photo = 0, sketch = 1. Labels: class index in sorted class-name order.
+"""
+import csv
+import os
+import random
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+PHOTO, SKETCH = 0, 1
+DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
+# Both seeds drop the TU-Berlin test classes that have fewer photos than this.
+TUBERLIN_MIN_VAL_PHOTOS = 400
+
+LAYOUT_HELP = """expected layout:
+  <data_root>/<data_name>/train/sketch/<class>/<images>
+  <data_root>/<data_name>/train/photo/<class>/<images>
+  <data_root>/<data_name>/val/sketch/<class>/<images>
+  <data_root>/<data_name>/val/photo/<class>/<images>
+(`python prepare.py synthetic --data_root DIR` writes a small dataset of this shape)"""
+
+
+class UserError(Exception):
+    """A problem a user can fix (data, options, files): scripts print it as one line and exit 2."""
+
+
+class DataError(UserError):
+    """A problem with the dataset folders or an image file."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Scanning the dataset folders
+
+@dataclass
+class Split:
+    """One split (train or val) of a dataset: every image with its label and domain.
+
+    `paths` are relative to `root`, so a split can be saved and reloaded under another data_root.
+    """
+    root: Path
+    classes: list
+    paths: list = field(default_factory=list)
+    labels: list = field(default_factory=list)
+    domains: list = field(default_factory=list)
+    dropped_classes: list = field(default_factory=list)
+    ignored_files: list = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.paths)
+
+    def indices(self, domain):
+        return [i for i, d in enumerate(self.domains) if d == domain]
+
+    def count(self, domain):
+        return sum(1 for d in self.domains if d == domain)
+
+    def subset(self, keep):
+        """A split with only the items at positions `keep` (same classes and labels)."""
+        return Split(self.root, self.classes, [self.paths[i] for i in keep],
+                     [self.labels[i] for i in keep], [self.domains[i] for i in keep])
+
+
+def is_image_file(path):
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _list_class_folders(folder):
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
+
+
+def _require_dir(path, what):
+    if not path.is_dir():
+        raise DataError(f"{what} not found: '{path}'\n{LAYOUT_HELP}")
+    if not os.access(path, os.R_OK | os.X_OK):
+        raise DataError(f"{what} is not readable: '{path}' (check its permissions)")
+
+
+def scan_split(data_root, data_name, split, min_photos=None):
+    """Scan `<data_root>/<data_name>/<split>/{sketch,photo}/<class>/` into a Split.
+
+    Classes with fewer than `min_photos` photos are left out on both sides (TU-Berlin val rule);
+    by default that rule applies to TU-Berlin val only. Raises DataError for a missing folder,
+    a class on one side only, an empty class or a split with no images.
+    """
+    if min_photos is None:
+        min_photos = TUBERLIN_MIN_VAL_PHOTOS if (data_name == 'tuberlin' and split == 'val') else 0
+    _require_dir(Path(data_root), 'data root')
+    root = Path(data_root) / data_name / split
+    _require_dir(root, f'{split} folder of dataset {data_name!r}')
+    for side in DOMAINS:
+        _require_dir(root / side, f"'{side}' folder")
+    sketch_classes, photo_classes = _list_class_folders(root / 'sketch'), _list_class_folders(root / 'photo')
+    one_sided = sorted(set(sketch_classes) ^ set(photo_classes))
+    if one_sided:
+        where = ', '.join(f"'{c}' (only in {'sketch' if c in sketch_classes else 'photo'}/)"
+                          for c in one_sided[:10])
+        more = f' and {len(one_sided) - 10} more' if len(one_sided) > 10 else ''
+        raise DataError(f'{root}: every class needs both a sketch/ and a photo/ folder; '
+                        f'one side only: {where}{more}')
+    if not sketch_classes:
+        raise DataError(f'{root}: no class folders under sketch/ and photo/\n{LAYOUT_HELP}')
+
+    files, ignored = {}, []
+    for name in sketch_classes:
+        for side in DOMAINS:
+            folder = root / side / name
+            entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.'))
+            images = [p for p in entries if is_image_file(p)]
+            ignored += [p for p in entries if not is_image_file(p)]
+            if not images:
+                raise DataError(f"class '{name}' has no images in '{folder}' "
+                                f"(looked for {', '.join(IMAGE_SUFFIXES)} in any case)")
+            files[side, name] = images
+
+    classes = [c for c in sketch_classes if len(files['photo', c]) >= min_photos]
+    result = Split(root, classes, dropped_classes=[c for c in sketch_classes if c not in classes],
+                   ignored_files=ignored)
+    if not classes:
+        raise DataError(f'{root}: no class has at least {min_photos} photos')
+    for side, domain in DOMAINS.items():
+        for label, name in enumerate(classes):
+            for p in files[side, name]:
+                result.paths.append(str(p.relative_to(root)))
+                result.labels.append(label)
+                result.domains.append(domain)
+    return result
+
+
+def describe_split(split, name):
+    """A one-line summary of a split and the notes a user should see (dropped classes, stray files)."""
+    lines = [f'{name}: {len(split.classes)} classes, {split.count(SKETCH)} sketches, '
+             f'{split.count(PHOTO)} photos ({split.root})']
+    if split.dropped_classes:
+        lines.append(f'  left out {len(split.dropped_classes)} classes with fewer than '
+                     f'{TUBERLIN_MIN_VAL_PHOTOS} photos: {", ".join(split.dropped_classes)}')
+    if split.ignored_files:
+        shown = ', '.join(str(p) for p in split.ignored_files[:3])
+        lines.append(f'  ignored {len(split.ignored_files)} files that are not .jpg/.jpeg/.png, e.g. {shown}')
+    return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Images and datasets
+
+INTERPOLATION = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
+
+
+def load_image(path, size, interpolation='bilinear'):
+    """Read any .jpg/.jpeg/.png (any mode) as a uint8 RGB tensor of shape (3, size, size).
+
+    Transparent pixels become white, so an RGBA sketch stays dark strokes on white.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+                rgba = img.convert('RGBA')
+                img = Image.new('RGB', rgba.size, (255, 255, 255))
+                img.paste(rgba, mask=rgba.getchannel('A'))
+            img = img.convert('RGB').resize((size, size), INTERPOLATION[interpolation])
+    except (OSError, ValueError, Image.DecompressionBombError) as error:
+        raise DataError(f"cannot read image '{path}': {error}") from error
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
+# Resize filter of each method's input transform.
+RESIZE = {'acnet': 'bilinear', 'msedge': 'bicubic'}
+
+
+def train_transform(method):
+    """Per-image training augmentation on uint8 tensors (the resize already happened at load time)."""
+    from torchvision.transforms import v2
+    if method == 'acnet':
+        return v2.RandomHorizontalFlip(0.5)
+    return v2.Compose([
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+        v2.RandomHorizontalFlip(0.5),
+        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3))], p=0.5)])
+
+
+class FileImages:
+    """Decodes and resizes image files on every access."""
+
+    def __init__(self, root, paths, size, interpolation):
+        self.root, self.paths, self.size, self.interpolation = Path(root), paths, size, interpolation
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, index):
+        return load_image(self.root / self.paths[index], self.size, self.interpolation)
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, item_seed): the epoch's order and every item's random draws depend only on
+    (seed, epoch, index), never on the number of workers or on where a run was resumed.
+
+    With `num_replicas` > 1 each rank takes every num_replicas-th position of the (padded) order,
+    as DistributedSampler does; `shuffle=False` keeps dataset order and adds no padding.
+    """
+
+    def __init__(self, size, seed, shuffle=True, rank=0, num_replicas=1):
+        self.size, self.seed, self.shuffle = size, seed, shuffle
+        self.rank, self.num_replicas, self.epoch = rank, num_replicas, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def _epoch_seed(self):
+        return self.seed * 100_003 + self.epoch
+
+    def __iter__(self):
+        epoch_seed = self._epoch_seed()
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+            order += order[:len(self) * self.num_replicas - self.size]  # equal share per rank
+        else:
+            order = list(range(self.size))
+        return ((i, epoch_seed) for i in order[self.rank::self.num_replicas])
+
+    def __len__(self):
+        if not self.shuffle:
+            return len(range(self.rank, self.size, self.num_replicas))
+        return -(-self.size // self.num_replicas)
+
+
+def _item_rng(key):
+    """Seed torch's RNG for one item (inside fork_rng) from the sampler's (index, epoch_seed) key."""
+    index, epoch_seed = key if isinstance(key, tuple) else (key, 0)
+    torch.manual_seed(epoch_seed * 1_000_003 + index)
+    return index
+
+
+class SplitDataset(Dataset):
+    """Single images of a split: (uint8 image, label, domain, index). MSEdge training and evaluation."""
+
+    def __init__(self, split, images, transform=None):
+        self.split, self.images, self.transform = split, images, transform
+
+    def __len__(self):
+        return len(self.split)
+
+    def __getitem__(self, key):
+        with torch.random.fork_rng(devices=[]):
+            index = _item_rng(key)
+            image = self.images[index]
+            if self.transform is not None:
+                image = self.transform(image)
+        return image, self.split.labels[index], self.split.domains[index], index
+
+
+class SketchPhotoPairs(Dataset):
+    """ACNet training items: each sketch with a photo drawn at random from the same class.
+
+    The draw and the augmentations are seeded from the EpochSampler's key, so pairs are reproducible.
+    """
+
+    def __init__(self, split, images, transform=None):
+        self.split, self.images, self.transform = split, images, transform
+        self.sketches = split.indices(SKETCH)
+        photos = split.indices(PHOTO)
+        self.photos_of_class = [[i for i in photos if split.labels[i] == c] for c in range(len(split.classes))]
+
+    def __len__(self):
+        return len(self.sketches)
+
+    def __getitem__(self, key):
+        with torch.random.fork_rng(devices=[]):
+            sketch_index = self.sketches[_item_rng(key)]
+            label = self.split.labels[sketch_index]
+            candidates = self.photos_of_class[label]
+            photo_index = candidates[torch.randint(len(candidates), ()).item()]
+            sketch, photo = self.images[sketch_index], self.images[photo_index]
+            if self.transform is not None:
+                sketch, photo = self.transform(sketch), self.transform(photo)
+        return sketch, photo, label
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval metrics
+
+METRIC_NAMES = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+# Bytes of working memory per (query, gallery) pair: similarity, sort keys, sorted keys, indices, relevance.
+_BYTES_PER_PAIR = 4 + 8 + 8 + 8 + 1
+
+
+def _as_tensor(x, device):
+    return (x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))).to(device)
+
+
+def rank_gallery(similarity):
+    """Gallery indices by descending similarity per row; ties go to the lower gallery index.
+
+    On the CPU, float32 rows are ranked by one int64 key per item: the similarity's bits, mapped so
+    that integer order is float order, in the high word and the gallery index in the low word. The
+    keys are unique, so NumPy's SIMD sort needs no stability and is about 9x faster than torch's
+    stable sort. Elsewhere torch's stable sort is used.
+    """
+    if similarity.device.type != 'cpu' or similarity.dtype != torch.float32:
+        return torch.sort(similarity, dim=1, descending=True, stable=True).indices
+    bits = (similarity + 0.0).view(torch.int32)  # + 0.0 turns -0.0 into +0.0
+    ascending = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # signed-int order == float order
+    keys = (~ascending).long() << 32  # descending similarity first
+    keys |= torch.arange(similarity.shape[1], dtype=torch.int64)
+    keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))
+    return keys & 0xFFFFFFFF
+
+
+def _reverse_cummax(x):
+    """y[:, i] = max(x[:, i:]) along dim 1: the interpolated precision envelope."""
+    return torch.flip(torch.cummax(torch.flip(x, [1]), dim=1).values, [1])
+
+
+def _class_block_metrics(similarity, relevant_mask_fn, num_relevant, map_ks, p_ks):
+    """Per-query metrics for a block of queries that all have `num_relevant` relevant gallery items.
+
+    Ranks the gallery by descending similarity (ties: lower gallery index first), then works on the
+    ranks of the relevant items only: the m-th relevant item at rank r_m has precision m / r_m, and
+    the precision envelope at a relevant rank is the running max of those from the end.
+    """
+    num_queries, gallery_size = similarity.shape
+    order = rank_gallery(similarity)
+    relevant = relevant_mask_fn(order)
+    del order
+    ranks = relevant.nonzero()[:, 1].view(num_queries, num_relevant).double() + 1  # ascending per row
+    del relevant
+    precision = torch.arange(1, num_relevant + 1, dtype=torch.float64, device=ranks.device) / ranks
+    out = {'mAP@all': _reverse_cummax(precision).mean(dim=1)}
+    for k in map_ks:
+        in_top = ranks <= k
+        envelope = _reverse_cummax(precision * in_top)  # envelope within the top k only
+        out[f'mAP@{k}'] = (envelope * in_top).sum(dim=1) / min(k, num_relevant)
+        # pytorch-metric-learning's variant: no envelope, divided by the relevant items *found*.
+        out[f'mAP@{k}_found'] = (precision * in_top).sum(dim=1) / in_top.sum(dim=1).clamp_min(1)
+    for k in p_ks:
+        out[f'P@{k}'] = (ranks <= k).sum(dim=1).double() / min(k, gallery_size)
+    return out
+
+
+def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labels, *, device=None,
+                      max_memory_mb=1024, per_query=False, map_ks=(200,), p_ks=(100, 200)):
+    """Zero-shot SBIR metrics: mAP@200, mAP@all, P@100, P@200 and 'precise' (their mean).
+
+    Similarity is cosine (vectors are L2-normalised here), computed in the vectors' precision (at
+    least float32; pass float64 for rankings free of float32 rounding). For each query the gallery is
+    ranked by descending similarity, ties broken by lower gallery index. With R relevant items:
+      AP@k    = sum over relevant ranks i <= k of p*_i / min(k, R), where p*_i is the precision
+                envelope max_{i <= j <= k} prec_j (k = gallery size for mAP@all; SAKE's definition)
+      P@k     = relevant items in the top k / min(k, gallery size)
+    Also returned: 'mAP@200_found', the variant that divides by the relevant items found in the top
+    200 instead of min(k, R) and has no envelope (pytorch-metric-learning; reads much higher).
+
+    Inputs may be torch tensors (any device) or NumPy arrays. Work is done in query blocks sized so the
+    working memory stays under about `max_memory_mb`. Returns floats, or with per_query=True 1-D float64
+    CPU tensors in query order (their means are the floats). Raises ValueError for a query whose class
+    has no gallery item.
+    """
+    if device is None:
+        device = query_vectors.device if isinstance(query_vectors, torch.Tensor) else 'cpu'
+    queries, gallery = _as_tensor(query_vectors, device), _as_tensor(gallery_vectors, device)
+    query_labels = _as_tensor(query_labels, device).long()
+    gallery_labels = _as_tensor(gallery_labels, device).long()
+    if queries.ndim != 2 or gallery.ndim != 2 or queries.shape[1] != gallery.shape[1]:
+        raise ValueError(f'expected (queries, dim) and (gallery, dim) vectors, got {tuple(queries.shape)} '
+                         f'and {tuple(gallery.shape)}')
+    if len(query_labels) != len(queries) or len(gallery_labels) != len(gallery) or not len(queries) * len(gallery):
+        raise ValueError('need at least one query and one gallery item, with one label per vector')
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    queries = torch.nn.functional.normalize(queries.to(dtype), dim=1)
+    gallery = torch.nn.functional.normalize(gallery.to(dtype), dim=1)
+
+    classes, gallery_counts = torch.unique(gallery_labels, return_counts=True)
+    missing = torch.unique(query_labels[~torch.isin(query_labels, classes)])
+    if len(missing):
+        raise ValueError(f'query classes {missing.tolist()[:10]} have no item in the gallery: '
+                         f'their AP is undefined (check that every val class has photos)')
+    count_of = dict(zip(classes.tolist(), gallery_counts.tolist()))
+
+    block = max(1, int(max_memory_mb * 2 ** 20 // (_BYTES_PER_PAIR * len(gallery))))
+    results = {}
+    for label in torch.unique(query_labels).tolist():
+        members = (query_labels == label).nonzero()[:, 0]
+        is_relevant = gallery_labels == label
+        for start in range(0, len(members), block):
+            rows = members[start:start + block]
+            similarity = queries[rows] @ gallery.T
+            block_metrics = _class_block_metrics(similarity, lambda order: is_relevant[order],
+                                                 count_of[label], map_ks, p_ks)
+            for name, values in block_metrics.items():
+                results.setdefault(name, []).append((rows, values))
+
+    per_query_values = {}
+    for name, parts in results.items():
+        values = torch.empty(len(queries), dtype=torch.float64, device=device)
+        for rows, part in parts:
+            values[rows] = part
+        per_query_values[name] = values.cpu()
+    main = [f'mAP@{k}' for k in map_ks] + ['mAP@all'] + [f'P@{k}' for k in p_ks]
+    per_query_values['precise'] = torch.stack([per_query_values[n] for n in main]).mean(dim=0)
+    if per_query:
+        return per_query_values
+    return {name: values.mean().item() for name, values in per_query_values.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Reproducibility and safe file writing
+
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def save_torch(obj, path):
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-1', 'zs-sbir-vectors-1'
+
+
+def load_torch(path, expected_format, what):
+    """Load a file this repo saved, with weights_only=True (a downloaded file cannot run code)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: '{path}'")
+    try:
+        obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise UserError(f"'{path}' cannot be read as a {what} (torch.load with weights_only=True): "
+                        f"{str(error).splitlines()[0][:200]}") from error
+    found = obj.get('format') if isinstance(obj, dict) else None
+    if found != expected_format:
+        raise UserError(f"'{path}' is not a {what} of this repo (format {found!r}, expected {expected_format!r})")
+    return obj
+
+
+def write_csv(rows, path):
+    """Write a list of dicts as CSV (columns in first-seen order), atomically."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(tmp):
+        with open(tmp, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    atomic_write(path, write)
+
+
+def read_csv(path):
+    with open(path, newline='') as f:
+        return list(csv.DictReader(f))

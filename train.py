@@ -1,0 +1,293 @@
+"""Train ACNet or MSEdge for zero-shot sketch-based image retrieval, evaluating every epoch.
+
+    python train.py --data_name sketchy                        # ACNet, ResNet50, 512-d (seed defaults)
+    python train.py --method msedge --data_name tuberlin       # MSEdge
+    python train.py --data_name synthetic --no_pretrained --img_size 64 --epochs 5 --lr 1e-4  # CPU, offline
+
+After every epoch the val (unseen-class) sketches are ranked against the val photos and the metrics
+go into {save_root}/{data_name}_{method}_{backbone_type}_{emb_dim}_results.csv. Next to it:
+  _model.pth    the best epoch by 'precise': every state dict, the arguments, the epoch, the metrics
+  _vectors.pth  that epoch's val embeddings with their image paths, labels and domains
+"""
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from model import METHODS, EDGE_MODES, build_model
+from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, RESIZE, METRIC_NAMES, VECTORS_FORMAT, DataError, EpochSampler,
+                   FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split, retrieval_metrics,
+                   save_torch, scan_split, seed_everything, train_transform, write_csv)
+CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
+DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--method', default='acnet', choices=list(METHODS))
+    p.add_argument('--data_root', default='data', help='datasets root path')
+    p.add_argument('--data_name', default='sketchy', choices=['sketchy', 'tuberlin', 'synthetic'])
+    p.add_argument('--backbone_type', default='resnet50', choices=['resnet50', 'vgg16'])
+    p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=512, help='embedding dim')
+    p.add_argument('--batch_size', type=int, default=64,
+                   help='images per mini-batch (ACNet: batch_size // 2 sketch-photo pairs)')
+    p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--warmup', type=int, default=None,
+                   help='epochs with a frozen backbone (default: 1 for acnet, 2 for msedge)')
+    p.add_argument('--save_root', default='result', help='where results and checkpoints go')
+    p.add_argument('--lr', type=float, default=1e-5, help='learning rate of the backbone and embedding layer')
+    p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
+                   help='msedge: which domains are fed as edge maps')
+    p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
+    p.add_argument('--seed', type=int, default=1)
+    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
+    p.add_argument('--eval_batch_size', type=int, default=None, help='default: 2 x batch_size')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    weights = p.add_mutually_exclusive_group()
+    weights.add_argument('--weights', default=None,
+                         help='local ImageNet weights for the backbone (torchvision or timm format)')
+    weights.add_argument('--no_pretrained', action='store_true', help='random initialisation (tests, offline)')
+    args = p.parse_args(argv)
+    if args.warmup is None:
+        args.warmup = DEFAULT_WARMUP[args.method]
+    if args.eval_batch_size is None:
+        args.eval_batch_size = 2 * args.batch_size
+    return args
+
+
+def check_args(args):
+    """Reject nonsense before any work starts."""
+    problems = []
+    if args.batch_size < (2 if args.method == 'acnet' else 1):
+        problems.append(f'--batch_size must be at least {2 if args.method == "acnet" else 1} '
+                        f'(ACNet batches hold batch_size // 2 sketch-photo pairs), got {args.batch_size}')
+    for name in ('emb_dim', 'epochs', 'eval_batch_size'):
+        if getattr(args, name) < 1:
+            problems.append(f'--{name} must be at least 1, got {getattr(args, name)}')
+    if not 0 <= args.warmup <= args.epochs:
+        problems.append(f'--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}')
+    if args.img_size < 32 or args.img_size % 4:
+        problems.append(f'--img_size must be a multiple of 4 and at least 32, got {args.img_size}')
+    if args.workers < 0 or not args.lr > 0:
+        problems.append('--workers must be >= 0 and --lr > 0')
+    if problems:
+        raise UserError('; '.join(problems))
+
+
+def run_prefix(args):
+    return f'{args.data_name}_{args.method}_{args.backbone_type}_{args.emb_dim}'
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+
+def load_splits(args):
+    data_dir = Path(args.data_root) / args.data_name
+    if args.data_name == 'synthetic' and not data_dir.exists():
+        from prepare import make_synthetic
+        print(f'{data_dir} not found: generating the synthetic dataset (python prepare.py synthetic)')
+        make_synthetic(args.data_root)
+    train_split, val_split = scan_split(args.data_root, args.data_name, 'train'), \
+        scan_split(args.data_root, args.data_name, 'val')
+    print(describe_split(train_split, 'train (seen classes)'))
+    print(describe_split(val_split, 'val (unseen classes)'))
+    return train_split, val_split
+
+
+def make_loaders(args, train_split, val_split):
+    interpolation = RESIZE[args.method]
+    images = FileImages(train_split.root, train_split.paths, args.img_size, interpolation)
+    if args.method == 'acnet':
+        train_set = SketchPhotoPairs(train_split, images, train_transform('acnet'))
+        batch = args.batch_size // 2
+    else:
+        train_set = SplitDataset(train_split, images, train_transform('msedge'))
+        batch = args.batch_size
+    val_set = SplitDataset(val_split, FileImages(val_split.root, val_split.paths, args.img_size, interpolation))
+    common = dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'),
+                  persistent_workers=args.workers > 0)
+    train_loader = DataLoader(train_set, batch, sampler=EpochSampler(len(train_set), args.seed), **common)
+    val_loader = DataLoader(val_set, args.eval_batch_size, sampler=EpochSampler(len(val_set), 0, shuffle=False),
+                            **common)
+    return train_loader, val_loader
+
+
+# ----------------------------------------------------------------------------------------------
+# One training step per method. Each returns its losses as detached tensors (no host sync).
+
+def training_nets(model):
+    """The callables a training step uses."""
+    if model.method == 'acnet':
+        return SimpleNamespace(raw=model, generator=model.generator, discriminator=model.discriminator,
+                               extractor=model.extractor, class_loss=model.class_loss)
+    return SimpleNamespace(raw=model, model=model)
+
+
+def acnet_step(nets, optimizers, batch):
+    sketch, photo, labels = batch
+    n = len(sketch)
+    sketch, photo = nets.raw.to_input(sketch), nets.raw.to_input(photo)
+    # Generator and extractor: adversarial + 0.1 * identity + 10 * class.
+    generated = nets.generator(torch.cat([sketch, photo]))  # one call covers G(sketch) and G(photo)
+    fake, reconstructed = generated[:n], generated[n:]
+    discriminator = nets.raw.discriminator
+    discriminator.requires_grad_(False)  # this loss trains G only; D gets its own step below
+    fake_score = discriminator(fake).float()
+    discriminator.requires_grad_(True)
+    adversarial = F.mse_loss(fake_score, torch.ones_like(fake_score))
+    identity = F.l1_loss(reconstructed.float(), photo)
+    embeddings = nets.extractor(torch.cat([sketch, photo, fake]))
+    # One call on the three equal parts = the mean of the three per-part losses (mean reduction).
+    class_loss = nets.class_loss(embeddings.float(), labels.repeat(3))
+    total = adversarial + 0.1 * identity + 10 * class_loss
+    for name in ('generator', 'extractor'):
+        optimizers[name].zero_grad(set_to_none=True)
+    total.backward()
+    for name in ('generator', 'extractor'):
+        optimizers[name].step()
+    # Discriminator: least squares, real photos -> 1, generated images -> 0.
+    scores = nets.discriminator(torch.cat([photo, fake.detach()])).float()
+    real_score, fake_score = scores[:n], scores[n:]
+    dis_loss = (F.mse_loss(real_score, torch.ones_like(real_score)) +
+                F.mse_loss(fake_score, torch.zeros_like(fake_score))) / 2
+    optimizers['discriminator'].zero_grad(set_to_none=True)
+    dis_loss.backward()
+    optimizers['discriminator'].step()
+    return {'adv_loss': adversarial.detach(), 'identity_loss': identity.detach(),
+            'class_loss': class_loss.detach(), 'dis_loss': dis_loss.detach()}
+
+
+def msedge_step(nets, optimizers, batch):
+    images, labels, domains, _ = batch
+    embeddings, _ = nets.model(images, domains)
+    loss = nets.raw.proxy_loss(embeddings.float(), labels)
+    optimizers['model'].zero_grad(set_to_none=True)
+    loss.backward()
+    optimizers['model'].step()
+    return {'proxy_loss': loss.detach()}
+
+
+STEPS = {'acnet': acnet_step, 'msedge': msedge_step}
+
+
+def train_epoch(nets, optimizers, loader, step, device, desc, log_every=10):
+    """One pass over the loader; returns the mean of each loss."""
+    nets.raw.train()
+    sums, steps = {}, 0
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    for batch in bar:
+        batch = [b.to(device, non_blocking=True) for b in batch]
+        for name, value in step(nets, optimizers, batch).items():
+            sums[name] = sums.get(name, 0) + value
+        steps += 1
+        if steps % log_every == 0:  # the only host sync: every few steps, for the progress bar
+            bar.set_postfix({name: f'{value.item() / steps:.3f}' for name, value in sums.items()})
+    if not steps:
+        raise DataError('the training loader produced no batch')
+    return {name: value.item() / steps for name, value in sums.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# Evaluation
+
+@torch.inference_mode()
+def embed_split(model, loader, device, desc='embed val'):
+    """Embeddings of every item of the loader's split, in split order (row i = split item i)."""
+    model.eval()
+    chunks, order = [], []
+    for images, _, domains, index in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        chunks.append(model.embed(images.to(device, non_blocking=True), domains.to(device)).float())
+        order.append(index.to(device))
+    vectors, order = torch.cat(chunks), torch.cat(order)
+    return torch.empty_like(vectors).index_copy_(0, order, vectors)
+
+
+def split_metrics(vectors, split):
+    """Unseen-class metrics: every sketch of the split queries all its photos."""
+    labels = torch.tensor(split.labels, device=vectors.device)
+    domains = torch.tensor(split.domains, device=vectors.device)
+    sketch, photo = domains == SKETCH, domains == PHOTO
+    return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
+
+
+def vectors_record(vectors, split, args, epoch):
+    """The embeddings with what identifies each row: its image path, label and domain."""
+    return {'format': VECTORS_FORMAT, 'method': args.method, 'data_name': args.data_name,
+            'data_root': str(args.data_root), 'split': 'val', 'epoch': epoch, 'classes': list(split.classes),
+            'paths': list(split.paths), 'labels': torch.tensor(split.labels), 'domains': torch.tensor(split.domains),
+            'vectors': vectors.cpu()}
+
+
+def checkpoint_record(model, args, epoch, metrics, train_classes, prefix):
+    return {'format': CHECKPOINT_FORMAT, 'method': args.method, 'args': vars(args), 'epoch': epoch,
+            'metrics': metrics, 'train_classes': list(train_classes), 'model': model.state_dict(),
+            'vectors_file': f'{prefix}_vectors.pth'}
+
+
+def format_losses(losses):
+    return ' '.join(f'{name.removesuffix("_loss")} {value:.4f}' for name, value in losses.items())
+
+
+def format_metrics(metrics):
+    return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
+
+
+# ----------------------------------------------------------------------------------------------
+
+def train(args):
+    check_args(args)
+    seed_everything(args.seed)
+    device = torch.device(args.device)
+    train_split, val_split = load_splits(args)
+    train_loader, val_loader = make_loaders(args, train_split, val_split)
+    model = build_model(args.method, len(train_split.classes), args.backbone_type, args.emb_dim, args.edge_mode,
+                        pretrained=not args.no_pretrained, weights=args.weights).to(device)
+    optimizers = model.make_optimizers(args.lr)
+    step = STEPS[args.method]
+    save_root, prefix = Path(args.save_root), run_prefix(args)
+    save_root.mkdir(parents=True, exist_ok=True)
+
+    vectors = embed_split(model, val_loader, device, 'embed val (untrained)')
+    print(f'untrained   | unseen {format_metrics(split_metrics(vectors, val_split))}')
+    rows, best = [], None
+    for epoch in range(1, args.epochs + 1):
+        start = time.time()
+        model.set_warmup(epoch <= args.warmup)
+        train_loader.sampler.set_epoch(epoch)
+        losses = train_epoch(training_nets(model), optimizers, train_loader, step, device,
+                             f'epoch {epoch}/{args.epochs}')
+        vectors = embed_split(model, val_loader, device)
+        metrics = split_metrics(vectors, val_split)
+        rows.append({'epoch': epoch, **losses, **{name: metrics[name] for name in CSV_METRICS}})
+        improved = best is None or metrics['precise'] > best['precise']
+        if improved:
+            best = {'epoch': epoch, **metrics}
+            save_torch(vectors_record(vectors, val_split, args, epoch), save_root / f'{prefix}_vectors.pth')
+            save_torch(checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix),
+                       save_root / f'{prefix}_model.pth')
+        write_csv(rows, save_root / f'{prefix}_results.csv')
+        print(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)} | '
+              f'{time.time() - start:.0f}s{" *best" if improved else ""}')
+    print(f'best epoch {best["epoch"]}: {format_metrics(best)}')
+    print(f'saved {save_root / prefix}_{{results.csv,model.pth,vectors.pth}}')
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        train(args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

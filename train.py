@@ -101,22 +101,25 @@ def load_splits(args):
     return train_split, val_split
 
 
-def make_loaders(args, train_split, val_split):
-    interpolation = RESIZE[args.method]
-    images = FileImages(train_split.root, train_split.paths, args.img_size, interpolation)
+def _loader_options(args):
+    return dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'), persistent_workers=args.workers > 0)
+
+
+def make_train_loader(args, split):
+    """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images."""
+    images = FileImages(split.root, split.paths, args.img_size, RESIZE[args.method])
     if args.method == 'acnet':
-        train_set = SketchPhotoPairs(train_split, images, train_transform('acnet'))
-        batch = args.batch_size // 2
+        dataset, batch = SketchPhotoPairs(split, images, train_transform('acnet')), args.batch_size // 2
     else:
-        train_set = SplitDataset(train_split, images, train_transform('msedge'))
-        batch = args.batch_size
-    val_set = SplitDataset(val_split, FileImages(val_split.root, val_split.paths, args.img_size, interpolation))
-    common = dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'),
-                  persistent_workers=args.workers > 0)
-    train_loader = DataLoader(train_set, batch, sampler=EpochSampler(len(train_set), args.seed), **common)
-    val_loader = DataLoader(val_set, args.eval_batch_size, sampler=EpochSampler(len(val_set), 0, shuffle=False),
-                            **common)
-    return train_loader, val_loader
+        dataset, batch = SplitDataset(split, images, train_transform('msedge')), args.batch_size
+    return DataLoader(dataset, batch, sampler=EpochSampler(len(dataset), args.seed), **_loader_options(args))
+
+
+def make_eval_loader(args, split):
+    """Every image of the split, in split order, resized as the method's evaluation transform does."""
+    dataset = SplitDataset(split, FileImages(split.root, split.paths, args.img_size, RESIZE[args.method]))
+    return DataLoader(dataset, args.eval_batch_size, sampler=EpochSampler(len(dataset), 0, shuffle=False),
+                      **_loader_options(args))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -246,7 +249,7 @@ def train(args):
     seed_everything(args.seed)
     device = torch.device(args.device)
     train_split, val_split = load_splits(args)
-    train_loader, val_loader = make_loaders(args, train_split, val_split)
+    train_loader, val_loader = make_train_loader(args, train_split), make_eval_loader(args, val_split)
     model = build_model(args.method, len(train_split.classes), args.backbone_type, args.emb_dim, args.edge_mode,
                         pretrained=not args.no_pretrained, weights=args.weights).to(device)
     optimizers = model.make_optimizers(args.lr)

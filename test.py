@@ -1,0 +1,243 @@
+"""Show the top-k photos a trained model retrieves for any sketch, or re-evaluate a saved model.
+
+    python test.py                                             # right after the README quick start
+    python test.py --query_name my_sketch.png --num 8          # any image file, any size or mode
+    python test.py --query_name data/sketchy/val/sketch/cow    # a folder: every image in it
+    python test.py --evaluate --data_base result/sketchy_acnet_resnet50_512_model.pth
+
+--data_base is a checkpoint written by train.py; its val embeddings (the gallery) are read from the
+_vectors.pth file beside it. For every query this writes {save_root}/{query stem}.png: the query, then
+its top-k photos, each framed green (same class as the query) or red (another class) with its cosine
+similarity and class. The query's class is its folder name when that is a val class (else the frames
+are grey). The seed's loose files go to {save_root}/{query stem}/: query.jpg and
+retrieval_{rank}_{similarity}.jpg.
+"""
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageOps
+
+from model import model_from_checkpoint, sobel_edges, edge_mask
+from train import embed_split, format_metrics, make_eval_loader, split_metrics
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, UserError, is_image_file, load_image,
+                   load_torch, rank_gallery, scan_split)
+
+TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
+COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--query_name', nargs='+', default=None,
+                   help='sketch image files or folders (default: the first val sketch of every val class)')
+    p.add_argument('--data_base', default='result/synthetic_acnet_resnet50_512_model.pth',
+                   help='checkpoint written by train.py (the *_model.pth file)')
+    p.add_argument('--vectors', default=None, help='gallery embeddings (default: the *_vectors.pth beside it)')
+    p.add_argument('--num', type=int, default=5, help='how many photos to retrieve per query')
+    p.add_argument('--save_root', default='result', help='where the pictures go')
+    p.add_argument('--data_root', default=None, help='datasets root (default: the one used in training)')
+    p.add_argument('--data_name', default=None, help='dataset name (default: the one used in training)')
+    p.add_argument('--show_generated', action='store_true', help="ACNet: add the generator's photo-like image")
+    p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
+    p.add_argument('--workers', type=int, default=2, help='data loader processes for --evaluate')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    return p.parse_args(argv)
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading what train.py saved
+
+def load_run(args):
+    """The model, its training arguments and (unless evaluating) the gallery embeddings, all checked."""
+    checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
+    try:
+        model = model_from_checkpoint(checkpoint, args.device)
+    except RuntimeError as error:
+        raise UserError(f"'{args.data_base}' does not hold a {checkpoint['method']} model matching its own "
+                        f"arguments: {str(error).splitlines()[0][:200]}") from error
+    train_args = checkpoint['args']
+    data_root = Path(args.data_root or train_args['data_root'])
+    data_name = args.data_name or train_args['data_name']
+    if args.evaluate:
+        return model, checkpoint, None, data_root, data_name
+    vectors_path = Path(args.vectors) if args.vectors else Path(args.data_base).parent / checkpoint['vectors_file']
+    vectors = load_torch(vectors_path, VECTORS_FORMAT, 'vectors file')
+    found = (vectors['method'], vectors['vectors'].shape[1])
+    if found != (checkpoint['method'], train_args['emb_dim']):
+        raise UserError(f"'{vectors_path}' holds {found[0]} embeddings of size {found[1]}, but '{args.data_base}' "
+                        f"is a {checkpoint['method']} model of size {train_args['emb_dim']}: pass the "
+                        f"matching --data_base/--vectors pair")
+    data_root = Path(args.data_root or vectors['data_root'])
+    data_name = args.data_name or vectors['data_name']
+    check_gallery(vectors, vectors_path, data_root, data_name)
+    return model, checkpoint, vectors, data_root, data_name
+
+
+def check_gallery(vectors, vectors_path, data_root, data_name):
+    """The saved embeddings must describe exactly the images of the val split on disk."""
+    split = scan_split(data_root, data_name, 'val')
+    saved, on_disk = set(vectors['paths']), set(split.paths)
+    if saved != on_disk:
+        raise UserError(f"gallery embeddings in '{vectors_path}' do not match the dataset at '{split.root}': "
+                        f"{len(saved - on_disk)} embedded images are not on disk and {len(on_disk - saved)} images "
+                        f"on disk were not embedded; pass the --data_root used in training or retrain")
+
+
+def query_files(names):
+    """Expand files and folders (recursively) into image files; a missing path is an error."""
+    files = []
+    for name in names:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.rglob('*') if p.is_file() and is_image_file(p))
+            if not found:
+                raise UserError(f"query folder '{path}' holds no .jpg/.jpeg/.png image")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"query image not found: '{path}'")
+    return files
+
+
+def default_queries(vectors, data_root, data_name):
+    """The first sketch of every val class."""
+    first = {}
+    for path, label, domain in zip(vectors['paths'], vectors['labels'].tolist(), vectors['domains'].tolist()):
+        if domain == SKETCH:
+            first.setdefault(label, Path(data_root) / data_name / 'val' / path)
+    return [first[label] for label in sorted(first)]
+
+
+# ----------------------------------------------------------------------------------------------
+# Retrieval and drawing
+
+@torch.inference_mode()
+def describe_query(model, image, device):
+    """The query's embedding plus the pictures that show what the model made of it."""
+    x = image.unsqueeze(0).to(device)
+    domain = torch.tensor([SKETCH], device=device)
+    extras = {}
+    if model.method == 'acnet':
+        embedding = model.embed(x, domain)[0]
+        generated = model.generator(model.to_input(x))[0]
+        extras['generated'] = ((generated + 1) * 127.5).clamp(0, 255).byte().cpu()
+    else:
+        embeddings, (a3, a4) = model(x, domain)
+        embedding = embeddings[0]
+        if edge_mask(domain, model.edge_mode).item():
+            extras['edge map'] = (sobel_edges(x.float() / 255)[0] * 255).byte().cpu()
+        extras['attention 3'], extras['attention 4'] = a3[0, 0].cpu(), a4[0, 0].cpu()
+    return embedding.float(), extras
+
+
+def top_k(query_vector, vectors, k):
+    """Indices (into the vectors file) and similarities of the k most similar gallery photos."""
+    gallery = (vectors['domains'] == PHOTO).nonzero()[:, 0]
+    similarity = torch.nn.functional.normalize(vectors['vectors'][gallery].float(), dim=1) @ query_vector.cpu()
+    order = rank_gallery(similarity.unsqueeze(0))[0, :k]
+    return gallery[order].tolist(), similarity[order].tolist()
+
+
+def _tile(image):
+    if isinstance(image, torch.Tensor):
+        image = Image.fromarray(image.permute(1, 2, 0).numpy())
+    return ImageOps.fit(image.convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
+
+
+def heatmap(attention, base):
+    """An attention map (h, w) in [0, 1] laid over the query picture."""
+    grey = Image.fromarray((attention.clamp(0, 1) * 255).byte().numpy()).resize(base.size, Image.BILINEAR)
+    return Image.blend(base.convert('RGB'), ImageOps.colorize(grey, '#000060', '#ffe000'), 0.6)
+
+
+def draw_retrieval(query, extras, results):
+    """One row: the query (blue frame), extra pictures (grey), then (image, caption, match) results,
+    framed green for a match, red for a miss, grey when the query's class is unknown."""
+    tiles = [(query, 'query', 'query')] + [(img, name, None) for name, img in extras] + results
+    canvas = Image.new('RGB', (GAP + len(tiles) * (TILE + GAP), 2 * GAP + TILE + CAPTION), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption, match) in enumerate(tiles):
+        x, y = GAP + i * (TILE + GAP), GAP
+        draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=COLOURS[match])
+        canvas.paste(_tile(image), (x + FRAME, y + FRAME))
+        draw.multiline_text((x, y + TILE + 2), caption, fill='black', spacing=2)
+    return canvas
+
+
+def retrieve(args, model, checkpoint, vectors, data_root, data_name):
+    method, img_size = checkpoint['method'], checkpoint['args']['img_size']
+    root = Path(data_root) / data_name / 'val'
+    classes = vectors['classes']
+    files = query_files(args.query_name) if args.query_name else default_queries(vectors, data_root, data_name)
+    save_root, used = Path(args.save_root), set()
+    for path in files:
+        image = load_image(path, img_size, RESIZE[method])
+        embedding, extras = describe_query(model, image, args.device)
+        query_class = path.parent.name if path.parent.name in classes else None
+        shown = [(name, heatmap(value, _tile(image)) if name.startswith('attention') else value)
+                 for name, value in extras.items() if method == 'msedge' or args.show_generated]
+        results, lines = [], []
+        for rank, (index, similarity) in enumerate(zip(*top_k(embedding, vectors, args.num)), 1):
+            name = classes[vectors['labels'][index]]
+            match = None if query_class is None else name == query_class
+            photo = Image.open(root / vectors['paths'][index])
+            results.append((photo, f'{similarity:.3f}\n{name}', match))
+            lines.append((rank, similarity, name, root / vectors['paths'][index], photo))
+        stem = path.stem
+        while stem in used:
+            stem += '_'
+        used.add(stem)
+        save_root.mkdir(parents=True, exist_ok=True)
+        picture = draw_retrieval(Image.open(path), shown, results)
+        picture.save(save_root / f'{stem}.png')
+        write_loose_files(save_root / stem, path, lines)
+        hits = '' if query_class is None else f', {sum(r[2] for r in results)}/{len(results)} of class {query_class}'
+        print(f'{path} -> {save_root / stem}.png{hits}')
+        for rank, similarity, name, photo_path, _ in lines:
+            print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo_path}')
+
+
+def write_loose_files(folder, query_path, lines):
+    """The seed's layout: query.jpg and retrieval_{rank}_{similarity}.jpg in one folder per query."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    with Image.open(query_path) as query:
+        query.convert('RGB').save(folder / 'query.jpg')
+    for rank, similarity, _, _, photo in lines:
+        photo.convert('RGB').save(folder / f'retrieval_{rank}_{similarity:.4f}.jpg')
+
+
+def evaluate(args, model, checkpoint, data_root, data_name):
+    """Recompute the metrics of the saved model on a val split."""
+    split = scan_split(data_root, data_name, 'val')
+    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device})
+    vectors = embed_split(model, make_eval_loader(loader_args, split), torch.device(args.device))
+    metrics = split_metrics(vectors, split)
+    print(f'{args.data_base} on {split.root}: {format_metrics(metrics)}')
+    trained_on = (str(checkpoint['args']['data_root']), checkpoint['args']['data_name'])
+    if (str(data_root), data_name) == trained_on:
+        logged = checkpoint['metrics']
+        print(f'training log, best epoch {checkpoint["epoch"]}: {format_metrics(logged)}')
+    return metrics
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        if args.num < 1:
+            raise UserError(f'--num must be at least 1, got {args.num}')
+        model, checkpoint, vectors, data_root, data_name = load_run(args)
+        if args.evaluate:
+            return evaluate(args, model, checkpoint, data_root, data_name)
+        retrieve(args, model, checkpoint, vectors, data_root, data_name)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,128 @@
+"""test.py: retrieval pictures, loose files, frame colours, --evaluate, and its one-line errors."""
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+
+import test as retrieval
+from conftest import write_image
+from model import model_from_checkpoint
+from train import parse_args as train_args, train
+from utils import CHECKPOINT_FORMAT, PHOTO, VECTORS_FORMAT, load_image, load_torch, read_csv
+
+K = 3
+
+
+@pytest.fixture(scope='module')
+def runs(tiny_data, tmp_path_factory):
+    """One tiny trained run per method: {method: checkpoint path}."""
+    out = tmp_path_factory.mktemp('runs')
+    paths = {}
+    for method in ('acnet', 'msedge'):
+        train(train_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
+                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1',
+                          '--warmup', '0', '--workers', '0', '--emb_dim', '16', '--save_root', str(out)]))
+        paths[method] = out / f'synthetic_{method}_resnet50_16_model.pth'
+    return paths
+
+
+def run(*argv):
+    return retrieval.main([str(a) for a in argv])
+
+
+def expect_error(capsys, *argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        run(*argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1
+    assert match in err, err
+
+
+def frame_colours(picture, num_tiles):
+    """The colour of each tile's frame (its top-left pixel)."""
+    return [picture.getpixel((retrieval.GAP + i * (retrieval.TILE + retrieval.GAP) + 1, retrieval.GAP + 1))
+            for i in range(num_tiles)]
+
+
+@pytest.mark.parametrize('method, extra_args, extra_tiles', [('acnet', [], 0), ('acnet', ['--show_generated'], 1),
+                                                             ('msedge', [], 3)])
+def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, extra_args, extra_tiles):
+    checkpoint = load_torch(runs[method], CHECKPOINT_FORMAT, 'checkpoint')
+    vectors = load_torch(runs[method].parent / checkpoint['vectors_file'], VECTORS_FORMAT, 'vectors')
+    root = tiny_data / 'synthetic' / 'val'
+    query = sorted((root / 'sketch').rglob('*.png'))[1]
+    run('--query_name', query, '--data_base', runs[method], '--num', K, '--save_root', tmp_path, *extra_args)
+
+    picture = Image.open(tmp_path / f'{query.stem}.png')
+    tiles = 1 + extra_tiles + K
+    assert picture.size == (retrieval.GAP + tiles * (retrieval.TILE + retrieval.GAP),
+                            2 * retrieval.GAP + retrieval.TILE + retrieval.CAPTION)
+
+    # the expected top K, computed independently from the saved gallery embeddings
+    model = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        q = model.embed(load_image(query, 32, 'bilinear' if method == 'acnet' else 'bicubic')[None],
+                        torch.tensor([1]))[0]
+    photos = (vectors['domains'] == PHOTO).nonzero()[:, 0]
+    sims = vectors['vectors'][photos] @ q
+    top = photos[torch.sort(sims, descending=True, stable=True).indices[:K]]
+    matches = [vectors['classes'][vectors['labels'][i]] == query.parent.name for i in top]
+    expected = [retrieval.COLOURS['query']] + [retrieval.COLOURS[None]] * extra_tiles + \
+        [retrieval.COLOURS[m] for m in matches]
+    assert frame_colours(picture, tiles) == expected
+
+    loose = sorted(p.name for p in (tmp_path / query.stem).iterdir())
+    assert loose[0] == 'query.jpg' and len(loose) == K + 1
+    assert [name.split('_')[1] for name in loose[1:]] == [str(r) for r in range(1, K + 1)]
+    assert float(loose[1].split('_')[2][:-4]) == pytest.approx(sims.max().item(), abs=1e-4)
+
+
+def test_draw_retrieval_frames_on_a_constructed_case():
+    white = Image.new('RGB', (20, 20), 'white')
+    results = [(white, '0.9\ncat', True), (white, '0.8\ndog', False), (white, '0.7\ncat', True),
+               (white, '0.1\n?', None)]
+    picture = retrieval.draw_retrieval(white, [('generated', white)], results)
+    green, red, grey, blue = (retrieval.COLOURS[k] for k in (True, False, None, 'query'))
+    assert frame_colours(picture, 6) == [blue, grey, green, red, green, grey]
+
+
+def test_any_image_from_outside_the_val_set(runs, tmp_path):
+    odd = write_image(tmp_path / 'mine' / 'doodle.PNG', 'RGBA', size=(100, 37), colour=(0, 0, 0, 255))
+    write_image(tmp_path / 'mine' / 'other.jpg', 'L', size=(50, 80), fmt='JPEG')
+    run('--query_name', tmp_path / 'mine', '--data_base', runs['acnet'], '--num', K, '--save_root', tmp_path / 'out')
+    for stem in ('doodle', 'other'):
+        picture = Image.open(tmp_path / 'out' / f'{stem}.png')
+        assert frame_colours(picture, K + 1)[1:] == [retrieval.COLOURS[None]] * K  # class unknown: grey
+
+
+def test_defaults_take_one_sketch_per_val_class(runs, tmp_path, capsys):
+    run('--data_base', runs['acnet'], '--save_root', tmp_path)
+    assert len(list(tmp_path.glob('*.png'))) == 2  # two val classes in the tiny dataset
+    assert capsys.readouterr().out.count(' of class ') == 2
+
+
+def test_evaluate_matches_the_training_log(runs):
+    for method, path in runs.items():
+        metrics = run('--evaluate', '--data_base', path, '--workers', 0)
+        best = max(read_csv(str(path).replace('_model.pth', '_results.csv')), key=lambda r: float(r['precise']))
+        for name in ('mAP@200', 'mAP@all', 'P@100', 'P@200', 'precise'):
+            assert metrics[name] == pytest.approx(float(best[name]), abs=1e-6), (method, name)
+
+
+def test_errors(runs, tiny_data, tmp_path, capsys):
+    expect_error(capsys, '--query_name', tmp_path / 'nope.png', '--data_base', runs['acnet'],
+                 match="query image not found: '")
+    expect_error(capsys, '--data_base', tmp_path / 'missing.pth', match='checkpoint not found')
+    vectors_file = str(runs['acnet']).replace('_model', '_vectors')
+    expect_error(capsys, '--data_base', vectors_file, match="is not a checkpoint of this repo")
+    msedge_vectors = str(runs['msedge']).replace('_model', '_vectors')
+    expect_error(capsys, '--data_base', runs['acnet'], '--vectors', msedge_vectors,
+                 match='holds msedge embeddings of size 16, but')
+    # a dataset that changed since training
+    changed = tmp_path / 'changed'
+    shutil.copytree(tiny_data, changed)
+    next((changed / 'synthetic' / 'val' / 'photo').rglob('*.jpg')).unlink()
+    expect_error(capsys, '--data_base', runs['acnet'], '--data_root', changed,
+                 match='do not match the dataset at')
+    expect_error(capsys, '--data_base', runs['acnet'], '--num', 0, match='--num must be at least 1')

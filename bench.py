@@ -2,6 +2,15 @@
 
     python bench.py metrics                 # retrieval metrics at Sketchy and TU-Berlin size, CPU (+GPU if any)
     python bench.py metrics --quick         # small sizes, seconds
+    python bench.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
+    python bench.py train --quick           # tiny sizes on the CPU, about a minute
+
+`train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
+the same run: with "seed settings" (fp32, deterministic cuDNN, NCHW, no compile, .item() after every
+step, images decoded from files) and with "ours" (bf16 autocast and fused Adam on GPU, channels_last,
+cudnn.benchmark, optional compile, no per-step host sync, the prepare.py cache). "memory" columns feed
+in-memory tensors (model-bound); "loader" columns use the real DataLoader on a generated dataset at the
+benchmark's image size (input-bound).
 
 `metrics` times utils.retrieval_metrics against a per-query implementation in the seeds' style
 (SciPy cosine distances, one NumPy argsort per query, the precision envelope in a Python loop over
@@ -15,7 +24,10 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -128,6 +140,153 @@ def bench_metrics(args):
         print(f'  {size} means (ours): ' + ', '.join(f'{n} {v:.4f}' for n, v in ours['means'].items()))
 
 
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation throughput
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def settings(name, device, compile_ours):
+    cuda = device.type == 'cuda'
+    if name == 'seed':
+        return dict(amp=False, channels_last=False, compile=False, deterministic=True, sync_every_step=True,
+                    cache=False, fused=False)
+    return dict(amp=cuda, channels_last=cuda, compile=compile_ours, deterministic=False, sync_every_step=False,
+                cache=True, fused=cuda)  # channels_last and bf16 pay off on GPUs, not on CPUs
+
+
+def prepared_model(method, backbone, num_classes, device, s):
+    from model import build_model, compile_model
+    torch.backends.cudnn.benchmark = not s['deterministic']
+    torch.backends.cudnn.deterministic = s['deterministic']
+    torch.manual_seed(0)
+    model = build_model(method, num_classes, backbone, 512, pretrained=False).to(device)
+    if s['channels_last']:
+        model.to(memory_format=torch.channels_last)
+    optimizers = model.make_optimizers(1e-5, fused=True if s['fused'] else None)
+    if not s['fused']:  # the seeds' torch 1.x Adam: one parameter at a time
+        for optimizer in optimizers.values():
+            optimizer.defaults['foreach'] = False
+            for group in optimizer.param_groups:
+                group['foreach'] = False
+    if s['compile']:
+        compile_model(model)
+    return model, optimizers
+
+
+def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
+    """Images/s of training steps over an iterable of CPU batches."""
+    from train import STEPS, to_device, training_nets
+    nets, step = training_nets(model, s['amp']), STEPS[model.method]
+    model.set_warmup(False)
+    model.train()
+    count, start = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start, count = time.perf_counter(), 0
+        losses = step(nets, optimizers, to_device(batch, device, s['channels_last']))
+        if s['sync_every_step']:
+            [value.item() for value in losses.values()]
+        count += images_per_batch
+    _sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def time_embedding(model, batches, device, s, warmup=1):
+    """Images/s of embedding (inference mode, autocast for ours) over an iterable of CPU batches."""
+    from train import to_device
+    model.eval()
+    count, start = 0, None
+    with torch.inference_mode():
+        for i, batch in enumerate(batches):
+            if i == warmup:
+                _sync(device)
+                start, count = time.perf_counter(), 0
+            images, _, domains, _ = to_device(batch, device, s['channels_last'])
+            with torch.autocast(device.type, torch.bfloat16, enabled=s['amp']):
+                model.embed(images, domains)
+            count += len(images)
+    _sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def memory_batches(method, batch_size, size, num_classes, count):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(batch_size) % num_classes
+    domains = torch.arange(batch_size) % 2
+    if method == 'acnet':
+        half = batch_size // 2
+        train = [images[:half], images[half:2 * half], labels[:half]]
+    else:
+        train = [images, labels, domains, torch.arange(batch_size)]
+    return [train] * count, [[images, labels, domains, torch.arange(batch_size)]] * count
+
+
+def bench_train(args):
+    from prepare import build_cache, make_synthetic
+    from train import make_eval_loader, make_train_loader, parse_args as train_args
+    from utils import scan_split
+    device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
+    if args.quick:
+        args.img_size, args.batch_size, args.steps = 32, 8, 3
+    root = Path(tempfile.mkdtemp(prefix='bench-data-'))
+    print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
+    make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
+                   num_val_photos=args.batch_size, img_size=args.img_size)
+    train_split, val_split = scan_split(root, 'synthetic', 'train'), scan_split(root, 'synthetic', 'val')
+    for method in ('acnet', 'msedge'):
+        build_cache(root, 'synthetic', args.img_size, method, workers=args.workers)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'\ndevice: {name}; torch {torch.__version__}; image {args.img_size} px, batch {args.batch_size}, '
+          f'{args.steps} timed steps, {args.workers} loader workers; images/s (higher is better)\n')
+    print('| method | backbone | setting | train, memory | eval, memory | train, loader | eval, loader |')
+    print('|---|---|---|---|---|---|---|')
+    for method in ('acnet', 'msedge'):
+        for backbone in ('resnet50', 'vgg16'):
+            results = {}
+            for setting in ('seed', 'ours'):
+                s = settings(setting, device, args.compile)
+                model, optimizers = prepared_model(method, backbone, len(train_split.classes), device, s)
+                train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
+                                                     len(train_split.classes), args.steps + 2)
+                loader_args = train_args(['--method', method, '--data_root', str(root), '--data_name', 'synthetic',
+                                          '--img_size', str(args.img_size), '--batch_size', str(args.batch_size),
+                                          '--workers', str(args.workers), '--device', device.type] +
+                                         (['--cache'] if s['cache'] else []))
+                train_loader = make_train_loader(loader_args, train_split)
+                eval_loader = make_eval_loader(loader_args, val_split)
+                row = [time_training(model, optimizers, train_mem, args.batch_size, device, s),
+                       time_embedding(model, eval_mem, device, s),
+                       time_training(model, optimizers, islice(_forever(train_loader), args.steps + 2),
+                                     args.batch_size, device, s),
+                       time_embedding(model, islice(_forever(eval_loader), args.steps + 1), device, s)]
+                results[setting] = row
+                print(f'| {method} | {backbone} | {setting} | ' + ' | '.join(f'{v:.0f}' for v in row) + ' |')
+                del model, optimizers, train_loader, eval_loader
+            ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
+            print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
+    q, ql, g, gl = (t.to(device) for t in embeddings(*SIZES['sketchy']))
+    retrieval_metrics(q[:8], ql[:8], g, gl)
+    _sync(device)
+    start = time.perf_counter()
+    retrieval_metrics(q, ql, g, gl)
+    _sync(device)
+    print(f'\nmetrics at Sketchy size (12694 x 12553, 512-d) on {device.type}: {time.perf_counter() - start:.2f} s '
+          f'(`python bench.py metrics` compares with the seeds\' per-query style)')
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == '_measure':
@@ -140,9 +299,19 @@ def main(argv=None):
     metrics.add_argument('--quick', action='store_true', help='small sizes only (seconds)')
     metrics.add_argument('--repeats', type=int, default=3, help='timed runs of ours (median reported)')
     metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
+    train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours')
+    train.add_argument('--quick', action='store_true', help='32 px, batch 8, 3 steps: about a minute on a CPU')
+    train.add_argument('--img_size', type=int, default=224)
+    train.add_argument('--batch_size', type=int, default=64)
+    train.add_argument('--steps', type=int, default=20, help='timed steps per measurement (after warm-up)')
+    train.add_argument('--workers', type=int, default=8, help='data loader processes')
+    train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
+    train.add_argument('--cpu', action='store_true', help='measure on the CPU even when a GPU is present')
     args = parser.parse_args(argv)
     if args.command == 'metrics':
         bench_metrics(args)
+    elif args.command == 'train':
+        bench_train(args)
 
 
 if __name__ == '__main__':

@@ -334,9 +334,8 @@ class MSEdge(nn.Module):
     def to_input(self, images, domains):
         """uint8 images to edge maps (where edge_mode says) and ImageNet normalisation."""
         x = images.float() / 255
-        use_edges = edge_mask(domains, self.edge_mode)
-        if use_edges.any():
-            x = torch.where(use_edges.view(-1, 1, 1, 1), sobel_edges(x), x)
+        if self.edge_mode != 'none':  # a select, not a data-dependent branch: no host sync, compiles whole
+            x = torch.where(edge_mask(domains, self.edge_mode).view(-1, 1, 1, 1), sobel_edges(x), x)
         return (x - self.mean) / self.std
 
     def forward(self, images, domains):
@@ -365,6 +364,14 @@ class MSEdge(nn.Module):
 
 
 METHODS = {'acnet': ACNet, 'msedge': MSEdge}
+
+
+def compile_model(model):
+    """torch.compile the networks in place (state_dict keys stay the same, so checkpoints do too)."""
+    parts = (model.generator, model.discriminator, model.extractor) if model.method == 'acnet' else (model,)
+    for part in parts:
+        part.compile()
+    return model
 
 
 def build_model(method, num_classes, backbone_type='resnet50', emb_dim=512, edge_mode='both',

@@ -1,6 +1,7 @@
 """Dataset preparation commands.
 
     python prepare.py synthetic --data_root data        # generated zero-shot dataset, offline, seconds
+    python prepare.py cache --data_name sketchy         # decode + resize every image once, for --cache
 
 writes <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ with the same layout as Sketchy
 and TU-Berlin. Every class is a procedural shape family: photos show the shape filled, coloured
@@ -8,14 +9,17 @@ and textured in a random pose on a cluttered background; sketches show it as wob
 strokes on white. Val classes never appear in train. The same seed writes the same files.
 """
 import argparse
+import json
+import os
 import shutil
 import sys
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import DataError
+from utils import CACHE_FORMAT, RESIZE, DataError, atomic_write, cache_path, describe_split, load_image, scan_split
 
 # ----------------------------------------------------------------------------------------------
 # Shape families. Each returns a list of parts (points (M, 2) in about [-1, 1], is_hole).
@@ -260,7 +264,7 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
 
 def preview(data_dir, out_path, per_class=1, size=64):
     """A picture of one sketch (top row) and one photo (bottom row) of every class."""
-    from utils import scan_split, load_image, SKETCH, PHOTO
+    from utils import SKETCH, PHOTO
     rows = {SKETCH: [], PHOTO: []}
     for split_name in ('train', 'val'):
         split = scan_split(Path(data_dir).parent, Path(data_dir).name, split_name)
@@ -271,6 +275,44 @@ def preview(data_dir, out_path, per_class=1, size=64):
     grid = np.concatenate([np.concatenate([im.permute(1, 2, 0).numpy() for im in rows[d]], 1)
                            for d in (SKETCH, PHOTO)], 0)
     Image.fromarray(grid).save(out_path, optimize=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image cache: every image of a split decoded and resized once, into one uint8 (N, 3, S, S) .npy
+
+def _fill(task):
+    array_path, root, paths, start, size, interpolation = task
+    array = np.load(array_path, mmap_mode='r+')
+    for offset, path in enumerate(paths):
+        array[start + offset] = load_image(Path(root) / path, size, interpolation).numpy()
+    array.flush()
+    return len(paths)
+
+
+def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
+    """Write cache/<split>_<size>_<interpolation>.npy and .json for train and val; returns their paths."""
+    from tqdm import tqdm
+    interpolation, written = RESIZE[method], []
+    for split_name in ('train', 'val'):
+        split = scan_split(data_root, data_name, split_name)
+        print(describe_split(split, split_name))
+        path = cache_path(data_root, data_name, split_name, size, interpolation)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.with_suffix('.json').unlink(missing_ok=True)  # no index: an old cache is never half-valid
+        partial = path.with_name(f'.{path.name}.partial')
+        np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
+        chunk = 256
+        tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
+                 for i in range(0, len(split), chunk)]
+        with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
+            for done in pool.imap_unordered(_fill, tasks):
+                bar.update(done)
+        os.replace(partial, path)
+        index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths)}
+        atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(index)))
+        written.append(path)
+        print(f'wrote {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)')
+    return written
 
 
 # ----------------------------------------------------------------------------------------------
@@ -288,6 +330,13 @@ def parse_args(argv=None):
     syn.add_argument('--img_size', type=int, default=64, help='image side in pixels')
     syn.add_argument('--seed', type=int, default=0)
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
+    cache = commands.add_parser('cache', help='pre-resize a dataset into uint8 arrays for train.py --cache')
+    cache.add_argument('--data_root', default='data')
+    cache.add_argument('--data_name', default='sketchy')
+    cache.add_argument('--img_size', type=int, default=224)
+    cache.add_argument('--method', default='acnet', choices=list(RESIZE),
+                       help='whose resize filter to use (acnet: bilinear, msedge: bicubic)')
+    cache.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes')
     return parser.parse_args(argv)
 
 
@@ -301,6 +350,8 @@ def main(argv=None):
             if args.preview:
                 preview(out, args.preview, size=args.img_size)
                 print(f'wrote {args.preview}')
+        elif args.command == 'cache':
+            build_cache(args.data_root, args.data_name, args.img_size, args.method, args.workers)
     except DataError as error:
         sys.exit(f'error: {error}')
 

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import METHODS, EDGE_MODES, build_model
-from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, RESIZE, METRIC_NAMES, VECTORS_FORMAT, DataError, EpochSampler,
-                   FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split, retrieval_metrics,
-                   save_torch, scan_split, seed_everything, train_transform, write_csv)
+from model import METHODS, EDGE_MODES, build_model, compile_model
+from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, RESIZE, METRIC_NAMES, VECTORS_FORMAT, CachedImages, DataError,
+                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split,
+                   retrieval_metrics, save_torch, scan_split, seed_everything, train_transform, write_csv)
 CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
 
@@ -50,6 +50,14 @@ def parse_args(argv=None):
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
     p.add_argument('--eval_batch_size', type=int, default=None, help='default: 2 x batch_size')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    speed = p.add_argument_group('speed (results stay the same up to float tolerance, except --amp)')
+    speed.add_argument('--amp', action='store_true', help='bfloat16 autocast for the forward passes')
+    speed.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster convs on GPU)')
+    speed.add_argument('--compile', action='store_true', help='torch.compile the networks')
+    speed.add_argument('--deterministic', action='store_true',
+                       help='deterministic cuDNN algorithms instead of cudnn.benchmark autotuning')
+    speed.add_argument('--cache', action='store_true',
+                       help='read images from `prepare.py cache` arrays instead of decoding files')
     weights = p.add_mutually_exclusive_group()
     weights.add_argument('--weights', default=None,
                          help='local ImageNet weights for the backbone (torchvision or timm format)')
@@ -105,9 +113,16 @@ def _loader_options(args):
     return dict(num_workers=args.workers, pin_memory=args.device.startswith('cuda'), persistent_workers=args.workers > 0)
 
 
+def split_images(args, split, split_name):
+    """Where a split's uint8 images come from: decoded files, or the pre-resized cache."""
+    if getattr(args, 'cache', False):
+        return CachedImages(args.data_root, args.data_name, split_name, split, args.img_size, args.method)
+    return FileImages(split.root, split.paths, args.img_size, RESIZE[args.method])
+
+
 def make_train_loader(args, split):
     """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images."""
-    images = FileImages(split.root, split.paths, args.img_size, RESIZE[args.method])
+    images = split_images(args, split, 'train')
     if args.method == 'acnet':
         dataset, batch = SketchPhotoPairs(split, images, train_transform('acnet')), args.batch_size // 2
     else:
@@ -117,7 +132,7 @@ def make_train_loader(args, split):
 
 def make_eval_loader(args, split):
     """Every image of the split, in split order, resized as the method's evaluation transform does."""
-    dataset = SplitDataset(split, FileImages(split.root, split.paths, args.img_size, RESIZE[args.method]))
+    dataset = SplitDataset(split, split_images(args, split, 'val'))
     return DataLoader(dataset, args.eval_batch_size, sampler=EpochSampler(len(dataset), 0, shuffle=False),
                       **_loader_options(args))
 
@@ -125,12 +140,23 @@ def make_eval_loader(args, split):
 # ----------------------------------------------------------------------------------------------
 # One training step per method. Each returns its losses as detached tensors (no host sync).
 
-def training_nets(model):
-    """The callables a training step uses."""
+def training_nets(model, amp=False):
+    """The callables a training step uses, and the autocast context for its forward passes."""
+    device_type = next(model.parameters()).device.type
+    nets = SimpleNamespace(raw=model, autocast=lambda: torch.autocast(device_type, torch.bfloat16, enabled=amp))
     if model.method == 'acnet':
-        return SimpleNamespace(raw=model, generator=model.generator, discriminator=model.discriminator,
-                               extractor=model.extractor, class_loss=model.class_loss)
-    return SimpleNamespace(raw=model, model=model)
+        nets.__dict__.update(generator=model.generator, discriminator=model.discriminator,
+                             extractor=model.extractor, class_loss=model.class_loss)
+    else:
+        nets.model = model
+    return nets
+
+
+def to_device(batch, device, channels_last=False):
+    """Non-blocking copies; image batches (4-d) optionally in channels_last."""
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return [b.to(device, non_blocking=True, memory_format=layout) if b.ndim == 4 else b.to(device, non_blocking=True)
+            for b in batch]
 
 
 def acnet_step(nets, optimizers, batch):
@@ -138,15 +164,16 @@ def acnet_step(nets, optimizers, batch):
     n = len(sketch)
     sketch, photo = nets.raw.to_input(sketch), nets.raw.to_input(photo)
     # Generator and extractor: adversarial + 0.1 * identity + 10 * class.
-    generated = nets.generator(torch.cat([sketch, photo]))  # one call covers G(sketch) and G(photo)
-    fake, reconstructed = generated[:n], generated[n:]
     discriminator = nets.raw.discriminator
     discriminator.requires_grad_(False)  # this loss trains G only; D gets its own step below
-    fake_score = discriminator(fake).float()
+    with nets.autocast():
+        generated = nets.generator(torch.cat([sketch, photo]))  # one call covers G(sketch) and G(photo)
+        fake, reconstructed = generated[:n], generated[n:]
+        fake_score = discriminator(fake).float()
+        embeddings = nets.extractor(torch.cat([sketch, photo, fake]))
     discriminator.requires_grad_(True)
     adversarial = F.mse_loss(fake_score, torch.ones_like(fake_score))
     identity = F.l1_loss(reconstructed.float(), photo)
-    embeddings = nets.extractor(torch.cat([sketch, photo, fake]))
     # One call on the three equal parts = the mean of the three per-part losses (mean reduction).
     class_loss = nets.class_loss(embeddings.float(), labels.repeat(3))
     total = adversarial + 0.1 * identity + 10 * class_loss
@@ -156,7 +183,8 @@ def acnet_step(nets, optimizers, batch):
     for name in ('generator', 'extractor'):
         optimizers[name].step()
     # Discriminator: least squares, real photos -> 1, generated images -> 0.
-    scores = nets.discriminator(torch.cat([photo, fake.detach()])).float()
+    with nets.autocast():
+        scores = nets.discriminator(torch.cat([photo, fake.detach().to(photo.dtype)])).float()
     real_score, fake_score = scores[:n], scores[n:]
     dis_loss = (F.mse_loss(real_score, torch.ones_like(real_score)) +
                 F.mse_loss(fake_score, torch.zeros_like(fake_score))) / 2
@@ -169,7 +197,8 @@ def acnet_step(nets, optimizers, batch):
 
 def msedge_step(nets, optimizers, batch):
     images, labels, domains, _ = batch
-    embeddings, _ = nets.model(images, domains)
+    with nets.autocast():
+        embeddings, _ = nets.model(images, domains)
     loss = nets.raw.proxy_loss(embeddings.float(), labels)
     optimizers['model'].zero_grad(set_to_none=True)
     loss.backward()
@@ -180,13 +209,13 @@ def msedge_step(nets, optimizers, batch):
 STEPS = {'acnet': acnet_step, 'msedge': msedge_step}
 
 
-def train_epoch(nets, optimizers, loader, step, device, desc, log_every=10):
+def train_epoch(nets, optimizers, loader, step, device, desc, channels_last=False, log_every=10):
     """One pass over the loader; returns the mean of each loss."""
     nets.raw.train()
     sums, steps = {}, 0
     bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
     for batch in bar:
-        batch = [b.to(device, non_blocking=True) for b in batch]
+        batch = to_device(batch, device, channels_last)
         for name, value in step(nets, optimizers, batch).items():
             sums[name] = sums.get(name, 0) + value
         steps += 1
@@ -201,13 +230,15 @@ def train_epoch(nets, optimizers, loader, step, device, desc, log_every=10):
 # Evaluation
 
 @torch.inference_mode()
-def embed_split(model, loader, device, desc='embed val'):
+def embed_split(model, loader, device, desc='embed val', amp=False, channels_last=False):
     """Embeddings of every item of the loader's split, in split order (row i = split item i)."""
     model.eval()
     chunks, order = [], []
-    for images, _, domains, index in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
-        chunks.append(model.embed(images.to(device, non_blocking=True), domains.to(device)).float())
-        order.append(index.to(device))
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+        images, _, domains, index = to_device(batch, device, channels_last)
+        with torch.autocast(device.type, torch.bfloat16, enabled=amp):
+            chunks.append(model.embed(images, domains).float())
+        order.append(index)
     vectors, order = torch.cat(chunks), torch.cat(order)
     return torch.empty_like(vectors).index_copy_(0, order, vectors)
 
@@ -248,25 +279,34 @@ def train(args):
     check_args(args)
     seed_everything(args.seed)
     device = torch.device(args.device)
+    torch.backends.cudnn.benchmark = not args.deterministic
+    if args.deterministic:
+        torch.backends.cudnn.deterministic = True
+        torch.use_deterministic_algorithms(True, warn_only=True)
     train_split, val_split = load_splits(args)
     train_loader, val_loader = make_train_loader(args, train_split), make_eval_loader(args, val_split)
     model = build_model(args.method, len(train_split.classes), args.backbone_type, args.emb_dim, args.edge_mode,
                         pretrained=not args.no_pretrained, weights=args.weights).to(device)
-    optimizers = model.make_optimizers(args.lr)
-    step = STEPS[args.method]
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
+    optimizers = model.make_optimizers(args.lr, fused=True if device.type == 'cuda' else None)
+    if args.compile:
+        compile_model(model)
+    nets, step = training_nets(model, args.amp), STEPS[args.method]
+    fast = dict(amp=args.amp, channels_last=args.channels_last)
     save_root, prefix = Path(args.save_root), run_prefix(args)
     save_root.mkdir(parents=True, exist_ok=True)
 
-    vectors = embed_split(model, val_loader, device, 'embed val (untrained)')
+    vectors = embed_split(model, val_loader, device, 'embed val (untrained)', **fast)
     print(f'untrained   | unseen {format_metrics(split_metrics(vectors, val_split))}')
     rows, best = [], None
     for epoch in range(1, args.epochs + 1):
         start = time.time()
         model.set_warmup(epoch <= args.warmup)
         train_loader.sampler.set_epoch(epoch)
-        losses = train_epoch(training_nets(model), optimizers, train_loader, step, device,
-                             f'epoch {epoch}/{args.epochs}')
-        vectors = embed_split(model, val_loader, device)
+        losses = train_epoch(nets, optimizers, train_loader, step, device, f'epoch {epoch}/{args.epochs}',
+                             args.channels_last)
+        vectors = embed_split(model, val_loader, device, **fast)
         metrics = split_metrics(vectors, val_split)
         rows.append({'epoch': epoch, **losses, **{name: metrics[name] for name in CSV_METRICS}})
         improved = best is None or metrics['precise'] > best['precise']

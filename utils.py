@@ -4,6 +4,7 @@ Dataset layout (see README):  <data_root>/<data_name>/{train,val}/{sketch,photo}
 Domain codes: photo = 0, sketch = 1. Labels: class index in sorted class-name order.
 """
 import csv
+import json
 import os
 import random
 import tempfile
@@ -176,15 +177,19 @@ def load_image(path, size, interpolation='bilinear'):
 RESIZE = {'acnet': 'bilinear', 'msedge': 'bicubic'}
 
 
-def train_transform(method):
-    """Per-image training augmentation on uint8 tensors (the resize already happened at load time)."""
+def train_transform(method, p=None):
+    """Per-image training augmentation on uint8 tensors (the resize already happened at load time).
+
+    `p` overrides every probability (p=0: identity), for tests that compare input paths.
+    """
     from torchvision.transforms import v2
     if method == 'acnet':
-        return v2.RandomHorizontalFlip(0.5)
+        return v2.RandomHorizontalFlip(0.5 if p is None else p)
     return v2.Compose([
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
-        v2.RandomHorizontalFlip(0.5),
-        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3))], p=0.5)])
+        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8 if p is None else p),
+        v2.RandomHorizontalFlip(0.5 if p is None else p),
+        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3))],
+                       p=0.5 if p is None else p)])
 
 
 class FileImages:
@@ -198,6 +203,46 @@ class FileImages:
 
     def __getitem__(self, index):
         return load_image(self.root / self.paths[index], self.size, self.interpolation)
+
+
+CACHE_FORMAT = 'zs-sbir-cache-1'
+
+
+def cache_path(data_root, data_name, split, size, interpolation):
+    """Where `prepare.py cache` puts a split's pre-resized images (.npy) and their index (.json)."""
+    return Path(data_root) / data_name / 'cache' / f'{split}_{size}_{interpolation}.npy'
+
+
+class CachedImages:
+    """Pre-resized uint8 images of a split from one memory-mapped .npy file: no image is decoded.
+
+    Opened lazily, so a DataLoader worker maps the file itself instead of receiving a copy.
+    """
+
+    def __init__(self, data_root, data_name, split_name, split, size, method):
+        self.path = cache_path(data_root, data_name, split_name, size, RESIZE[method])
+        build = (f'python prepare.py cache --data_root {data_root} --data_name {data_name} '
+                 f'--img_size {size} --method {method}')
+        index_file = self.path.with_suffix('.json')
+        if not index_file.is_file() or not self.path.is_file():
+            raise DataError(f"no image cache at '{self.path}': build it with `{build}` or leave out --cache")
+        index = json.loads(index_file.read_text())
+        if index.get('format') != CACHE_FORMAT or index['paths'] != list(split.paths):
+            changed = len(set(index.get('paths', [])) ^ set(split.paths))
+            raise DataError(f"image cache '{self.path}' does not match the {split_name} folder "
+                            f"({changed} images differ): rebuild it with `{build}`")
+        self.size, self._array = len(split), None
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, index):
+        if self._array is None:
+            self._array = np.load(self.path, mmap_mode='r')
+        return torch.from_numpy(np.array(self._array[index]))
+
+    def __getstate__(self):
+        return {**self.__dict__, '_array': None}
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -1,0 +1,91 @@
+"""The speed paths change nothing beyond float tolerance: channels_last, the image cache, tensor
+augmentations, bf16 autocast and torch.compile, each against the plain path."""
+import pytest
+import torch
+
+from conftest import rng_images
+from model import ACNet, MSEdge, compile_model
+from prepare import build_cache
+from train import parse_args, train
+from utils import (PHOTO, RESIZE, SKETCH, CachedImages, DataError, FileImages, cache_path, read_csv, scan_split,
+                   train_transform)
+
+DOMAINS = torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
+
+
+def models():
+    torch.manual_seed(0)
+    return [ACNet(3, 'resnet50', 16, pretrained=False).eval(), MSEdge(3, 'vgg16', 16, pretrained=False).eval(),
+            MSEdge(3, 'resnet50', 16, pretrained=False).eval()]
+
+
+@torch.no_grad()
+def test_channels_last_gives_the_same_embeddings():
+    images = rng_images(4, 64)
+    for model in models():
+        plain = model.embed(images, DOMAINS)
+        model.to(memory_format=torch.channels_last)
+        fast = model.embed(images.contiguous(memory_format=torch.channels_last), DOMAINS)
+        assert torch.allclose(plain, fast, atol=1e-4), model.method
+
+
+@torch.no_grad()
+def test_bf16_autocast_stays_close():
+    images = rng_images(4, 64)
+    for model in models():
+        plain = model.embed(images, DOMAINS)
+        with torch.autocast('cpu', torch.bfloat16):
+            fast = model.embed(images, DOMAINS).float()
+        assert torch.nn.functional.cosine_similarity(plain, fast).min() > 0.98, model.method
+
+
+@pytest.mark.parametrize('method', ['acnet', 'msedge'])
+def test_augmentations_at_p0_are_the_identity(method):
+    images = rng_images(3, 32)
+    assert all(torch.equal(train_transform(method, p=0)(image), image) for image in images)
+    flipped = train_transform('acnet', p=1)(images[0])
+    assert torch.equal(flipped, images[0].flip(-1))
+
+
+def test_cache_holds_exactly_the_decoded_images(tiny_data):
+    for method in ('acnet', 'msedge'):
+        build_cache(tiny_data, 'synthetic', 32, method, workers=2)
+        for split_name in ('train', 'val'):
+            split = scan_split(tiny_data, 'synthetic', split_name)
+            cached = CachedImages(tiny_data, 'synthetic', split_name, split, 32, method)
+            files = FileImages(split.root, split.paths, 32, RESIZE[method])
+            assert len(cached) == len(files)
+            assert all(torch.equal(cached[i], files[i]) for i in range(len(files)))
+
+
+@pytest.mark.parametrize('method', ['acnet', 'msedge'])
+def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, method):
+    build_cache(tiny_data, 'synthetic', 32, method, workers=2)
+    rows = []
+    for name, extra in (('files', []), ('cache', ['--cache'])):
+        train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
+                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup', '0',
+                          '--workers', '0', '--emb_dim', '8', '--save_root', str(tmp_path / name), *extra]))
+        rows.append(read_csv(tmp_path / name / f'synthetic_{method}_resnet50_8_results.csv'))
+    assert rows[0] == rows[1]
+
+
+def test_missing_or_stale_cache_is_a_clear_error(tiny_data, tmp_path):
+    split = scan_split(tiny_data, 'synthetic', 'val')
+    with pytest.raises(DataError, match=r'no image cache at .*prepare.py cache .*--img_size 48 --method msedge'):
+        CachedImages(tiny_data, 'synthetic', 'val', split, 48, 'msedge')
+    build_cache(tiny_data, 'synthetic', 32, 'acnet', workers=1)
+    assert cache_path(tiny_data, 'synthetic', 'val', 32, 'bilinear').is_file()
+    with pytest.raises(DataError, match=r'does not match the val folder \(1 images differ\): rebuild'):
+        CachedImages(tiny_data, 'synthetic', 'val', split.subset(range(len(split) - 1)), 32, 'acnet')
+
+
+@torch.no_grad()
+def test_compiled_networks_give_the_same_outputs():
+    torch.manual_seed(0)
+    model = ACNet(3, 'resnet50', 16, pretrained=False).eval()
+    x = model.to_input(rng_images(4, 32))
+    plain = model.generator(x)
+    compile_model(model)  # compiles lazily: only the generator is exercised here, to keep the test short
+    assert list(model.state_dict()) == list(ACNet(3, 'resnet50', 16, pretrained=False).state_dict())
+    assert torch.allclose(model.generator(x), plain, atol=1e-4)

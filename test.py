@@ -149,8 +149,9 @@ def _tile(image):
 
 
 def heatmap(attention, base):
-    """An attention map (h, w) in [0, 1] laid over the query picture."""
-    grey = Image.fromarray((attention.clamp(0, 1) * 255).byte().numpy()).resize(base.size, Image.BILINEAR)
+    """An attention map (h, w) laid over the query picture, stretched to its own min-max range."""
+    stretched = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-6)
+    grey = Image.fromarray((stretched * 255).byte().numpy()).resize(base.size, Image.BILINEAR)
     return Image.blend(base.convert('RGB'), ImageOps.colorize(grey, '#000060', '#ffe000'), 0.6)
 
 
@@ -214,7 +215,8 @@ def write_loose_files(folder, query_path, lines):
 def evaluate(args, model, checkpoint, data_root, data_name):
     """Recompute the metrics of the saved model on a val split."""
     split = scan_split(data_root, data_name, 'val')
-    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device})
+    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device,
+                                        'cache': False})
     vectors = embed_split(model, make_eval_loader(loader_args, split), torch.device(args.device))
     metrics = split_metrics(vectors, split)
     print(f'{args.data_base} on {split.root}: {format_metrics(metrics)}')

@@ -1,6 +1,9 @@
 """Dataset preparation commands.
 
     python prepare.py synthetic --data_root data        # generated zero-shot dataset, offline, seconds
+    python prepare.py sketchy --split 25 --sketch_dir RAW/sketch/tx_000000000000 \
+                              --photo_dir RAW/photo/tx_000000000000 RAW/EXTEND_image_sketchy
+    python prepare.py tuberlin --sketch_dir RAW/png --photo_dir RAW/ImageResized
     python prepare.py cache --data_name sketchy         # decode + resize every image once, for --cache
 
 writes <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ with the same layout as Sketchy
@@ -9,8 +12,10 @@ and textured in a random pose on a cluttered background; sketches show it as wob
 strokes on white. Val classes never appear in train. The same seed writes the same files.
 """
 import argparse
+import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from multiprocessing import Pool
@@ -19,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import CACHE_FORMAT, RESIZE, DataError, atomic_write, cache_path, describe_split, load_image, scan_split
+from utils import (CACHE_FORMAT, RESIZE, DataError, atomic_write, cache_path, describe_split, is_image_file, load_image,
+                   scan_split)
 
 # ----------------------------------------------------------------------------------------------
 # Shape families. Each returns a list of parts (points (M, 2) in about [-1, 1], is_hole).
@@ -278,6 +284,125 @@ def preview(data_dir, out_path, per_class=1, size=64):
 
 
 # ----------------------------------------------------------------------------------------------
+# Real datasets: raw class folders -> {train,val}/{sketch,photo}/<class>/ for a zero-shot split
+
+SPLITS_DIR = Path(__file__).resolve().parent / 'splits'
+SPLITS = {'sketchy': {'21': 'sketchy_zeroshot21', '25': 'sketchy_zeroshot25'},
+          'tuberlin': {'30': 'tuberlin_zeroshot30'}}
+# (test sketches, test photos) of each split, from the published file lists (splits/README.md)
+KNOWN_TEST_SIZES = {'sketchy_zeroshot21': (12694, 12553), 'sketchy_zeroshot25': (15229, 17101),
+                    'tuberlin_zeroshot30': (2400, 27989)}
+# Folder names of the raw TU-Berlin Extended photo archive that no separator rule can match.
+FOLDER_ALIASES = {'mouse': 'mouse (animal)', 'pipe': 'pipe (for smoking)', 'spacesshuttle': 'space shuttle',
+                  'wristwatching': 'wrist-watch', 'tromobone': 'trombone', 'chandeler': 'chandelier',
+                  'griaffe': 'giraffe', 'diamod': 'diamond', 'spidar': 'spider'}
+
+
+def class_key(name):
+    """Spelling-blind key: 'hot-air_balloon', 'hot air balloon' and 'hotairballoon' all match."""
+    return re.sub('[^a-z0-9]', '', name.lower())
+
+
+def read_class_list(name):
+    return (SPLITS_DIR / f'{name}.txt').read_text().splitlines()
+
+
+def match_class_folders(source, classes, what):
+    """{class name: folder} for the class folders under `source`; unknown folders are an error."""
+    source = Path(source)
+    if not source.is_dir():
+        raise DataError(f"{what} not found: '{source}'")
+    folders = sorted(p for p in source.iterdir() if p.is_dir() and not p.name.startswith('.'))
+    loose = [p.name for p in source.iterdir() if p.is_file() and is_image_file(p)]
+    if loose or not folders:
+        raise DataError(f"{what} '{source}' should hold one folder per class (<dir>/<class>/<images>), "
+                        f"found {len(folders)} folders and {len(loose)} loose images")
+    by_key = {class_key(c): c for c in classes}
+    by_key.update({raw: name for raw, name in FOLDER_ALIASES.items() if name in classes and raw not in by_key})
+    found, unknown = {}, []
+    for folder in folders:
+        name = by_key.get(class_key(folder.name))
+        if name is None:
+            unknown.append(folder.name)
+        elif name in found:
+            raise DataError(f"{what} '{source}': folders '{found[name].name}' and '{folder.name}' are both class '{name}'")
+        else:
+            found[name] = folder
+    if unknown:
+        raise DataError(f"{what} '{source}' has folders that are not classes of this dataset: "
+                        f"{', '.join(unknown[:5])}{' ...' if len(unknown) > 5 else ''} "
+                        f"(point it at the folder that holds the class folders)")
+    return found
+
+
+def _images(folder):
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
+
+
+def build_real_split(dataset, split, sketch_dirs, photo_dirs, data_root='data', data_name=None, copy=False,
+                     overwrite=False):
+    """Build <data_root>/<data_name>/{train,val}/... from raw class folders; returns a summary dict.
+
+    Several photo folders (Sketchy's originals plus its extension) are merged per class; a photo whose
+    bytes equal one already taken for that class is left out and counted.
+    """
+    split_name = SPLITS[dataset][split]
+    train_classes, test_classes = read_class_list(f'{split_name}_train'), read_class_list(f'{split_name}_test')
+    all_classes = train_classes + test_classes
+    sources = {'sketch': [match_class_folders(d, all_classes, 'sketch folder') for d in sketch_dirs],
+               'photo': [match_class_folders(d, all_classes, 'photo folder') for d in photo_dirs]}
+    for side, maps in sources.items():
+        missing = [c for c in all_classes if not any(c in m for m in maps)]
+        if missing:
+            raise DataError(f"{len(missing)} {dataset} classes have no {side} folder: {', '.join(missing[:8])}"
+                            f"{' ...' if len(missing) > 8 else ''}")
+    out = Path(data_root) / (data_name or dataset)
+    if out.exists() and not overwrite:
+        raise DataError(f"'{out}' already exists: remove it, pass --overwrite, or choose --data_name")
+    partial = out.with_name(f'.{out.name}.partial')
+    shutil.rmtree(partial, ignore_errors=True)
+    summary = {s: {'classes': 0, 'sketch': 0, 'photo': 0, 'duplicates': 0} for s in ('train', 'val')}
+    for name in all_classes:
+        target_split = 'train' if name in train_classes else 'val'
+        summary[target_split]['classes'] += 1
+        for side, maps in sources.items():
+            target = partial / target_split / side / name
+            target.mkdir(parents=True)
+            seen = set()
+            for index, mapping in enumerate(maps):
+                for path in _images(mapping[name]) if name in mapping else []:
+                    if side == 'photo':
+                        digest = hashlib.sha1(path.read_bytes()).hexdigest()
+                        if digest in seen:
+                            summary[target_split]['duplicates'] += 1
+                            continue
+                        seen.add(digest)
+                    link = target / path.name
+                    if link.exists():  # same name, different bytes, from another photo folder
+                        link = target / f'{path.stem}__{index}{path.suffix}'
+                    if copy:
+                        shutil.copy2(path, link)
+                    else:
+                        link.symlink_to(path.resolve())
+                    summary[target_split][side] += 1
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return {'out': out, 'split': split_name, **summary}
+
+
+def print_split_summary(summary):
+    print(f"wrote {summary['out']} ({summary['split']})")
+    for name in ('train', 'val'):
+        s = summary[name]
+        print(f"  {name:<5} {s['classes']:>4} classes {s['sketch']:>7} sketches {s['photo']:>7} photos "
+              f"({s['duplicates']} duplicate photos left out)")
+    sketches, photos = KNOWN_TEST_SIZES[summary['split']]
+    found = (summary['val']['sketch'], summary['val']['photo'])
+    verdict = 'matches' if found == (sketches, photos) else f'differs: found {found[0]} and {found[1]}'
+    print(f'  published test set of this split: {sketches} sketches, {photos} photos ({verdict})')
+
+
+# ----------------------------------------------------------------------------------------------
 # Image cache: every image of a split decoded and resized once, into one uint8 (N, 3, S, S) .npy
 
 def _fill(task):
@@ -330,6 +455,20 @@ def parse_args(argv=None):
     syn.add_argument('--img_size', type=int, default=64, help='image side in pixels')
     syn.add_argument('--seed', type=int, default=0)
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
+    for dataset, splits in SPLITS.items():
+        real = commands.add_parser(dataset, help=f'build data_root/{dataset} from the raw {dataset} download')
+        real.add_argument('--sketch_dir', nargs='+', required=True, help='folders of class folders of sketches')
+        real.add_argument('--photo_dir', nargs='+', required=True,
+                          help='folders of class folders of photos (several are merged, duplicates dropped)')
+        if len(splits) > 1:
+            real.add_argument('--split', required=True, choices=list(splits),
+                              help='21: Yelamarthi et al. (ECCV 2018); 25: SAKE (ICCV 2019)')
+        else:
+            real.add_argument('--split', default=next(iter(splits)), choices=list(splits))
+        real.add_argument('--data_root', default='data')
+        real.add_argument('--data_name', default=None, help=f'folder name under data_root (default {dataset})')
+        real.add_argument('--copy', action='store_true', help='copy images instead of linking them')
+        real.add_argument('--overwrite', action='store_true', help='replace an existing data_root/data_name')
     cache = commands.add_parser('cache', help='pre-resize a dataset into uint8 arrays for train.py --cache')
     cache.add_argument('--data_root', default='data')
     cache.add_argument('--data_name', default='sketchy')
@@ -350,6 +489,9 @@ def main(argv=None):
             if args.preview:
                 preview(out, args.preview, size=args.img_size)
                 print(f'wrote {args.preview}')
+        elif args.command in SPLITS:
+            print_split_summary(build_real_split(args.command, args.split, args.sketch_dir, args.photo_dir,
+                                                 args.data_root, args.data_name, args.copy, args.overwrite))
         elif args.command == 'cache':
             build_cache(args.data_root, args.data_name, args.img_size, args.method, args.workers)
     except DataError as error:

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from model import METHODS, EDGE_MODES, build_model, compile_model
 from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, RESIZE, METRIC_NAMES, VECTORS_FORMAT, CachedImages, DataError,
-                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split,
+                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split, hold_out,
                    retrieval_metrics, save_torch, scan_split, seed_everything, train_transform, write_csv)
 CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
@@ -33,7 +33,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', default='acnet', choices=list(METHODS))
     p.add_argument('--data_root', default='data', help='datasets root path')
-    p.add_argument('--data_name', default='sketchy', choices=['sketchy', 'tuberlin', 'synthetic'])
+    p.add_argument('--data_name', default='sketchy',
+                   help='sketchy, tuberlin, synthetic, or any dataset folder under data_root (tuberlin* folders '
+                        'get the TU-Berlin val rule)')
     p.add_argument('--backbone_type', default='resnet50', choices=['resnet50', 'vgg16'])
     p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=512, help='embedding dim')
     p.add_argument('--batch_size', type=int, default=64,
@@ -45,6 +47,11 @@ def parse_args(argv=None):
     p.add_argument('--lr', type=float, default=1e-5, help='learning rate of the backbone and embedding layer')
     p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
                    help='msedge: which domains are fed as edge maps')
+    p.add_argument('--select_on', default='test', choices=list(SELECT_KEY),
+                   help='pick the best epoch on the unseen test classes (the seeds\' way, to reproduce their '
+                        'tables) or on held-out images of the seen classes (no test-set selection)')
+    p.add_argument('--heldout_fraction', type=float, default=0.1,
+                   help='with --select_on heldout: share of every seen class\'s sketches and photos held out')
     p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
     p.add_argument('--seed', type=int, default=1)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
@@ -85,6 +92,8 @@ def check_args(args):
         problems.append(f'--img_size must be a multiple of 4 and at least 32, got {args.img_size}')
     if args.workers < 0 or not args.lr > 0:
         problems.append('--workers must be >= 0 and --lr > 0')
+    if not 0 < args.heldout_fraction < 1:
+        problems.append(f'--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}')
     if problems:
         raise UserError('; '.join(problems))
 
@@ -130,9 +139,9 @@ def make_train_loader(args, split):
     return DataLoader(dataset, batch, sampler=EpochSampler(len(dataset), args.seed), **_loader_options(args))
 
 
-def make_eval_loader(args, split):
+def make_eval_loader(args, split, split_name='val'):
     """Every image of the split, in split order, resized as the method's evaluation transform does."""
-    dataset = SplitDataset(split, split_images(args, split, 'val'))
+    dataset = SplitDataset(split, split_images(args, split, split_name))
     return DataLoader(dataset, args.eval_batch_size, sampler=EpochSampler(len(dataset), 0, shuffle=False),
                       **_loader_options(args))
 
@@ -275,29 +284,67 @@ def format_metrics(metrics):
 
 # ----------------------------------------------------------------------------------------------
 
-def train(args):
-    check_args(args)
-    seed_everything(args.seed)
-    device = torch.device(args.device)
+SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
+SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
+
+
+def configure_backends(args):
     torch.backends.cudnn.benchmark = not args.deterministic
     if args.deterministic:
         torch.backends.cudnn.deterministic = True
         torch.use_deterministic_algorithms(True, warn_only=True)
-    train_split, val_split = load_splits(args)
-    train_loader, val_loader = make_train_loader(args, train_split), make_eval_loader(args, val_split)
-    model = build_model(args.method, len(train_split.classes), args.backbone_type, args.emb_dim, args.edge_mode,
+
+
+def prepare_model(args, num_classes, device):
+    model = build_model(args.method, num_classes, args.backbone_type, args.emb_dim, args.edge_mode,
                         pretrained=not args.no_pretrained, weights=args.weights).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizers = model.make_optimizers(args.lr, fused=True if device.type == 'cuda' else None)
     if args.compile:
         compile_model(model)
-    nets, step = training_nets(model, args.amp), STEPS[args.method]
-    fast = dict(amp=args.amp, channels_last=args.channels_last)
+    return model, optimizers
+
+
+def evaluate(model, evals, device, fast):
+    """Metrics on the unseen val classes (and, when selecting on them, the held-out seen-class
+    images, as heldout_*), plus the val embeddings."""
+    vectors = embed_split(model, evals['val'].loader, device, **fast)
+    metrics = split_metrics(vectors, evals['val'].split)
+    if 'heldout' in evals:
+        heldout = split_metrics(embed_split(model, evals['heldout'].loader, device, 'embed held-out', **fast),
+                                evals['heldout'].split)
+        metrics.update({f'heldout_{name}': value for name, value in heldout.items()})
+    return metrics, vectors
+
+
+def results_row(epoch, losses, metrics, select_on):
+    heldout = [f'heldout_{name}' for name in CSV_METRICS if f'heldout_{name}' in metrics]
+    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *heldout)},
+            'select_on': select_on}
+
+
+def train(args):
+    check_args(args)
+    seed_everything(args.seed)
+    configure_backends(args)
+    device = torch.device(args.device)
+    train_split, val_split = load_splits(args)
+    evals = {}
+    if args.select_on == 'heldout':
+        train_split, heldout_split = hold_out(train_split, args.heldout_fraction, args.seed)
+        print(describe_split(heldout_split, 'held out (seen classes, for model selection)'))
+        evals['heldout'] = SimpleNamespace(split=heldout_split, loader=make_eval_loader(args, heldout_split, 'train'))
+    evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val'))
+    train_loader = make_train_loader(args, train_split)
+    model, optimizers = prepare_model(args, len(train_split.classes), device)
+    nets, step, fast = training_nets(model, args.amp), STEPS[args.method], dict(amp=args.amp,
+                                                                                   channels_last=args.channels_last)
     save_root, prefix = Path(args.save_root), run_prefix(args)
     save_root.mkdir(parents=True, exist_ok=True)
+    key = SELECT_KEY[args.select_on]
 
-    vectors = embed_split(model, val_loader, device, 'embed val (untrained)', **fast)
+    vectors = embed_split(model, evals['val'].loader, device, 'embed val (untrained)', **fast)
     print(f'untrained   | unseen {format_metrics(split_metrics(vectors, val_split))}')
     rows, best = [], None
     for epoch in range(1, args.epochs + 1):
@@ -306,19 +353,19 @@ def train(args):
         train_loader.sampler.set_epoch(epoch)
         losses = train_epoch(nets, optimizers, train_loader, step, device, f'epoch {epoch}/{args.epochs}',
                              args.channels_last)
-        vectors = embed_split(model, val_loader, device, **fast)
-        metrics = split_metrics(vectors, val_split)
-        rows.append({'epoch': epoch, **losses, **{name: metrics[name] for name in CSV_METRICS}})
-        improved = best is None or metrics['precise'] > best['precise']
+        metrics, vectors = evaluate(model, evals, device, fast)
+        rows.append(results_row(epoch, losses, metrics, args.select_on))
+        improved = best is None or metrics[key] > best[key]
         if improved:
             best = {'epoch': epoch, **metrics}
             save_torch(vectors_record(vectors, val_split, args, epoch), save_root / f'{prefix}_vectors.pth')
             save_torch(checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix),
                        save_root / f'{prefix}_model.pth')
         write_csv(rows, save_root / f'{prefix}_results.csv')
-        print(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)} | '
+        heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in evals else ''
+        print(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
               f'{time.time() - start:.0f}s{" *best" if improved else ""}')
-    print(f'best epoch {best["epoch"]}: {format_metrics(best)}')
+    print(f'best epoch {best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen {format_metrics(best)}')
     print(f'saved {save_root / prefix}_{{results.csv,model.pth,vectors.pth}}')
     return best
 

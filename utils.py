@@ -89,11 +89,11 @@ def scan_split(data_root, data_name, split, min_photos=None):
     """Scan `<data_root>/<data_name>/<split>/{sketch,photo}/<class>/` into a Split.
 
     Classes with fewer than `min_photos` photos are left out on both sides (TU-Berlin val rule);
-    by default that rule applies to TU-Berlin val only. Raises DataError for a missing folder,
+    by default that rule applies to the val split of datasets named tuberlin*. Raises DataError for a missing folder,
     a class on one side only, an empty class or a split with no images.
     """
     if min_photos is None:
-        min_photos = TUBERLIN_MIN_VAL_PHOTOS if (data_name == 'tuberlin' and split == 'val') else 0
+        min_photos = TUBERLIN_MIN_VAL_PHOTOS if (data_name.startswith('tuberlin') and split == 'val') else 0
     _require_dir(Path(data_root), 'data root')
     root = Path(data_root) / data_name / split
     _require_dir(root, f'{split} folder of dataset {data_name!r}')
@@ -134,6 +134,24 @@ def scan_split(data_root, data_name, split, min_photos=None):
                 result.labels.append(label)
                 result.domains.append(domain)
     return result
+
+
+def hold_out(split, fraction, seed):
+    """(train part, held-out part) of a seen-class split: `fraction` of every class's sketches and
+    photos (at least one each, chosen by the seed) are held out for model selection."""
+    groups = {}
+    for i, key in enumerate(zip(split.labels, split.domains)):
+        groups.setdefault(key, []).append(i)
+    rng, held = np.random.default_rng(seed), []
+    for (label, domain), items in sorted(groups.items()):
+        if len(items) < 2:
+            side = 'sketch' if domain == SKETCH else 'photo'
+            raise DataError(f"class '{split.classes[label]}' has {len(items)} {side}: holding out part of every "
+                            f"seen class needs at least 2 sketches and 2 photos per class")
+        count = min(len(items) - 1, max(1, round(fraction * len(items))))
+        held += rng.choice(items, count, replace=False).tolist()
+    held_set = set(held)
+    return split.subset([i for i in range(len(split)) if i not in held_set]), split.subset(sorted(held))
 
 
 def describe_split(split, name):
@@ -227,19 +245,20 @@ class CachedImages:
         if not index_file.is_file() or not self.path.is_file():
             raise DataError(f"no image cache at '{self.path}': build it with `{build}` or leave out --cache")
         index = json.loads(index_file.read_text())
-        if index.get('format') != CACHE_FORMAT or index['paths'] != list(split.paths):
-            changed = len(set(index.get('paths', [])) ^ set(split.paths))
+        row_of = {path: row for row, path in enumerate(index.get('paths', []))}
+        missing = [p for p in split.paths if p not in row_of]
+        if index.get('format') != CACHE_FORMAT or missing:
             raise DataError(f"image cache '{self.path}' does not match the {split_name} folder "
-                            f"({changed} images differ): rebuild it with `{build}`")
-        self.size, self._array = len(split), None
+                            f"({len(missing)} images are not in it): rebuild it with `{build}`")
+        self.rows, self._array = [row_of[p] for p in split.paths], None  # a split may be a subset
 
     def __len__(self):
-        return self.size
+        return len(self.rows)
 
     def __getitem__(self, index):
         if self._array is None:
             self._array = np.load(self.path, mmap_mode='r')
-        return torch.from_numpy(np.array(self._array[index]))
+        return torch.from_numpy(np.array(self._array[self.rows[index]]))
 
     def __getstate__(self):
         return {**self.__dict__, '_array': None}

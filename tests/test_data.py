@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, make_tree, write_image
 from prepare import FAMILIES, make_synthetic, synthetic_classes
 from utils import (PHOTO, SKETCH, DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset,
-                   load_image, scan_split)
+                   hold_out, load_image, scan_split)
 
 
 def test_scan_labels_domains_and_formats(tmp_path):
@@ -161,3 +161,19 @@ def test_synthetic_class_choice_errors():
         synthetic_classes(len(FAMILIES) + 1, 3, seed=0)
     with pytest.raises(DataError, match='--num_val_classes'):
         synthetic_classes(5, 5, seed=0)
+
+
+def test_hold_out_takes_a_share_of_every_class_and_domain(tiny_data):
+    split = scan_split(tiny_data, 'synthetic', 'train')  # 4 classes x 4 sketches + 4 photos
+    kept, held = hold_out(split, 0.25, seed=1)
+    assert not set(kept.paths) & set(held.paths) and len(kept) + len(held) == len(split)
+    assert kept.classes == held.classes == split.classes
+    for label in range(4):
+        for domain in (SKETCH, PHOTO):
+            count = sum(1 for l, d in zip(held.labels, held.domains) if (l, d) == (label, domain))
+            assert count == 1  # round(0.25 * 4)
+    assert hold_out(split, 0.25, seed=1)[1].paths == held.paths != hold_out(split, 0.25, seed=2)[1].paths
+    lonely = split.subset([i for i in range(len(split)) if not (split.labels[i] == 0 and split.domains[i] == PHOTO)]
+                          + [split.indices(PHOTO)[0]])
+    with pytest.raises(DataError, match="has 1 photo: holding out part of every seen class needs at least 2"):
+        hold_out(lonely, 0.25, seed=1)

@@ -25,7 +25,8 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
 
     rows = read_csv(f'{prefix}_results.csv')
     assert [r['epoch'] for r in rows] == ['1', '2']
-    assert list(rows[0]) == ['epoch', *LOSSES[method], 'P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise']
+    assert list(rows[0]) == ['epoch', *LOSSES[method], 'P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise', 'select_on']
+    assert {r['select_on'] for r in rows} == {'test'}
     for row in rows:
         values = [float(row[m]) for m in ('P@100', 'P@200', 'mAP@200', 'mAP@all')]
         assert all(0 <= v <= 1 for v in values) and float(row['precise']) == pytest.approx(sum(values) / 4)
@@ -54,6 +55,20 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
     assert torch.allclose(again, v[picks], atol=1e-5)
 
 
+def test_select_on_heldout_picks_the_epoch_by_seen_class_images(tiny_data, tmp_path):
+    best = train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--select_on', 'heldout',
+                           '--heldout_fraction', '0.25', '--warmup', '0'))
+    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_8_results.csv')
+    assert {r['select_on'] for r in rows} == {'heldout'}
+    assert {'heldout_P@100', 'heldout_precise'} <= set(rows[0])
+    chosen = max(rows, key=lambda r: float(r['heldout_precise']))
+    assert best['epoch'] == int(chosen['epoch'])
+    checkpoint = load_torch(tmp_path / 'synthetic_acnet_resnet50_8_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    assert checkpoint['epoch'] == int(chosen['epoch'])
+    assert checkpoint['metrics']['precise'] == pytest.approx(float(chosen['precise']))  # the test metrics of it
+    assert checkpoint['args']['select_on'] == 'heldout'
+
+
 def test_results_do_not_depend_on_worker_count(tiny_data, tmp_path):
     rows = []
     for workers in ('0', '2'):
@@ -67,6 +82,7 @@ def test_results_do_not_depend_on_worker_count(tiny_data, tmp_path):
     (['--emb_dim', '0'], '--emb_dim must be at least 1'),
     (['--warmup', '3'], r'--warmup must be between 0 and --epochs \(2\)'),
     (['--img_size', '30'], '--img_size must be a multiple of 4'),
+    (['--heldout_fraction', '1.5'], '--heldout_fraction must be between 0 and 1'),
 ])
 def test_nonsense_options_fail_before_any_work(tmp_path, extra, message):
     with pytest.raises(UserError, match=message):

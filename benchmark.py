@@ -1,0 +1,138 @@
+"""Reproduce the benchmark tables: run a grid of train.py configurations, then build the table.
+
+    python benchmark.py --datasets sketchy tuberlin --dry_run          # print the commands it would run
+    python benchmark.py --datasets sketchy tuberlin                    # run what is missing, print the table
+    python benchmark.py --datasets synthetic --backbones resnet50 --emb_dims 64 512 -- --no_pretrained \\
+        --img_size 32 --epochs 15 --lr 1e-3                            # anything after -- goes to train.py
+    python benchmark.py --table_only                                   # table from the CSVs already there
+
+A run is finished when its results CSV has a row for every epoch; finished runs are skipped. The table
+has the seeds' layout (one row per method, backbone and dim; mAP@200, mAP@all, P@100, P@200 per
+dataset, in percent) with the published ACNet numbers beside ours, one row per run at the epoch its
+selection rule picked, and a column saying which rule that was (test: best epoch on the unseen test
+classes, as the seeds did; heldout: on held-out seen-class images). It goes to stdout and
+{save_root}/benchmark.md.
+"""
+import argparse
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pandas as pd
+
+from train import SELECT_KEY, parse_args as train_args, run_prefix
+
+METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'tuberlin': 'TU-Berlin Extended', 'synthetic': 'generated dataset'}
+# ACNet README, ResNet50/VGG16 x 64/512/4096: (Sketchy mAP@200, mAP@all, P@100, P@200, TU-Berlin ...)
+PUBLISHED_ACNET = {
+    ('vgg16', 64): (32.6, 38.0, 48.7, 44.7, 39.8, 37.1, 50.6, 48.0),
+    ('vgg16', 512): (38.3, 42.2, 53.3, 49.3, 47.2, 43.9, 58.1, 55.3),
+    ('vgg16', 4096): (40.0, 43.2, 54.6, 50.8, 51.7, 47.9, 62.3, 59.3),
+    ('resnet50', 64): (43.0, 46.0, 56.8, 52.7, 47.5, 44.9, 57.2, 54.9),
+    ('resnet50', 512): (51.7, 55.9, 64.3, 60.8, 57.7, 57.7, 65.8, 64.4),
+    ('resnet50', 4096): (51.1, 55.7, 63.8, 60.0, 57.3, 58.6, 64.6, 63.5),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
+    p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], choices=['resnet50', 'vgg16'])
+    p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
+    p.add_argument('--datasets', nargs='+', default=['sketchy', 'tuberlin'], help='dataset folders under data_root')
+    p.add_argument('--select_on', default='test', choices=list(SELECT_KEY))
+    p.add_argument('--save_root', default='result/benchmark', help='where the runs and the table go')
+    p.add_argument('--dry_run', action='store_true', help='print the commands of unfinished runs, run nothing')
+    p.add_argument('--table_only', action='store_true', help='only build the table from existing CSVs')
+    p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
+    return p.parse_args(argv)
+
+
+def grid(args):
+    """(train.py argument list, parsed train.py args) for every configuration of the grid."""
+    runs = []
+    for method, backbone, dim, dataset in product(args.methods, args.backbones, args.emb_dims, args.datasets):
+        argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
+                '--save_root', args.save_root, '--select_on', args.select_on, *args.train_args]
+        runs.append((argv, train_args(argv)))
+    return runs
+
+
+def results_csv(run_args):
+    return Path(run_args.save_root) / f'{run_prefix(run_args)}_results.csv'
+
+
+def is_finished(run_args):
+    path = results_csv(run_args)
+    return path.is_file() and len(pd.read_csv(path)) >= run_args.epochs
+
+
+def run_grid(args):
+    failed = []
+    for argv, run_args in grid(args):
+        if is_finished(run_args):
+            print(f'done already: {results_csv(run_args)}')
+            continue
+        command = [sys.executable, 'train.py', *argv]
+        print(' '.join(command), flush=True)
+        if not args.dry_run and subprocess.run(command).returncode != 0:
+            failed.append(run_prefix(run_args))
+    return failed
+
+
+def best_rows(save_root):
+    """One row per results CSV under save_root: the epoch its selection rule picked."""
+    rows = []
+    for path in sorted(Path(save_root).glob('*_results.csv')):
+        data_name, method, backbone, dim = path.name.removesuffix('_results.csv').rsplit('_', 3)
+        frame = pd.read_csv(path)
+        select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
+        best = frame.loc[frame[SELECT_KEY[select_on]].idxmax()]
+        rows.append({'dataset': data_name, 'method': method, 'backbone': backbone, 'dim': int(dim),
+                     'epoch': int(best['epoch']), 'epochs': len(frame), 'select_on': select_on,
+                     **{m: 100 * float(best[m]) for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def build_table(rows):
+    """Markdown in the seeds' layout; published ACNet rows next to ours where they exist."""
+    datasets = sorted(set(rows['dataset']), key=lambda d: (d not in DATASET_TITLES, d))
+    header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d in datasets
+                                                             for m in METRICS]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+    for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
+        selected = ', '.join(sorted(set(group['select_on'])))
+        cells = []
+        for dataset in datasets:
+            found = group[group['dataset'] == dataset]
+            cells += [f'{found.iloc[0][m]:.1f}' if len(found) else '' for m in METRICS]
+        lines.append(f'| {method} (ours) | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |')
+        published = PUBLISHED_ACNET.get((backbone, dim)) if method == 'acnet' else None
+        if published:
+            cells = []
+            for dataset in datasets:
+                offset = 0 if dataset.startswith('sketchy') else 4 if dataset.startswith('tuberlin') else None
+                cells += [f'{v:.1f}' for v in published[offset:offset + 4]] if offset is not None else [''] * 4
+            lines.append(f'| acnet (published) | {backbone} | {dim} | test | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    failed = [] if args.table_only else run_grid(args)
+    if args.dry_run:
+        return
+    rows = best_rows(args.save_root)
+    if rows.empty:
+        sys.exit(f'error: no *_results.csv under {args.save_root}')
+    table = build_table(rows)
+    print(table)
+    Path(args.save_root, 'benchmark.md').write_text(table + '\n')
+    if failed:
+        sys.exit(f'error: {len(failed)} runs failed: {", ".join(failed)}')
+
+
+if __name__ == '__main__':
+    main()

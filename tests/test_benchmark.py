@@ -1,0 +1,53 @@
+"""benchmark.py: the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
+import benchmark
+from utils import write_csv
+
+
+def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0):
+    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns)."""
+    rows = []
+    for epoch, value in enumerate(precise, 1):
+        row = {'epoch': epoch, 'class_loss': 1.0, **{m: value * metric_scale for m in benchmark.METRICS},
+               'precise': value}
+        if heldout is not None:
+            row['heldout_precise'] = heldout[epoch - 1]
+        row['select_on'] = select_on
+        rows.append(row)
+    write_csv(rows, folder / f'{prefix}_results.csv')
+
+
+def test_best_rows_follow_each_runs_selection_rule(tmp_path):
+    fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.30, 0.52, 0.41])
+    fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.20, 0.25, 0.61], heldout=[0.9, 0.1, 0.2], select_on='heldout')
+    rows = benchmark.best_rows(tmp_path).set_index('dataset')
+    assert rows.loc['sketchy', 'epoch'] == 2 and abs(rows.loc['sketchy', 'mAP@all'] - 52.0) < 1e-9
+    # held-out selection takes epoch 1 although the test metrics peak at epoch 3
+    assert rows.loc['tuberlin', 'epoch'] == 1 and abs(rows.loc['tuberlin', 'P@100'] - 20.0) < 1e-9
+    assert rows.loc['tuberlin', 'select_on'] == 'heldout'
+
+
+def test_table_has_the_seed_layout_and_published_numbers(tmp_path):
+    fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.501, 0.517])
+    fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.577])
+    fake_run(tmp_path, 'sketchy_msedge_vgg16_64', [0.3])
+    table = benchmark.build_table(benchmark.best_rows(tmp_path)).splitlines()
+    assert table[0] == ('| method | backbone | dim | selected on | Sketchy Extended mAP@200 | Sketchy Extended mAP@all | '
+                        'Sketchy Extended P@100 | Sketchy Extended P@200 | TU-Berlin Extended mAP@200 | '
+                        'TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 | TU-Berlin Extended P@200 |')
+    assert '| acnet (ours) | resnet50 | 512 | test | 51.7 | 51.7 | 51.7 | 51.7 | 57.7 | 57.7 | 57.7 | 57.7 |' in table
+    assert '| acnet (published) | resnet50 | 512 | test | 51.7 | 55.9 | 64.3 | 60.8 | 57.7 | 57.7 | 65.8 | 64.4 |' in table
+    assert '| msedge (ours) | vgg16 | 64 | test | 30.0 | 30.0 | 30.0 | 30.0 |  |  |  |  |' in table
+    assert not any('msedge (published)' in line for line in table)  # MSEdge published none
+
+
+def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
+    argv = ['--methods', 'acnet', '--backbones', 'resnet50', 'vgg16', '--emb_dims', '512', '--datasets', 'synthetic',
+            '--save_root', str(tmp_path), '--dry_run', '--', '--epochs', '2', '--no_pretrained']
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.2, 0.3])  # finished: 2 of 2 epochs
+    fake_run(tmp_path, 'synthetic_acnet_vgg16_512', [0.2])  # interrupted after 1 of 2
+    benchmark.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f'done already: {tmp_path}/synthetic_acnet_resnet50_512_results.csv'
+    assert out[1].endswith('train.py --method acnet --backbone_type vgg16 --emb_dim 512 --data_name synthetic '
+                           f'--save_root {tmp_path} --select_on test --epochs 2 --no_pretrained')
+    assert len(out) == 2 and not (tmp_path / 'benchmark.md').exists()

@@ -1,0 +1,101 @@
+"""prepare.py sketchy/tuberlin: the split builder on fake raw download trees."""
+import pytest
+from PIL import Image
+
+from prepare import (FOLDER_ALIASES, build_real_split, class_key, print_split_summary, read_class_list)
+from utils import PHOTO, SKETCH, DataError, scan_split
+
+
+def image(path, shade):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new('RGB', (4, 4), (shade % 256, shade // 256 % 256, 7)).save(path, format='PNG')  # lossless: unique bytes
+
+
+def raw_sketchy(root, classes, sketches=2, photos=2):
+    """sketch/<class>/, photo/<class>/ and an extension folder that repeats every original photo
+    (byte-identical, as Sketchy Extended does) and adds one new photo per class."""
+    for c, name in enumerate(classes):
+        for i in range(sketches):
+            image(root / 'sketch' / name / f'{name}_{i}-1.png', 1000 + 10 * c + i)
+        for i in range(photos):
+            image(root / 'photo' / name / f'n{c}_{i}.jpg', 5000 + 10 * c + i)
+            image(root / 'extension' / name.replace('-', '_') / f'n{c}_{i}.jpg', 5000 + 10 * c + i)
+        image(root / 'extension' / name.replace('-', '_') / f'ext_{c}.jpg', 30000 + c)
+    return root
+
+
+def test_sketchy_split_counts_duplicates_and_links(tmp_path):
+    classes = read_class_list('sketchy_all')
+    raw = raw_sketchy(tmp_path / 'raw', classes)
+    # the same file name with different bytes in the two photo folders: both kept, renamed
+    image(raw / 'extension' / 'airplane' / 'n0_0.jpg', 777)
+    summary = build_real_split('sketchy', '25', [raw / 'sketch'], [raw / 'photo', raw / 'extension'],
+                               tmp_path / 'data')
+    assert summary['train']['classes'] == 100 and summary['val']['classes'] == 25
+    assert summary['train']['sketch'] == 200 and summary['val']['sketch'] == 50
+    # per class: 2 originals + 1 new, the 2 repeats left out (airplane: 1 repeat + 1 renamed)
+    assert summary['train']['photo'] + summary['val']['photo'] == 125 * 3 + 1
+    assert summary['train']['duplicates'] + summary['val']['duplicates'] == 125 * 2 - 1
+
+    val = scan_split(tmp_path / 'data', 'sketchy', 'val')
+    assert val.classes == read_class_list('sketchy_zeroshot25_test')
+    assert val.count(SKETCH) == 50 and val.count(PHOTO) == 25 * 3 + 1  # airplane (a test class) has the extra
+    linked = val.root / val.paths[0]
+    assert linked.is_symlink() and linked.resolve().is_relative_to((tmp_path / 'raw').resolve())
+    airplane = scan_split(tmp_path / 'data', 'sketchy', 'val').root / 'photo' / 'airplane'
+    assert sorted(p.name for p in airplane.iterdir()) == ['ext_0.jpg', 'n0_0.jpg', 'n0_0__1.jpg', 'n0_1.jpg']
+    train = scan_split(tmp_path / 'data', 'sketchy', 'train')
+    assert not set(train.classes) & set(val.classes)
+
+
+def test_copy_mode_and_refusing_to_overwrite(tmp_path):
+    raw = raw_sketchy(tmp_path / 'raw', read_class_list('sketchy_all'), photos=1)
+    build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data', copy=True)
+    split = scan_split(tmp_path / 'data', 'sketchy', 'val')
+    assert len(split.classes) == 21 and not (split.root / split.paths[0]).is_symlink()
+    with pytest.raises(DataError, match="already exists: remove it, pass --overwrite"):
+        build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data')
+    build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data', overwrite=True)
+
+
+def test_tuberlin_raw_spellings_are_matched(tmp_path):
+    classes = read_class_list('tuberlin_all')
+    misspelled = {v: k for k, v in FOLDER_ALIASES.items()}  # class name -> raw folder name
+    for c, name in enumerate(classes):
+        image(tmp_path / 'png' / name / f'{c}.png', c)
+        raw_name = misspelled.get(name, class_key(name))  # separators dropped, as the raw archive does
+        image(tmp_path / 'ImageResized' / raw_name / f'{c}.jpg', 2000 + c)
+    summary = build_real_split('tuberlin', '30', [tmp_path / 'png'], [tmp_path / 'ImageResized'], tmp_path / 'data')
+    assert summary['val']['classes'] == 30 and summary['val']['photo'] == 30
+    photos = tmp_path / 'data' / 'tuberlin' / 'train' / 'photo'
+    assert (photos / 'giraffe').is_dir() and (photos / 'mouse (animal)').is_dir()
+
+
+def test_missing_classes_and_unexpected_trees(tmp_path):
+    classes = read_class_list('sketchy_all')
+    raw = raw_sketchy(tmp_path / 'raw', classes, photos=1)
+    for name in ('cow', 'zebra'):
+        for f in (raw / 'photo' / name).iterdir():
+            f.unlink()
+        (raw / 'photo' / name).rmdir()
+    with pytest.raises(DataError, match=r'2 sketchy classes have no photo folder: cow, zebra'):
+        build_real_split('sketchy', '25', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data')
+    with pytest.raises(DataError, match=r"folders that are not classes of this dataset: extension, photo, sketch \(point it at"):
+        build_real_split('sketchy', '25', [raw], [raw / 'photo'], tmp_path / 'data')
+    image(tmp_path / 'flat' / 'a.png', 1)
+    with pytest.raises(DataError, match=r"should hold one folder per class .*1 loose images"):
+        build_real_split('sketchy', '25', [tmp_path / 'flat'], [raw / 'photo'], tmp_path / 'data')
+    with pytest.raises(DataError, match="sketch folder not found"):
+        build_real_split('sketchy', '25', [tmp_path / 'nowhere'], [raw / 'photo'], tmp_path / 'data')
+    assert not (tmp_path / 'data').exists()  # nothing half-written
+
+
+def test_summary_compares_with_the_published_test_set(capsys):
+    summary = {'out': 'data/sketchy', 'split': 'sketchy_zeroshot25',
+               'train': {'classes': 100, 'sketch': 1, 'photo': 1, 'duplicates': 0},
+               'val': {'classes': 25, 'sketch': 15229, 'photo': 17101, 'duplicates': 12500}}
+    print_split_summary(summary)
+    assert '(matches)' in capsys.readouterr().out
+    summary['val']['photo'] = 29601
+    print_split_summary(summary)
+    assert 'differs: found 15229 and 29601' in capsys.readouterr().out

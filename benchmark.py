@@ -6,7 +6,8 @@
         --img_size 32 --epochs 15 --lr 1e-3                            # anything after -- goes to train.py
     python benchmark.py --table_only                                   # table from the CSVs already there
 
-A run is finished when its results CSV has a row for every epoch; finished runs are skipped. The table
+A run is finished when its results CSV has a row for every epoch; finished runs are skipped and an
+interrupted one continues with --resume. The table
 has the seeds' layout (one row per method, backbone and dim; mAP@200, mAP@all, P@100, P@200 per
 dataset, in percent) with the published ACNet numbers beside ours, one row per run at the epoch its
 selection rule picked, and a column saying which rule that was (test: best epoch on the unseen test
@@ -75,7 +76,8 @@ def run_grid(args):
         if is_finished(run_args):
             print(f'done already: {results_csv(run_args)}')
             continue
-        command = [sys.executable, 'train.py', *argv]
+        resume = ['--resume'] if (Path(run_args.save_root) / f'{run_prefix(run_args)}_last.pth').exists() else []
+        command = [sys.executable, 'train.py', *argv, *resume]
         print(' '.join(command), flush=True)
         if not args.dry_run and subprocess.run(command).returncode != 0:
             failed.append(run_prefix(run_args))
@@ -110,10 +112,10 @@ def build_table(rows):
             cells += [f'{found.iloc[0][m]:.1f}' if len(found) else '' for m in METRICS]
         lines.append(f'| {method} (ours) | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |')
         published = PUBLISHED_ACNET.get((backbone, dim)) if method == 'acnet' else None
-        if published:
+        offsets = [0 if d.startswith('sketchy') else 4 if d.startswith('tuberlin') else None for d in datasets]
+        if published and any(o is not None for o in offsets):
             cells = []
-            for dataset in datasets:
-                offset = 0 if dataset.startswith('sketchy') else 4 if dataset.startswith('tuberlin') else None
+            for offset in offsets:
                 cells += [f'{v:.1f}' for v in published[offset:offset + 4]] if offset is not None else [''] * 4
             lines.append(f'| acnet (published) | {backbone} | {dim} | test | ' + ' | '.join(cells) + ' |')
     return '\n'.join(lines)

@@ -2,12 +2,17 @@
 
     python train.py --data_name sketchy                        # ACNet, ResNet50, 512-d (seed defaults)
     python train.py --method msedge --data_name tuberlin       # MSEdge
-    python train.py --data_name synthetic --no_pretrained --img_size 64 --epochs 5 --lr 1e-4  # CPU, offline
+    python train.py --data_name synthetic --no_pretrained --img_size 32 --epochs 15 --lr 1e-3  # CPU, offline
+    python train.py --data_name sketchy --epochs 20 --resume   # continue an interrupted (or finished) run
+    torchrun --nproc_per_node 4 train.py --data_name sketchy --amp --channels_last --cache   # 4 GPUs
 
-After every epoch the val (unseen-class) sketches are ranked against the val photos and the metrics
-go into {save_root}/{data_name}_{method}_{backbone_type}_{emb_dim}_results.csv. Next to it:
-  _model.pth    the best epoch by 'precise': every state dict, the arguments, the epoch, the metrics
+After every epoch the val (unseen-class) sketches are ranked against the val photos. Files in
+--save_root, named {data_name}_{method}_{backbone_type}_{emb_dim}_*:
+  _results.csv  one row per epoch: losses and metrics
+  _model.pth    the best epoch: every state dict, the arguments, the epoch, the metrics
   _vectors.pth  that epoch's val embeddings with their image paths, labels and domains
+  _last.pth     the latest epoch with optimiser states, for --resume
+All are written atomically; Ctrl-C or a crash leaves the last complete epoch intact.
 """
 import argparse
 import os
@@ -17,16 +22,25 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import METHODS, EDGE_MODES, build_model, compile_model
-from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, RESIZE, METRIC_NAMES, VECTORS_FORMAT, CachedImages, DataError,
-                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split, hold_out,
-                   retrieval_metrics, save_torch, scan_split, seed_everything, train_transform, write_csv)
+from model import EDGE_MODES, METHODS, build_model, compile_model
+from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, CachedImages, DataError,
+                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split,
+                   drop_unreadable, hold_out, load_torch, retrieval_metrics, save_torch, scan_split, seed_everything,
+                   train_transform, write_csv)
+
 CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
+SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
+SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
+# Options that define a run's results: --resume refuses to continue a run under different ones.
+RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',
+                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images')
 
 
 def parse_args(argv=None):
@@ -39,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument('--backbone_type', default='resnet50', choices=['resnet50', 'vgg16'])
     p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=512, help='embedding dim')
     p.add_argument('--batch_size', type=int, default=64,
-                   help='images per mini-batch (ACNet: batch_size // 2 sketch-photo pairs)')
+                   help='images per step and process (ACNet: batch_size // 2 sketch-photo pairs)')
     p.add_argument('--epochs', type=int, default=10)
     p.add_argument('--warmup', type=int, default=None,
                    help='epochs with a frozen backbone (default: 1 for acnet, 2 for msedge)')
@@ -48,15 +62,20 @@ def parse_args(argv=None):
     p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
                    help='msedge: which domains are fed as edge maps')
     p.add_argument('--select_on', default='test', choices=list(SELECT_KEY),
-                   help='pick the best epoch on the unseen test classes (the seeds\' way, to reproduce their '
+                   help="pick the best epoch on the unseen test classes (the seeds' way, to reproduce their "
                         'tables) or on held-out images of the seen classes (no test-set selection)')
     p.add_argument('--heldout_fraction', type=float, default=0.1,
-                   help='with --select_on heldout: share of every seen class\'s sketches and photos held out')
+                   help="with --select_on heldout: share of every seen class's sketches and photos held out")
     p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
     p.add_argument('--seed', type=int, default=1)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
     p.add_argument('--eval_batch_size', type=int, default=None, help='default: 2 x batch_size')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    run = p.add_argument_group('runs')
+    run.add_argument('--resume', action='store_true', help='continue from the _last.pth in --save_root')
+    run.add_argument('--overwrite', action='store_true', help='start again, replacing an earlier run\'s files')
+    run.add_argument('--skip_bad_images', action='store_true',
+                     help='decode every image once first; leave out (and list) those that fail')
     speed = p.add_argument_group('speed (results stay the same up to float tolerance, except --amp)')
     speed.add_argument('--amp', action='store_true', help='bfloat16 autocast for the forward passes')
     speed.add_argument('--channels_last', action='store_true', help='NHWC memory format (faster convs on GPU)')
@@ -94,6 +113,8 @@ def check_args(args):
         problems.append('--workers must be >= 0 and --lr > 0')
     if not 0 < args.heldout_fraction < 1:
         problems.append(f'--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}')
+    if args.resume and args.overwrite:
+        problems.append('--resume and --overwrite exclude each other')
     if problems:
         raise UserError('; '.join(problems))
 
@@ -102,20 +123,99 @@ def run_prefix(args):
     return f'{args.data_name}_{args.method}_{args.backbone_type}_{args.emb_dim}'
 
 
+def run_files(args):
+    base = Path(args.save_root) / run_prefix(args)
+    return SimpleNamespace(**{kind: Path(f'{base}_{kind}.{ext}') for kind, ext in
+                              (('results', 'csv'), ('model', 'pth'), ('vectors', 'pth'), ('last', 'pth'))})
+
+
+def check_outputs(args, files):
+    """--save_root must be writable, and an earlier run's files are only replaced on request."""
+    root = Path(args.save_root)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe = root / f'.write-test-{os.getpid()}'
+        probe.write_bytes(b'')
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"cannot write to --save_root '{root}': {error.strerror or error}") from error
+    earlier = [f for f in vars(files).values() if f.exists()]
+    if args.resume and not files.last.exists():
+        raise UserError(f"nothing to resume: '{files.last}' not found (same --save_root and run options?)")
+    if earlier and not (args.resume or args.overwrite):
+        raise UserError(f"'{earlier[0]}' exists from an earlier run: pass --resume to continue it, --overwrite "
+                        f"to start again, or choose another --save_root")
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed runs (torchrun): one process per GPU, or gloo processes on the CPU
+
+def init_distributed(args):
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    if world == 1:
+        return SimpleNamespace(rank=0, world=1, main=True, ddp=None)
+    rank, local = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0))
+    cuda = args.device.startswith('cuda')
+    if cuda:
+        torch.cuda.set_device(local)
+        args.device = f'cuda:{local}'
+    dist.init_process_group('nccl' if cuda else 'gloo')
+    return SimpleNamespace(rank=rank, world=world, main=rank == 0,
+                           ddp=lambda m: DistributedDataParallel(m, device_ids=[local] if cuda else None))
+
+
+def reduce_mean(values, world):
+    """Mean over processes of a stacked tensor (identity in a single process)."""
+    if world > 1:
+        values = values.clone()
+        dist.all_reduce(values)
+        values /= world
+    return values
+
+
+def gather_rows(rows, index, total, world):
+    """Rows computed on every process's share of a split, assembled in split order on every process."""
+    if world > 1:
+        size = torch.tensor([len(rows)], device=rows.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(sizes).item())
+        padded_rows = torch.zeros(longest, rows.shape[1], device=rows.device, dtype=rows.dtype)
+        padded_index = torch.full((longest,), -1, device=rows.device, dtype=index.dtype)
+        padded_rows[:len(rows)], padded_index[:len(index)] = rows, index
+        all_rows, all_index = [torch.zeros_like(padded_rows) for _ in range(world)], \
+            [torch.zeros_like(padded_index) for _ in range(world)]
+        dist.all_gather(all_rows, padded_rows)
+        dist.all_gather(all_index, padded_index)
+        rows, index = torch.cat(all_rows), torch.cat(all_index)
+        rows, index = rows[index >= 0], index[index >= 0]
+    return torch.zeros(total, rows.shape[1], device=rows.device, dtype=rows.dtype).index_copy_(0, index, rows)
+
+
 # ----------------------------------------------------------------------------------------------
 # Data
 
-def load_splits(args):
+def load_splits(args, log=print):
     data_dir = Path(args.data_root) / args.data_name
     if args.data_name == 'synthetic' and not data_dir.exists():
         from prepare import make_synthetic
-        print(f'{data_dir} not found: generating the synthetic dataset (python prepare.py synthetic)')
+        log(f'{data_dir} not found: generating the synthetic dataset (python prepare.py synthetic)')
         make_synthetic(args.data_root)
-    train_split, val_split = scan_split(args.data_root, args.data_name, 'train'), \
-        scan_split(args.data_root, args.data_name, 'val')
-    print(describe_split(train_split, 'train (seen classes)'))
-    print(describe_split(val_split, 'val (unseen classes)'))
-    return train_split, val_split
+    splits = [scan_split(args.data_root, args.data_name, name) for name in ('train', 'val')]
+    for split, name in zip(splits, ('train (seen classes)', 'val (unseen classes)')):
+        log(describe_split(split, name))
+    return splits
+
+
+def skip_bad_images(args, splits, files, log=print):
+    """With --skip_bad_images: leave out the images that fail to decode, and list them in a file."""
+    kept, bad = zip(*(drop_unreadable(split, args.workers) for split in splits))
+    bad_paths = [str(split.root / p) for split, paths in zip(splits, bad) for p in paths]
+    if bad_paths:
+        listing = files.results.with_name(files.results.name.replace('_results.csv', '_bad_images.txt'))
+        listing.write_text('\n'.join(bad_paths) + '\n')
+        log(f'left out {len(bad_paths)} unreadable images (listed in {listing}), e.g. {bad_paths[0]}')
+    return list(kept)
 
 
 def _loader_options(args):
@@ -129,35 +229,38 @@ def split_images(args, split, split_name):
     return FileImages(split.root, split.paths, args.img_size, RESIZE[args.method])
 
 
-def make_train_loader(args, split):
+def make_train_loader(args, split, rank=0, world=1):
     """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images."""
     images = split_images(args, split, 'train')
     if args.method == 'acnet':
         dataset, batch = SketchPhotoPairs(split, images, train_transform('acnet')), args.batch_size // 2
     else:
         dataset, batch = SplitDataset(split, images, train_transform('msedge')), args.batch_size
-    return DataLoader(dataset, batch, sampler=EpochSampler(len(dataset), args.seed), **_loader_options(args))
+    sampler = EpochSampler(len(dataset), args.seed, rank=rank, num_replicas=world)
+    return DataLoader(dataset, batch, sampler=sampler, **_loader_options(args))
 
 
-def make_eval_loader(args, split, split_name='val'):
-    """Every image of the split, in split order, resized as the method's evaluation transform does."""
+def make_eval_loader(args, split, split_name='val', rank=0, world=1):
+    """Every image of the split (this process's share), resized as the method's evaluation transform does."""
     dataset = SplitDataset(split, split_images(args, split, split_name))
-    return DataLoader(dataset, args.eval_batch_size, sampler=EpochSampler(len(dataset), 0, shuffle=False),
-                      **_loader_options(args))
+    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=rank, num_replicas=world)
+    return DataLoader(dataset, args.eval_batch_size, sampler=sampler, **_loader_options(args))
 
 
 # ----------------------------------------------------------------------------------------------
 # One training step per method. Each returns its losses as detached tensors (no host sync).
 
-def training_nets(model, amp=False):
-    """The callables a training step uses, and the autocast context for its forward passes."""
+def training_nets(model, amp=False, ddp=None):
+    """The callables a training step uses (each trained part wrapped in DDP when distributed) and the
+    autocast context for its forward passes."""
     device_type = next(model.parameters()).device.type
+    wrap = ddp or (lambda m: m)
     nets = SimpleNamespace(raw=model, autocast=lambda: torch.autocast(device_type, torch.bfloat16, enabled=amp))
     if model.method == 'acnet':
-        nets.__dict__.update(generator=model.generator, discriminator=model.discriminator,
-                             extractor=model.extractor, class_loss=model.class_loss)
+        nets.__dict__.update(generator=wrap(model.generator), discriminator=wrap(model.discriminator),
+                             extractor=wrap(model.extractor), class_loss=wrap(model.class_loss))
     else:
-        nets.model = model
+        nets.model = wrap(model)
     return nets
 
 
@@ -218,38 +321,48 @@ def msedge_step(nets, optimizers, batch):
 STEPS = {'acnet': acnet_step, 'msedge': msedge_step}
 
 
-def train_epoch(nets, optimizers, loader, step, device, desc, channels_last=False, log_every=10):
-    """One pass over the loader; returns the mean of each loss."""
+class NonFiniteLoss(UserError):
+    """A loss became NaN or infinite: training stops before anything of that epoch is saved."""
+
+
+def train_epoch(nets, optimizers, loader, step, rt, desc, log_every=10):
+    """One pass over the loader; returns the mean of each loss (over steps and processes).
+
+    The host syncs only every `log_every` steps, to refresh the progress bar and to stop on a
+    non-finite loss (all processes agree, so they stop together).
+    """
     nets.raw.train()
     sums, steps = {}, 0
-    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None)
+    bar = tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if rt.main else True)
     for batch in bar:
-        batch = to_device(batch, device, channels_last)
-        for name, value in step(nets, optimizers, batch).items():
+        for name, value in step(nets, optimizers, to_device(batch, rt.device, rt.channels_last)).items():
             sums[name] = sums.get(name, 0) + value
         steps += 1
-        if steps % log_every == 0:  # the only host sync: every few steps, for the progress bar
-            bar.set_postfix({name: f'{value.item() / steps:.3f}' for name, value in sums.items()})
+        if steps % log_every == 0 or steps == len(loader):
+            means = reduce_mean(torch.stack(list(sums.values())).float() / steps, rt.world).tolist()
+            if not torch.isfinite(torch.tensor(means)).all():
+                raise NonFiniteLoss(f'{desc}: a loss became NaN or infinite by step {steps} '
+                                    f'({dict(zip(sums, means))}); lower --lr or check the data')
+            bar.set_postfix({name: f'{value:.3f}' for name, value in zip(sums, means)})
     if not steps:
         raise DataError('the training loader produced no batch')
-    return {name: value.item() / steps for name, value in sums.items()}
+    return dict(zip(sums, means))
 
 
 # ----------------------------------------------------------------------------------------------
 # Evaluation
 
 @torch.inference_mode()
-def embed_split(model, loader, device, desc='embed val', amp=False, channels_last=False):
+def embed_split(model, loader, device, desc='embed val', amp=False, channels_last=False, world=1, show=True):
     """Embeddings of every item of the loader's split, in split order (row i = split item i)."""
     model.eval()
     chunks, order = [], []
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show else True):
         images, _, domains, index = to_device(batch, device, channels_last)
         with torch.autocast(device.type, torch.bfloat16, enabled=amp):
             chunks.append(model.embed(images, domains).float())
         order.append(index)
-    vectors, order = torch.cat(chunks), torch.cat(order)
-    return torch.empty_like(vectors).index_copy_(0, order, vectors)
+    return gather_rows(torch.cat(chunks), torch.cat(order), len(loader.dataset), world)
 
 
 def split_metrics(vectors, split):
@@ -259,6 +372,36 @@ def split_metrics(vectors, split):
     sketch, photo = domains == SKETCH, domains == PHOTO
     return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
 
+
+def evaluate(model, evals, rt):
+    """Metrics on the unseen val classes (and, when selecting on them, the held-out seen-class
+    images, as heldout_*), plus the val embeddings."""
+    embed = dict(device=rt.device, amp=rt.amp, channels_last=rt.channels_last, world=rt.world, show=rt.main)
+    vectors = embed_split(model, evals['val'].loader, **embed)
+    metrics = split_metrics(vectors, evals['val'].split)
+    if 'heldout' in evals:
+        heldout = split_metrics(embed_split(model, evals['heldout'].loader, desc='embed held-out', **embed),
+                                evals['heldout'].split)
+        metrics.update({f'heldout_{name}': value for name, value in heldout.items()})
+    return metrics, vectors
+
+
+def results_row(epoch, losses, metrics, select_on):
+    heldout = [f'heldout_{name}' for name in CSV_METRICS if f'heldout_{name}' in metrics]
+    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *heldout)},
+            'select_on': select_on}
+
+
+def format_losses(losses):
+    return ' '.join(f'{name.removesuffix("_loss")} {value:.4f}' for name, value in losses.items())
+
+
+def format_metrics(metrics):
+    return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints (format documented in README: "Checkpoint files")
 
 def vectors_record(vectors, split, args, epoch):
     """The embeddings with what identifies each row: its image path, label and domain."""
@@ -274,19 +417,24 @@ def checkpoint_record(model, args, epoch, metrics, train_classes, prefix):
             'vectors_file': f'{prefix}_vectors.pth'}
 
 
-def format_losses(losses):
-    return ' '.join(f'{name.removesuffix("_loss")} {value:.4f}' for name, value in losses.items())
-
-
-def format_metrics(metrics):
-    return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
+def resume_state(path, model, optimizers, args, world):
+    """Load a _last.pth into the model and optimisers; returns (rows, best, next epoch)."""
+    last = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
+    if 'optimizers' not in last:
+        raise UserError(f"'{path}' is a best-epoch checkpoint without optimiser states: resume from a _last.pth")
+    changed = [f'--{k} {last["args"].get(k)} -> {getattr(args, k)}' for k in RUN_DEFINING
+               if last['args'].get(k) != getattr(args, k)]
+    if last.get('world_size', 1) != world:
+        changed.append(f'{last.get("world_size", 1)} -> {world} processes (the effective batch size)')
+    if changed:
+        raise UserError(f"cannot resume '{path}' with different run options: {'; '.join(changed)}")
+    model.load_state_dict(last['model'])
+    for name, optimizer in optimizers.items():
+        optimizer.load_state_dict(last['optimizers'][name])
+    return last['rows'], last['best'], last['epoch'] + 1
 
 
 # ----------------------------------------------------------------------------------------------
-
-SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
-SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
-
 
 def configure_backends(args):
     torch.backends.cudnn.benchmark = not args.deterministic
@@ -296,8 +444,10 @@ def configure_backends(args):
 
 
 def prepare_model(args, num_classes, device):
+    # A resumed run's weights come from its checkpoint: nothing to download.
     model = build_model(args.method, num_classes, args.backbone_type, args.emb_dim, args.edge_mode,
-                        pretrained=not args.no_pretrained, weights=args.weights).to(device)
+                        pretrained=not (args.no_pretrained or args.resume),
+                        weights=None if args.resume else args.weights).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     optimizers = model.make_optimizers(args.lr, fused=True if device.type == 'cuda' else None)
@@ -306,68 +456,75 @@ def prepare_model(args, num_classes, device):
     return model, optimizers
 
 
-def evaluate(model, evals, device, fast):
-    """Metrics on the unseen val classes (and, when selecting on them, the held-out seen-class
-    images, as heldout_*), plus the val embeddings."""
-    vectors = embed_split(model, evals['val'].loader, device, **fast)
-    metrics = split_metrics(vectors, evals['val'].split)
-    if 'heldout' in evals:
-        heldout = split_metrics(embed_split(model, evals['heldout'].loader, device, 'embed held-out', **fast),
-                                evals['heldout'].split)
-        metrics.update({f'heldout_{name}': value for name, value in heldout.items()})
-    return metrics, vectors
-
-
-def results_row(epoch, losses, metrics, select_on):
-    heldout = [f'heldout_{name}' for name in CSV_METRICS if f'heldout_{name}' in metrics]
-    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *heldout)},
-            'select_on': select_on}
-
-
 def train(args):
     check_args(args)
+    files, prefix = run_files(args), run_prefix(args)
+    rt = init_distributed(args)
+    log = print if rt.main else (lambda *a, **k: None)
+    check_outputs(args, files)  # on every process: all of them stop, or none
     seed_everything(args.seed)
     configure_backends(args)
-    device = torch.device(args.device)
-    train_split, val_split = load_splits(args)
+    rt.device, rt.amp, rt.channels_last = torch.device(args.device), args.amp, args.channels_last
+    train_split, val_split = load_splits(args, log)
+    if args.skip_bad_images:
+        train_split, val_split = skip_bad_images(args, (train_split, val_split), files, log)
     evals = {}
     if args.select_on == 'heldout':
         train_split, heldout_split = hold_out(train_split, args.heldout_fraction, args.seed)
-        print(describe_split(heldout_split, 'held out (seen classes, for model selection)'))
-        evals['heldout'] = SimpleNamespace(split=heldout_split, loader=make_eval_loader(args, heldout_split, 'train'))
-    evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val'))
-    train_loader = make_train_loader(args, train_split)
-    model, optimizers = prepare_model(args, len(train_split.classes), device)
-    nets, step, fast = training_nets(model, args.amp), STEPS[args.method], dict(amp=args.amp,
-                                                                                   channels_last=args.channels_last)
-    save_root, prefix = Path(args.save_root), run_prefix(args)
-    save_root.mkdir(parents=True, exist_ok=True)
-    key = SELECT_KEY[args.select_on]
+        log(describe_split(heldout_split, 'held out (seen classes, for model selection)'))
+        evals['heldout'] = SimpleNamespace(split=heldout_split, loader=make_eval_loader(
+            args, heldout_split, 'train', rt.rank, rt.world))
+    evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val', rt.rank, rt.world))
+    train_loader = make_train_loader(args, train_split, rt.rank, rt.world)
+    model, optimizers = prepare_model(args, len(train_split.classes), rt.device)
+    step, key = STEPS[args.method], SELECT_KEY[args.select_on]
+    if rt.world > 1:
+        log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
 
-    vectors = embed_split(model, evals['val'].loader, device, 'embed val (untrained)', **fast)
-    print(f'untrained   | unseen {format_metrics(split_metrics(vectors, val_split))}')
-    rows, best = [], None
-    for epoch in range(1, args.epochs + 1):
+    if args.resume:
+        rows, best, first_epoch = resume_state(files.last, model, optimizers, args, rt.world)
+        log(f'resuming {files.last} after epoch {first_epoch - 1} (best so far: epoch {best["epoch"]})'
+            if first_epoch <= args.epochs else f'{files.last} already has {args.epochs} epochs: raise --epochs')
+    else:
+        rows, best, first_epoch = [], None, 1
+        metrics, _ = evaluate(model, {'val': evals['val']}, rt)
+        log(f'untrained   | unseen {format_metrics(metrics)}')
+    nets, warming_up = None, None
+    for epoch in range(first_epoch, args.epochs + 1):
         start = time.time()
-        model.set_warmup(epoch <= args.warmup)
+        if warming_up != (epoch <= args.warmup):  # DDP wrappers must see the parameters that train now
+            warming_up = epoch <= args.warmup
+            model.set_warmup(warming_up)
+            nets = training_nets(model, args.amp, rt.ddp)
         train_loader.sampler.set_epoch(epoch)
-        losses = train_epoch(nets, optimizers, train_loader, step, device, f'epoch {epoch}/{args.epochs}',
-                             args.channels_last)
-        metrics, vectors = evaluate(model, evals, device, fast)
+        losses = train_epoch(nets, optimizers, train_loader, step, rt, f'epoch {epoch}/{args.epochs}')
+        metrics, vectors = evaluate(model, evals, rt)
         rows.append(results_row(epoch, losses, metrics, args.select_on))
         improved = best is None or metrics[key] > best[key]
         if improved:
             best = {'epoch': epoch, **metrics}
-            save_torch(vectors_record(vectors, val_split, args, epoch), save_root / f'{prefix}_vectors.pth')
-            save_torch(checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix),
-                       save_root / f'{prefix}_model.pth')
-        write_csv(rows, save_root / f'{prefix}_results.csv')
+        if rt.main:  # best files first, then _last.pth: a crash in between repeats the epoch on --resume
+            if improved:
+                save_torch(vectors_record(vectors, val_split, args, epoch), files.vectors)
+                save_torch(checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix), files.model)
+            save_torch({**checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix), 'rows': rows,
+                        'best': best, 'world_size': rt.world,
+                        'optimizers': {name: o.state_dict() for name, o in optimizers.items()}}, files.last)
+            write_csv(rows, files.results)
         heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in evals else ''
-        print(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
-              f'{time.time() - start:.0f}s{" *best" if improved else ""}')
-    print(f'best epoch {best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen {format_metrics(best)}')
-    print(f'saved {save_root / prefix}_{{results.csv,model.pth,vectors.pth}}')
+        log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
+            f'{time.time() - start:.0f}s{" *best" if improved else ""}')
+    log(f'best epoch {best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen {format_metrics(best)}')
+    log(f'saved {Path(args.save_root) / prefix}_{{results.csv,model.pth,vectors.pth,last.pth}}')
     return best
+
+
+def one_line(error):
+    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in a traceback."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return text
 
 
 def main(argv=None):
@@ -375,8 +532,16 @@ def main(argv=None):
     try:
         train(args)
     except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
+        print(f'error: {one_line(error)}', file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        last = run_files(args).last
+        saved = f'the last complete epoch is in {last}: continue with --resume' if last.exists() else 'nothing saved'
+        print(f'\ninterrupted: {saved}', file=sys.stderr)
+        sys.exit(130)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == '__main__':

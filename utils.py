@@ -154,6 +154,32 @@ def hold_out(split, fraction, seed):
     return split.subset([i for i in range(len(split)) if i not in held_set]), split.subset(sorted(held))
 
 
+def _is_readable(path):
+    try:
+        with Image.open(path) as img:
+            img.load()  # a full decode: catches truncated files too
+        return True
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return False
+
+
+def drop_unreadable(split, workers=0):
+    """(the split without images that fail to decode, their paths). Decodes every image once."""
+    paths = [split.root / p for p in split.paths]
+    if workers > 0:
+        from multiprocessing import Pool
+        with Pool(workers) as pool:
+            readable = pool.map(_is_readable, paths, chunksize=64)
+    else:
+        readable = [_is_readable(p) for p in paths]
+    kept = split.subset([i for i, ok in enumerate(readable) if ok])
+    for label, name in enumerate(split.classes):
+        for domain, side in ((SKETCH, 'sketch'), (PHOTO, 'photo')):
+            if not any(l == label and d == domain for l, d in zip(kept.labels, kept.domains)):
+                raise DataError(f"class '{name}' has no readable {side} left in '{split.root}'")
+    return kept, [p for p, ok in zip(split.paths, readable) if not ok]
+
+
 def describe_split(split, name):
     """A one-line summary of a split and the notes a user should see (dropped classes, stray files)."""
     lines = [f'{name}: {len(split.classes)} classes, {split.count(SKETCH)} sketches, '

@@ -51,3 +51,9 @@ def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
     assert out[1].endswith('train.py --method acnet --backbone_type vgg16 --emb_dim 512 --data_name synthetic '
                            f'--save_root {tmp_path} --select_on test --epochs 2 --no_pretrained')
     assert len(out) == 2 and not (tmp_path / 'benchmark.md').exists()
+
+
+def test_no_published_rows_for_the_generated_dataset(tmp_path):
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.25])
+    table = benchmark.build_table(benchmark.best_rows(tmp_path))
+    assert '(published)' not in table and '| acnet (ours) | resnet50 | 512 | test | 25.0 |' in table

@@ -8,7 +8,7 @@ import torch
 from conftest import TINY, make_tree, write_image
 from prepare import FAMILIES, make_synthetic, synthetic_classes
 from utils import (PHOTO, SKETCH, DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset,
-                   hold_out, load_image, scan_split)
+                   describe_split, hold_out, load_image, scan_split)
 
 
 def test_scan_labels_domains_and_formats(tmp_path):
@@ -29,6 +29,7 @@ def test_scan_labels_domains_and_formats(tmp_path):
                      ('sketch/ant/d.png', 0, SKETCH), ('sketch/cat/a.PNG', 1, SKETCH),
                      ('sketch/cat/b.jpeg', 1, SKETCH)]
     assert [p.name for p in split.ignored_files] == ['notes.txt']
+    assert 'ignored 1 files that are not .jpg/.jpeg/.png, e.g.' in describe_split(split, 'train')
     assert split.count(SKETCH) == 3 and split.count(PHOTO) == 3
 
 

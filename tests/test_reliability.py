@@ -1,0 +1,179 @@
+"""Resume, safe saving, bad inputs and multi-process training."""
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train as train_module
+from conftest import ROOT
+from train import main, parse_args, train
+from utils import CHECKPOINT_FORMAT, UserError, atomic_write, load_torch, read_csv, scan_split
+
+PREFIX = 'synthetic_acnet_resnet50_8'
+
+
+def tiny(data_root, save_root, *extra):
+    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
+            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--deterministic',
+            '--save_root', str(save_root), *extra]
+
+
+def run_main(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    return exit_info.value.code, capsys.readouterr().err
+
+
+def test_resume_gives_the_same_results_as_an_uninterrupted_run(tiny_data, tmp_path):
+    train(parse_args(tiny(tiny_data, tmp_path / 'straight', '--epochs', '4')))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '2')))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '4', '--resume')))
+    straight = read_csv(tmp_path / 'straight' / f'{PREFIX}_results.csv')
+    resumed = read_csv(tmp_path / 'resumed' / f'{PREFIX}_results.csv')
+    assert len(straight) == 4 and resumed == straight
+    a = load_torch(tmp_path / 'straight' / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    b = load_torch(tmp_path / 'resumed' / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    assert all(torch.equal(a['model'][k], b['model'][k]) for k in a['model'])
+    assert a['best'] == b['best']
+
+
+def test_earlier_results_are_never_silently_replaced(tiny_data, tmp_path):
+    train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '1')))
+    before = (tmp_path / f'{PREFIX}_results.csv').read_text()
+    with pytest.raises(UserError, match=r'exists from an earlier run: pass --resume to continue it, --overwrite'):
+        train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '1', '--lr', '1e-2')))
+    assert (tmp_path / f'{PREFIX}_results.csv').read_text() == before
+    with pytest.raises(UserError, match=r'cannot resume .* with different run options: --lr 0.001 -> 0.01'):
+        train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '2', '--lr', '1e-2', '--resume')))
+    with pytest.raises(UserError, match='nothing to resume'):
+        train(parse_args(tiny(tiny_data, tmp_path / 'other', '--resume')))
+    train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '1', '--overwrite', '--seed', '5')))
+    assert (tmp_path / f'{PREFIX}_results.csv').read_text() != before
+
+
+def _fail_in_epoch(monkeypatch, epoch, error):
+    real = train_module.train_epoch
+
+    def train_epoch(nets, optimizers, loader, step, rt, desc, **kw):
+        if desc.startswith(f'epoch {epoch}/'):
+            raise error
+        return real(nets, optimizers, loader, step, rt, desc, **kw)
+    monkeypatch.setattr(train_module, 'train_epoch', train_epoch)
+
+
+def test_ctrl_c_keeps_the_last_complete_epoch(tiny_data, tmp_path, monkeypatch, capsys):
+    _fail_in_epoch(monkeypatch, 2, KeyboardInterrupt())
+    code, err = run_main(tiny(tiny_data, tmp_path, '--epochs', '3'), capsys)
+    assert code == 130 and 'continue with --resume' in err
+    last = load_torch(tmp_path / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    assert last['epoch'] == 1 and len(read_csv(tmp_path / f'{PREFIX}_results.csv')) == 1
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no temporary files left
+    monkeypatch.undo()
+    train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '3', '--resume')))
+    assert len(read_csv(tmp_path / f'{PREFIX}_results.csv')) == 3
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
+    real_step = train_module.STEPS['acnet']
+    calls = {'n': 0}
+
+    def step(nets, optimizers, batch):
+        losses = real_step(nets, optimizers, batch)
+        calls['n'] += 1
+        if calls['n'] > 4:  # 16 train sketches, 4 pairs per step: 4 steps per epoch, so epoch 2 goes wrong
+            losses['class_loss'] = losses['class_loss'] * float('nan')
+        return losses
+    monkeypatch.setitem(train_module.STEPS, 'acnet', step)
+    code, err = run_main(tiny(tiny_data, tmp_path, '--epochs', '3'), capsys)
+    assert code == 2 and 'epoch 2/3: a loss became NaN or infinite' in err and 'lower --lr' in err
+    assert load_torch(tmp_path / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 1
+    assert load_torch(tmp_path / f'{PREFIX}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 1
+
+
+def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
+    target = tmp_path / 'results.csv'
+    target.write_text('good')
+
+    def broken(tmp):
+        with open(tmp, 'w') as f:
+            f.write('half')
+        raise OSError('disk full')
+    with pytest.raises(OSError):
+        atomic_write(target, broken)
+    assert target.read_text() == 'good' and os.listdir(tmp_path) == ['results.csv']
+
+
+@pytest.fixture()
+def broken_data(tiny_data, tmp_path):
+    """A copy of the tiny dataset with one truncated photo in train and one garbage photo in val."""
+    root = tmp_path / 'broken'
+    shutil.copytree(tiny_data, root)
+    train_photo = sorted((root / 'synthetic' / 'train' / 'photo').rglob('*.jpg'))[0]
+    train_photo.write_bytes(train_photo.read_bytes()[:200])
+    val_photo = sorted((root / 'synthetic' / 'val' / 'photo').rglob('*.jpg'))[0]
+    val_photo.write_bytes(b'this is not a jpeg')
+    return root, train_photo, val_photo
+
+
+@pytest.mark.parametrize('workers', ['0', '2'])
+def test_a_corrupt_image_is_an_error_naming_the_file(broken_data, tmp_path, capsys, workers):
+    root, _, val_photo = broken_data
+    code, err = run_main(tiny(root, tmp_path / 'out', '--epochs', '1', '--workers', workers), capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1  # one line, also from a loader process
+    assert 'cannot read image' in err and "synthetic/" in err and ('.jpg' in err)
+
+
+def test_skip_bad_images_logs_counts_and_skips(broken_data, tmp_path, capsys):
+    root, train_photo, val_photo = broken_data
+    train(parse_args(tiny(root, tmp_path, '--epochs', '1', '--skip_bad_images')))
+    out = capsys.readouterr().out
+    assert 'left out 2 unreadable images' in out
+    listed = (tmp_path / f'{PREFIX}_bad_images.txt').read_text().split()
+    assert sorted(listed) == sorted([str(train_photo), str(val_photo)])
+    vectors = load_torch(tmp_path / f'{PREFIX}_vectors.pth', 'zs-sbir-vectors-1', 'vectors')
+    assert len(vectors['paths']) == len(scan_split(root, 'synthetic', 'val')) - 1
+
+
+def test_unwritable_save_root_and_unreadable_data_root(tiny_data, tmp_path, monkeypatch):
+    (tmp_path / 'a-file').write_text('')
+    with pytest.raises(UserError, match="cannot write to --save_root"):
+        train(parse_args(tiny(tiny_data, tmp_path / 'a-file' / 'results')))
+    real_access = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode: False if str(p) == str(tiny_data) else real_access(p, mode))
+    with pytest.raises(UserError, match=r"data root is not readable: .*check its permissions"):
+        train(parse_args(tiny(tiny_data, tmp_path / 'out')))
+
+
+def test_checkpoints_load_with_weights_only(tmp_path):
+    class Sneaky:
+        def __reduce__(self):
+            return (os.system, ('echo pwned',))
+    torch.save({'format': CHECKPOINT_FORMAT, 'payload': Sneaky()}, tmp_path / 'evil.pth')
+    with pytest.raises(UserError, match=r"cannot be read as a checkpoint \(torch.load with weights_only=True\)"):
+        load_torch(tmp_path / 'evil.pth', CHECKPOINT_FORMAT, 'checkpoint')
+
+
+def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):
+    """torchrun with 2 CPU processes (batch 4 pairs each) against 1 process (batch 8 pairs): the same
+    samples per step and averaged gradients, so the same metrics up to float error."""
+    common = tiny(tiny_data, tmp_path, '--epochs', '2', '--warmup', '1')
+    single = common[:common.index('--batch_size') + 1] + ['16'] + common[common.index('--batch_size') + 2:]
+    single[single.index('--save_root') + 1] = str(tmp_path / 'one')
+    train(parse_args(single))
+    double = common[:common.index('--batch_size') + 1] + ['8'] + common[common.index('--batch_size') + 2:]
+    double[double.index('--save_root') + 1] = str(tmp_path / 'two')
+    env = {**os.environ, 'OMP_NUM_THREADS': '1'}
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2',
+                             '--master_port', '29531', str(ROOT / 'train.py'), *double],
+                            capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert 'effective batch size 2 x 8 = 16' in result.stdout
+    one = read_csv(tmp_path / 'one' / 'synthetic_acnet_resnet50_8_results.csv')
+    two = read_csv(tmp_path / 'two' / 'synthetic_acnet_resnet50_8_results.csv')
+    assert len(one) == len(two) == 2
+    for a, b in zip(one, two):
+        for name in ('class_loss', 'adv_loss', 'mAP@all', 'P@100', 'precise'):
+            assert float(a[name]) == pytest.approx(float(b[name]), abs=2e-3), name

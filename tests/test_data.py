@@ -1,7 +1,6 @@
 """Dataset folders, image loading, training items, the sampler and the generated dataset."""
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 

@@ -88,7 +88,7 @@ def test_draw_retrieval_frames_on_a_constructed_case():
 
 
 def test_any_image_from_outside_the_val_set(runs, tmp_path):
-    odd = write_image(tmp_path / 'mine' / 'doodle.PNG', 'RGBA', size=(100, 37), colour=(0, 0, 0, 255))
+    write_image(tmp_path / 'mine' / 'doodle.PNG', 'RGBA', size=(100, 37), colour=(0, 0, 0, 255))
     write_image(tmp_path / 'mine' / 'other.jpg', 'L', size=(50, 80), fmt='JPEG')
     run('--query_name', tmp_path / 'mine', '--data_base', runs['acnet'], '--num', K, '--save_root', tmp_path / 'out')
     for stem in ('doodle', 'other'):

@@ -176,4 +176,4 @@ def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):
     assert len(one) == len(two) == 2
     for a, b in zip(one, two):
         for name in ('class_loss', 'adv_loss', 'mAP@all', 'P@100', 'precise'):
-            assert float(a[name]) == pytest.approx(float(b[name]), abs=2e-3), name
+            assert float(a[name]) == pytest.approx(float(b[name]), abs=1e-4), name  # measured: 1e-6

@@ -31,7 +31,7 @@ def run(*argv):
     return retrieval.main([str(a) for a in argv])
 
 
-def expect_error(capsys, *argv, match):
+def check_error(capsys, *argv, match):
     with pytest.raises(SystemExit) as exit_info:
         run(*argv)
     err = capsys.readouterr().err
@@ -111,18 +111,18 @@ def test_evaluate_matches_the_training_log(runs):
 
 
 def test_errors(runs, tiny_data, tmp_path, capsys):
-    expect_error(capsys, '--query_name', tmp_path / 'nope.png', '--data_base', runs['acnet'],
+    check_error(capsys, '--query_name', tmp_path / 'nope.png', '--data_base', runs['acnet'],
                  match="query image not found: '")
-    expect_error(capsys, '--data_base', tmp_path / 'missing.pth', match='checkpoint not found')
+    check_error(capsys, '--data_base', tmp_path / 'missing.pth', match='checkpoint not found')
     vectors_file = str(runs['acnet']).replace('_model', '_vectors')
-    expect_error(capsys, '--data_base', vectors_file, match="is not a checkpoint of this repo")
+    check_error(capsys, '--data_base', vectors_file, match="is not a checkpoint of this repo")
     msedge_vectors = str(runs['msedge']).replace('_model', '_vectors')
-    expect_error(capsys, '--data_base', runs['acnet'], '--vectors', msedge_vectors,
+    check_error(capsys, '--data_base', runs['acnet'], '--vectors', msedge_vectors,
                  match='holds msedge embeddings of size 16, but')
     # a dataset that changed since training
     changed = tmp_path / 'changed'
     shutil.copytree(tiny_data, changed)
     next((changed / 'synthetic' / 'val' / 'photo').rglob('*.jpg')).unlink()
-    expect_error(capsys, '--data_base', runs['acnet'], '--data_root', changed,
+    check_error(capsys, '--data_base', runs['acnet'], '--data_root', changed,
                  match='do not match the dataset at')
-    expect_error(capsys, '--data_base', runs['acnet'], '--num', 0, match='--num must be at least 1')
+    check_error(capsys, '--data_base', runs['acnet'], '--num', 0, match='--num must be at least 1')

@@ -357,8 +357,9 @@ class SketchPhotoPairs(Dataset):
     def __init__(self, split, images, transform=None):
         self.split, self.images, self.transform = split, images, transform
         self.sketches = split.indices(SKETCH)
-        photos = split.indices(PHOTO)
-        self.photos_of_class = [[i for i in photos if split.labels[i] == c] for c in range(len(split.classes))]
+        self.photos_of_class = [[] for _ in split.classes]
+        for i in split.indices(PHOTO):
+            self.photos_of_class[split.labels[i]].append(i)
 
     def __len__(self):
         return len(self.sketches)

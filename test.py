@@ -134,12 +134,18 @@ def describe_query(model, image, device):
     return embedding.float(), extras
 
 
-def top_k(query_vector, vectors, k):
-    """Indices (into the vectors file) and similarities of the k most similar gallery photos."""
-    gallery = (vectors['domains'] == PHOTO).nonzero()[:, 0]
-    similarity = torch.nn.functional.normalize(vectors['vectors'][gallery].float(), dim=1) @ query_vector.cpu()
+def photo_gallery(vectors):
+    """(rows of the vectors file that are photos, their L2-normalised embeddings), computed once."""
+    rows = (vectors['domains'] == PHOTO).nonzero()[:, 0]
+    return rows, torch.nn.functional.normalize(vectors['vectors'][rows].float(), dim=1)
+
+
+def top_k(query_vector, gallery, k):
+    """Indices (into the vectors file) and cosine similarities of the k most similar gallery photos."""
+    rows, embeddings = gallery
+    similarity = embeddings @ torch.nn.functional.normalize(query_vector.cpu(), dim=0)
     order = rank_gallery(similarity.unsqueeze(0))[0, :k]
-    return gallery[order].tolist(), similarity[order].tolist()
+    return rows[order].tolist(), similarity[order].tolist()
 
 
 def _tile(image):
@@ -174,7 +180,7 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
     root = Path(data_root) / data_name / 'val'
     classes = vectors['classes']
     files = query_files(args.query_name) if args.query_name else default_queries(vectors, data_root, data_name)
-    save_root, used = Path(args.save_root), set()
+    save_root, used, gallery = Path(args.save_root), set(), photo_gallery(vectors)
     for path in files:
         image = load_image(path, img_size, RESIZE[method])
         embedding, extras = describe_query(model, image, args.device)
@@ -182,7 +188,7 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
         shown = [(name, heatmap(value, _tile(image)) if name.startswith('attention') else value)
                  for name, value in extras.items() if method == 'msedge' or args.show_generated]
         results, lines = [], []
-        for rank, (index, similarity) in enumerate(zip(*top_k(embedding, vectors, args.num)), 1):
+        for rank, (index, similarity) in enumerate(zip(*top_k(embedding, gallery, args.num)), 1):
             name = classes[vectors['labels'][index]]
             match = None if query_class is None else name == query_class
             photo = Image.open(root / vectors['paths'][index])

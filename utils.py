@@ -173,9 +173,10 @@ def drop_unreadable(split, workers=0):
     else:
         readable = [_is_readable(p) for p in paths]
     kept = split.subset([i for i, ok in enumerate(readable) if ok])
+    present = set(zip(kept.labels, kept.domains))
     for label, name in enumerate(split.classes):
         for domain, side in ((SKETCH, 'sketch'), (PHOTO, 'photo')):
-            if not any(l == label and d == domain for l, d in zip(kept.labels, kept.domains)):
+            if (label, domain) not in present:
                 raise DataError(f"class '{name}' has no readable {side} left in '{split.root}'")
     return kept, [p for p, ok in zip(split.paths, readable) if not ok]
 
@@ -411,7 +412,7 @@ def _reverse_cummax(x):
     return torch.flip(torch.cummax(torch.flip(x, [1]), dim=1).values, [1])
 
 
-def _class_block_metrics(similarity, relevant_mask_fn, num_relevant, map_ks, p_ks):
+def _class_block_metrics(similarity, is_relevant, num_relevant, map_ks, p_ks):
     """Per-query metrics for a block of queries that all have `num_relevant` relevant gallery items.
 
     Ranks the gallery by descending similarity (ties: lower gallery index first), then works on the
@@ -419,9 +420,7 @@ def _class_block_metrics(similarity, relevant_mask_fn, num_relevant, map_ks, p_k
     the precision envelope at a relevant rank is the running max of those from the end.
     """
     num_queries, gallery_size = similarity.shape
-    order = rank_gallery(similarity)
-    relevant = relevant_mask_fn(order)
-    del order
+    relevant = is_relevant[rank_gallery(similarity)]
     ranks = relevant.nonzero()[:, 1].view(num_queries, num_relevant).double() + 1  # ascending per row
     del relevant
     precision = torch.arange(1, num_relevant + 1, dtype=torch.float64, device=ranks.device) / ranks
@@ -484,8 +483,7 @@ def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labe
         for start in range(0, len(members), block):
             rows = members[start:start + block]
             similarity = queries[rows] @ gallery.T
-            block_metrics = _class_block_metrics(similarity, lambda order: is_relevant[order],
-                                                 count_of[label], map_ks, p_ks)
+            block_metrics = _class_block_metrics(similarity, is_relevant, count_of[label], map_ks, p_ks)
             for name, values in block_metrics.items():
                 results.setdefault(name, []).append((rows, values))
 

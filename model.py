@@ -1,8 +1,10 @@
-"""The networks of both methods.
+"""The networks of both methods, built as the original code builds them (README: "Fidelity").
 
-ACNet  : a generator turns sketches into photo-like images; one extractor (ResNet50/VGG16 backbone,
-         global max pooling, linear layer, L2 norm) embeds sketches, photos and generated images;
-         a PatchGAN discriminator and NormalizedSoftmax proxies supply the losses.
+ACNet  : a generator turns sketches into photo-like images; one extractor, the original's
+         timm.create_model(name, num_classes=emb_dim, global_pool='max') with L2 norm, embeds
+         sketches, photos and generated images; a PatchGAN discriminator and NormalizedSoftmax
+         proxies supply the losses. Module names match the original's, so its released
+         state dicts load as they are (convert.py).
 MSEdge : Sobel edge maps of the inputs go through a features_only backbone; a multi-scale
          edge-fusion head attends the two lower stages with the top one and embeds their pooled
          concatenation; ProxyAnchor proxies supply the loss.
@@ -10,8 +12,10 @@ MSEdge : Sobel edge maps of the inputs go through a features_only backbone; a mu
 Both models take uint8 images (B, 3, H, W) and do their own normalisation, so data loaders stay
 method-agnostic and move 4x fewer bytes. Both expose `embed(images, domains)` for evaluation.
 """
+import difflib
 import os
 import socket
+import sys
 import threading
 from pathlib import Path
 from urllib.parse import urlparse
@@ -28,10 +32,33 @@ from utils import PHOTO, SKETCH, UserError
 # ----------------------------------------------------------------------------------------------
 # Backbones
 
-# The last three feature stages of each backbone (strides 8/16/32 for ResNet50, 4/8/16 for VGG16).
-STAGES = {'resnet50': (2, 3, 4), 'vgg16': (2, 3, 4)}
+# What `--backbone_type resnet50` / `vgg16` stand for: the ImageNet weights each method's original code
+# loaded. ACNet (Nov 2021) ran timm 0.4.12, whose `resnet50` file is resnet50_ram-a26f946b.pth; the
+# MSEdge edge-fusion commits load torchvision's models. Any other timm name (with or without a
+# pretrained tag, e.g. resnet50.a1_in1k) is used as it is.
+SEED_BACKBONES = {
+    'acnet': {'resnet50': 'resnet50.ram_in1k', 'vgg16': 'vgg16.tv_in1k'},
+    'msedge': {'resnet50': 'resnet50.tv_in1k', 'vgg16': 'vgg16.tv_in1k'},
+}
+# The feature levels MSEdge fuses: the last three (ResNet50 strides 8/16/32, VGG16 4/8/16).
+MSEDGE_LEVELS = (2, 3, 4)
 NO_WEIGHTS_HELP = ('pass --weights PATH to load a local ImageNet checkpoint (torchvision or timm format), '
                    'or --no_pretrained to start from random initialisation')
+
+
+def backbone_tag(method, backbone_type):
+    """The timm name (with pretrained tag) that `--backbone_type` stands for under `method`."""
+    tag = SEED_BACKBONES[method].get(backbone_type, backbone_type)
+    arch, pretrained_tag = timm.models.split_model_name_tag(tag)
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        hint = f'close matches: {", ".join(close)}' if close else 'see timm.list_models()'
+        raise UserError(f'--backbone_type {backbone_type!r}: timm has no model {arch!r} ({hint})')
+    if pretrained_tag and tag not in timm.list_pretrained(f'{arch}.*'):
+        tags = ', '.join(timm.list_pretrained(f'{arch}.*')[:8]) or 'none'
+        raise UserError(f'--backbone_type {backbone_type!r}: timm has no pretrained tag {pretrained_tag!r} '
+                        f'for {arch} (it has: {tags})')
+    return tag
 
 
 def _hub_reachable(url, timeout=4.0):
@@ -54,26 +81,26 @@ def _hub_reachable(url, timeout=4.0):
 def _cached_on_hub(hf_hub_id):
     from huggingface_hub import try_to_load_from_cache
     return any(isinstance(try_to_load_from_cache(hf_hub_id, name), str)
-               for name in ('model.safetensors', 'pytorch_model.bin'))
+               for name in ('model.safetensors', 'pytorch_model.bin', 'open_clip_pytorch_model.bin'))
 
 
-def check_pretrained_available(backbone_type):
+def check_pretrained_available(tag):
     """Fail within seconds, naming the alternatives, when timm could not fetch the weights.
 
     Without this check timm retries for about 46 s before failing on a machine with no network.
     """
-    hub_id = timm.models.get_pretrained_cfg(backbone_type).hf_hub_id
+    hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id
     if _cached_on_hub(hub_id):
         return
     offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
     if offline or not _hub_reachable(endpoint):
         why = 'HF_HUB_OFFLINE is set' if offline else f'{endpoint} cannot be reached'
-        raise UserError(f'pretrained {backbone_type} weights ({hub_id}) are not in the Hugging Face cache '
+        raise UserError(f'pretrained {tag} weights ({hub_id}) are not in the Hugging Face cache '
                         f'and {why}: {NO_WEIGHTS_HELP}')
 
 
-def _read_state_dict(path):
+def read_state_dict(path):
     """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors file, unwrapped and de-prefixed."""
     if str(path).endswith('.safetensors'):
         from safetensors.torch import load_file
@@ -83,53 +110,80 @@ def _read_state_dict(path):
     for key in ('state_dict', 'model', 'module'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+    if not isinstance(state, dict):
+        raise ValueError(f'it holds a {type(state).__name__}, not a state dict')
     return {k.removeprefix('module.'): v for k, v in state.items() if isinstance(v, torch.Tensor)}
 
 
-def _load_local_weights(backbone_type, out_indices, path):
-    """Load a torchvision- or timm-format ImageNet checkpoint, refusing one that lacks a backbone tensor.
+def _timm_checkpoint_filter(tag, model, state):
+    """timm's own conversion of a downloaded file to its layer names (e.g. torchvision VGG's
+    classifier.0/3 -> pre_logits.fc1/fc2 as convolutions), when the model's module has one."""
+    module = sys.modules[timm.models.model_entrypoint(timm.models.split_model_name_tag(tag)[0]).__module__]
+    convert = getattr(module, 'checkpoint_filter_fn', None) or getattr(module, '_filter_fn', None)
+    if convert is None:
+        return state
+    try:
+        return convert(state, model)
+    except TypeError:
+        return convert(state)
 
-    (timm's own pretrained_cfg_overlay path loads non-strictly for features_only models: a wrong file
+
+def _classifier_prefixes(tag):
+    """Layer names of the ImageNet classifier, which a new head replaces."""
+    names = timm.models.get_pretrained_cfg(tag).classifier or ()
+    return tuple(f'{name}.' for name in ([names] if isinstance(names, str) else names))
+
+
+def load_local_weights(model, path, tag):
+    """Load an ImageNet checkpoint file into a timm model, refusing one that lacks any tensor.
+
+    Every tensor but the ImageNet classifier's must be there with its shape. (timm's own
+    pretrained_cfg_overlay path loads non-strictly when the classifier is replaced: a wrong file
     would silently leave the backbone random.)
     """
     if not Path(path).is_file():
         raise UserError(f"--weights file not found: '{path}'")
-    features = timm.create_model(backbone_type, pretrained=False, features_only=True, out_indices=out_indices)
     try:
-        state = _read_state_dict(path)
-        loaded, missing = {}, []
-        for key, current in features.state_dict().items():
-            source = key if key in state else key.replace('_', '.', 1)  # timm flattens features.28 -> features_28
-            if source in state:
-                loaded[key] = state[source]
-            elif key.endswith('num_batches_tracked'):
-                loaded[key] = current
-            else:
-                missing.append(key)
-        if not missing:
-            features.load_state_dict(loaded)
-    except Exception as error:  # unreadable file or mismatched shapes
-        raise UserError(f"--weights '{path}' is not a {backbone_type} ImageNet checkpoint: "
+        state = _timm_checkpoint_filter(tag, model, read_state_dict(path))
+    except Exception as error:  # unreadable file, not a state dict
+        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: "
                         f"{str(error).strip().splitlines()[0][:300]}") from error
+    classifier = _classifier_prefixes(tag)
+    loaded, missing, wrong = {}, [], []
+    for key, current in model.state_dict().items():
+        source = key if key in state else key.replace('_', '.', 1)  # features_only flattens features.28 -> features_28
+        if key.startswith(classifier) or (source not in state and key.endswith('num_batches_tracked')):
+            continue  # a new head keeps timm's initialisation
+        if source not in state:
+            missing.append(key)
+        elif state[source].shape != current.shape:
+            wrong.append(f'{key} {tuple(state[source].shape)} instead of {tuple(current.shape)}')
+        else:
+            loaded[key] = state[source]
     if missing:
-        raise UserError(f"--weights '{path}' is not a {backbone_type} ImageNet checkpoint: it lacks "
-                        f"{len(missing)} of the {len(loaded) + len(missing)} backbone tensors, e.g. {missing[0]}")
-    return features
+        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: it lacks {len(missing)} of the "
+                        f"{len(loaded) + len(missing) + len(wrong)} backbone tensors, e.g. {missing[0]}")
+    if wrong:
+        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: {len(wrong)} tensors have "
+                        f"other shapes, e.g. {wrong[0]}")
+    model.load_state_dict(loaded, strict=False)
+    return model
 
 
-def create_backbone(backbone_type, out_indices, pretrained=True, weights=None):
-    """A timm features_only backbone: ImageNet weights from the hub (default), a local file, or random."""
-    kwargs = dict(features_only=True, out_indices=out_indices)
+def create_timm(tag, pretrained=True, weights=None, **kwargs):
+    """A timm model with ImageNet weights from the hub (default), a local file, or random init.
+
+    The model is constructed the same way in all three cases, so a new head gets timm's initialisation.
+    """
     if weights is not None:
-        return _load_local_weights(backbone_type, out_indices, weights)
+        return load_local_weights(timm.create_model(tag, pretrained=False, **kwargs), weights, tag)
     if not pretrained:
-        return timm.create_model(backbone_type, pretrained=False, **kwargs)
-    check_pretrained_available(backbone_type)
+        return timm.create_model(tag, pretrained=False, **kwargs)
+    check_pretrained_available(tag)
     try:
-        return timm.create_model(backbone_type, pretrained=True, **kwargs)
+        return timm.create_model(tag, pretrained=True, **kwargs)
     except Exception as error:
-        raise UserError(f'could not download pretrained {backbone_type} weights ({error}): '
-                        f'{NO_WEIGHTS_HELP}') from error
+        raise UserError(f'could not download pretrained {tag} weights ({error}): {NO_WEIGHTS_HELP}') from error
 
 
 def _freeze_batchnorm(module):
@@ -148,57 +202,66 @@ def _conv_norm_relu(c_in, c_out, **conv):
 class ResidualBlock(nn.Module):
     def __init__(self, channels):
         super().__init__()
-        self.body = nn.Sequential(
+        self.conv = nn.Sequential(
             *_conv_norm_relu(channels, channels, kernel_size=3, padding=1, padding_mode='reflect'),
             nn.Conv2d(channels, channels, kernel_size=3, padding=1, padding_mode='reflect'),
             nn.InstanceNorm2d(channels))
 
     def forward(self, x):
-        return x + self.body(x)
+        return x + self.conv(x)
 
 
-class Generator(nn.Sequential):
+class Generator(nn.Module):
     """CycleGAN-style ResNet generator (sketch -> photo-like image in [-1, 1]); sizes divisible by 4."""
 
     def __init__(self, width=8, num_blocks=8):
+        super().__init__()
         w = width
         up = dict(kernel_size=3, stride=2, padding=1, output_padding=1)
-        super().__init__(
-            *_conv_norm_relu(3, w, kernel_size=7, padding=3, padding_mode='reflect'),
-            *_conv_norm_relu(w, 2 * w, kernel_size=3, stride=2, padding=1),
-            *_conv_norm_relu(2 * w, 4 * w, kernel_size=3, stride=2, padding=1),
-            *[ResidualBlock(4 * w) for _ in range(num_blocks)],
-            nn.ConvTranspose2d(4 * w, 2 * w, **up), nn.InstanceNorm2d(2 * w), nn.ReLU(inplace=True),
-            nn.ConvTranspose2d(2 * w, w, **up), nn.InstanceNorm2d(w), nn.ReLU(inplace=True),
-            nn.Conv2d(w, 3, kernel_size=7, padding=3, padding_mode='reflect'),
-            nn.Tanh())
+        self.in_conv = nn.Sequential(*_conv_norm_relu(3, w, kernel_size=7, padding=3, padding_mode='reflect'))
+        self.down_sample = nn.Sequential(*_conv_norm_relu(w, 2 * w, kernel_size=3, stride=2, padding=1),
+                                         *_conv_norm_relu(2 * w, 4 * w, kernel_size=3, stride=2, padding=1))
+        self.convs = nn.Sequential(*[ResidualBlock(4 * w) for _ in range(num_blocks)])
+        self.up_sample = nn.Sequential(nn.ConvTranspose2d(4 * w, 2 * w, **up), nn.InstanceNorm2d(2 * w),
+                                       nn.ReLU(inplace=True),
+                                       nn.ConvTranspose2d(2 * w, w, **up), nn.InstanceNorm2d(w), nn.ReLU(inplace=True))
+        self.out_conv = nn.Sequential(nn.Conv2d(w, 3, kernel_size=7, padding=3, padding_mode='reflect'), nn.Tanh())
+
+    def forward(self, x):
+        return self.out_conv(self.up_sample(self.convs(self.down_sample(self.in_conv(x)))))
 
 
-class Discriminator(nn.Sequential):
+class Discriminator(nn.Module):
     """PatchGAN discriminator: one real/fake score per image patch."""
 
     def __init__(self, width=8):
+        super().__init__()
         w, k = width, dict(kernel_size=4, padding=1)
 
         def block(c_in, c_out, stride):
-            return [nn.Conv2d(c_in, c_out, stride=stride, **k), nn.InstanceNorm2d(c_out), nn.LeakyReLU(0.2, True)]
-        super().__init__(
-            nn.Conv2d(3, w, stride=2, **k), nn.LeakyReLU(0.2, True),
-            *block(w, 2 * w, 2), *block(2 * w, 4 * w, 2), *block(4 * w, 8 * w, 1),
-            nn.Conv2d(8 * w, 1, stride=1, **k))
+            return nn.Sequential(nn.Conv2d(c_in, c_out, stride=stride, **k), nn.InstanceNorm2d(c_out),
+                                 nn.LeakyReLU(0.2, True))
+        self.conv1 = nn.Sequential(nn.Conv2d(3, w, stride=2, **k), nn.LeakyReLU(0.2, True))
+        self.conv2, self.conv3, self.conv4 = block(w, 2 * w, 2), block(2 * w, 4 * w, 2), block(4 * w, 8 * w, 1)
+        self.conv5 = nn.Conv2d(8 * w, 1, stride=1, **k)
+
+    def forward(self, x):
+        return self.conv5(self.conv4(self.conv3(self.conv2(self.conv1(x)))))
 
 
 class Extractor(nn.Module):
-    """Backbone, global max pooling, linear layer to emb_dim, L2 norm. Backbone BatchNorm stays in eval."""
+    """timm model with its classifier replaced by emb_dim outputs after global max pooling, then L2 norm.
 
-    def __init__(self, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None):
+    ResNet50: backbone, max pool, new 2048 -> emb_dim linear layer. VGG16 keeps ImageNet's fc6/fc7 (timm's
+    pre_logits) before its new 4096 -> emb_dim layer. Backbone BatchNorm stays in eval mode.
+    """
+
+    def __init__(self, tag, emb_dim=512, pretrained=True, weights=None):
         super().__init__()
-        self.backbone = create_backbone(backbone_type, STAGES[backbone_type][-1:], pretrained, weights)
-        self.fc = nn.Linear(self.backbone.feature_info.channels()[-1], emb_dim)
+        self.backbone = create_timm(tag, pretrained, weights, num_classes=emb_dim, global_pool='max')
 
     def forward(self, x):
-        feature = self.backbone(x)[-1]
-        return F.normalize(self.fc(torch.amax(feature, dim=(2, 3))), dim=-1)
+        return F.normalize(self.backbone(x), dim=-1)
 
     def train(self, mode=True):
         super().train(mode)
@@ -212,9 +275,10 @@ class ACNet(nn.Module):
 
     def __init__(self, num_classes, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None):
         super().__init__()
+        self.backbone_tag = backbone_tag('acnet', backbone_type)
         self.generator = Generator()
         self.discriminator = Discriminator()
-        self.extractor = Extractor(backbone_type, emb_dim, pretrained, weights)
+        self.extractor = Extractor(self.backbone_tag, emb_dim, pretrained, weights)
         self.class_loss = losses.NormalizedSoftmaxLoss(num_classes, emb_dim)
 
     @staticmethod
@@ -231,8 +295,10 @@ class ACNet(nn.Module):
         return self.extractor(x)
 
     def set_warmup(self, warming_up):
-        """During warm-up the extractor's backbone is frozen: of the extractor, only its final linear layer trains."""
+        """During warm-up every parameter of the extractor's timm model is frozen except its new
+        classifier's weight and bias (the original: all but the last two of backbone.parameters())."""
         self.extractor.backbone.requires_grad_(not warming_up)
+        self.extractor.backbone.get_classifier().requires_grad_(True)
 
     def make_optimizers(self, lr=1e-5, fused=None):
         return {
@@ -269,26 +335,30 @@ def edge_mask(domains, edge_mode):
 
 
 class SqueezeExcite(nn.Module):
+    """Channel gate: average pool, bias-free C -> C/16 -> C bottleneck, sigmoid."""
+
     def __init__(self, channels, reduction=16):
         super().__init__()
-        hidden = max(channels // reduction, 8)
-        self.gate = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Conv2d(channels, hidden, 1), nn.ReLU(inplace=True),
-                                  nn.Conv2d(hidden, channels, 1), nn.Sigmoid())
+        hidden = max(channels // reduction, 1)
+        self.gate = nn.Sequential(nn.Linear(channels, hidden, bias=False), nn.ReLU(inplace=True),
+                                  nn.Linear(hidden, channels, bias=False), nn.Sigmoid())
 
     def forward(self, x):
-        return x * self.gate(x)
+        return x * self.gate(x.mean(dim=(2, 3)))[:, :, None, None]
 
 
 class AttentionBlock(nn.Module):
-    """Gate a lower-stage feature l with the top-stage feature g: returns (a * l, a), a: (B, 1, H_l, W_l)."""
+    """Gate a lower-level feature l with the top-level feature g: returns (a * l, a), a: (B, 1, H_l, W_l).
+
+    l and g are projected to l's channel count by bias-free 1x1 convolutions, as in the original.
+    """
 
     def __init__(self, local_channels, global_channels):
         super().__init__()
-        width = local_channels // 2
         self.se = SqueezeExcite(local_channels)
-        self.project_local = nn.Conv2d(local_channels, width, 1)
-        self.project_global = nn.Conv2d(global_channels, width, 1)
-        self.score = nn.Conv2d(width, 1, 1)
+        self.project_local = nn.Conv2d(local_channels, local_channels, 1, bias=False)
+        self.project_global = nn.Conv2d(global_channels, local_channels, 1, bias=False)
+        self.score = nn.Conv2d(local_channels, 1, 1)
 
     def forward(self, local, top):
         local = self.se(local)
@@ -298,7 +368,7 @@ class AttentionBlock(nn.Module):
 
 
 class EdgeFusionHead(nn.Module):
-    """Pool [top, attended stage 3, attended stage 4], concatenate, project to proj_dim, L2 norm."""
+    """Pool [top, attended level 1, attended level 2], concatenate, project to proj_dim, L2 norm."""
 
     def __init__(self, channels, proj_dim=512):
         super().__init__()
@@ -324,12 +394,13 @@ class MSEdge(nn.Module):
         if edge_mode not in EDGE_MODES:
             raise UserError(f'--edge_mode must be one of {EDGE_MODES}, got {edge_mode!r}')
         self.edge_mode = edge_mode
-        self.backbone = create_backbone(backbone_type, STAGES[backbone_type], pretrained, weights)
+        self.backbone_tag = backbone_tag('msedge', backbone_type)
+        self.backbone = create_timm(self.backbone_tag, pretrained, weights, features_only=True,
+                                    out_indices=MSEDGE_LEVELS)
         self.head = EdgeFusionHead(self.backbone.feature_info.channels(), emb_dim)
         self.proxy_loss = losses.ProxyAnchorLoss(num_classes, emb_dim)
         self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        self.warming_up = False
 
     def to_input(self, images, domains):
         """uint8 images to edge maps (where edge_mode says) and ImageNet normalisation."""
@@ -346,16 +417,9 @@ class MSEdge(nn.Module):
         return self(images, domains)[0]
 
     def set_warmup(self, warming_up):
-        """During warm-up the backbone is frozen, BatchNorm statistics included."""
-        self.warming_up = warming_up
+        """During warm-up the backbone's parameters are frozen; as in the original, its BatchNorm
+        layers stay in training mode and keep updating their running statistics."""
         self.backbone.requires_grad_(not warming_up)
-        self.train(self.training)
-
-    def train(self, mode=True):
-        super().train(mode)
-        if self.warming_up:
-            self.backbone.eval()
-        return self
 
     def make_optimizers(self, lr=1e-5, fused=None):
         groups = [dict(params=list(self.backbone.parameters()) + list(self.head.parameters()), lr=lr),
@@ -382,9 +446,70 @@ def build_model(method, num_classes, backbone_type='resnet50', emb_dim=512, edge
 
 
 def model_from_checkpoint(checkpoint, device='cpu'):
-    """Rebuild a trained model from a loaded checkpoint (no weight download), in eval mode."""
+    """Rebuild a trained model from a loaded checkpoint (no weight download), in eval mode.
+
+    A checkpoint may declare with 'parts' that it holds only some networks (a converted release holds
+    the generator and extractor): those must be complete, the others keep their initialisation.
+    """
     args = checkpoint['args']
-    model = build_model(checkpoint['method'], len(checkpoint['train_classes']), args['backbone_type'],
+    model = build_model(checkpoint['method'], max(1, len(checkpoint['train_classes'])), args['backbone_type'],
                         args['emb_dim'], args.get('edge_mode', 'both'), pretrained=False)
-    model.load_state_dict(checkpoint['model'])
+    parts = checkpoint.get('parts')
+    result = model.load_state_dict(checkpoint['model'], strict=parts is None)
+    missing = [k for k in result.missing_keys if k.split('.')[0] in parts] if parts else []
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f'{len(missing)} missing and {len(result.unexpected_keys)} unexpected tensors, '
+                           f'e.g. {(missing + result.unexpected_keys)[0]}')
     return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# The ACNet authors' released checkpoints
+
+def _check_state(state, expected, path, what):
+    """A released state dict must have exactly the expected tensor names and shapes."""
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        example = f'lacks {missing[0]}' if missing else f'has an unexpected {unexpected[0]}'
+        raise UserError(f"'{path}' is not {what}: {len(missing)} of its {len(expected)} tensors are missing and "
+                        f"{len(unexpected)} unexpected ({example})")
+    for key, tensor in expected.items():
+        if state[key].shape != tensor.shape:
+            raise UserError(f"'{path}' is not {what}: {key} has shape {tuple(state[key].shape)}, "
+                            f"expected {tuple(tensor.shape)}")
+
+
+def _released_kind(state):
+    """What a released state dict looks like: 'generator', 'resnet50' or 'vgg16' (an extractor), or None."""
+    for prefix, kind in (('in_conv.', 'generator'), ('backbone.layer1.', 'resnet50'), ('backbone.features.', 'vgg16')):
+        if any(k.startswith(prefix) for k in state):
+            return kind
+    return None
+
+
+def acnet_from_released(extractor_state, generator_state, backbone_type, emb_dim, paths=('extractor', 'generator')):
+    """An ACNet holding the original train.py's saved Extractor and Generator state dicts.
+
+    Raises UserError naming the file when a state dict does not fit the asked backbone and size.
+    """
+    model = ACNet(1, backbone_type, emb_dim, pretrained=False)
+    arch = timm.models.split_model_name_tag(model.backbone_tag)[0]
+    classifier = f'backbone.{model.extractor.backbone.pretrained_cfg["classifier"]}.weight'
+    for state, module, kind, path in ((extractor_state, model.extractor, arch, paths[0]),
+                                      (generator_state, model.generator, 'generator', paths[1])):
+        what = 'an ACNet generator' if kind == 'generator' else f'a {backbone_type} ACNet extractor'
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise UserError(f"'{path}' is not a state dict (a dict of tensors) but a {type(state).__name__}")
+        found = _released_kind(state)
+        if found and found != kind:
+            hint = ('swap --extractor and --generator' if 'generator' in (found, kind)
+                    else f'pass --backbone_type {found}')
+            raise UserError(f"'{path}' looks like {'a generator' if found == 'generator' else f'a {found} extractor'}"
+                            f", not {what}: {hint}")
+        if kind != 'generator' and classifier in state and state[classifier].shape[0] != emb_dim:
+            raise UserError(f"'{path}' holds {state[classifier].shape[0]}-d embeddings: pass --emb_dim "
+                            f"{state[classifier].shape[0]}")
+        _check_state(state, module.state_dict(), path, what)
+        module.load_state_dict(state)
+    return model

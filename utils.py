@@ -233,7 +233,9 @@ def train_transform(method, p=None):
     return v2.Compose([
         v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8 if p is None else p),
         v2.RandomHorizontalFlip(0.5 if p is None else p),
-        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3))],
+        # bilinear: the original's PIL transform interpolates bicubic, which tensors do not offer here
+        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3),
+                                        interpolation=v2.InterpolationMode.BILINEAR)],
                        p=0.5 if p is None else p)])
 
 
@@ -532,7 +534,8 @@ def save_torch(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-1', 'zs-sbir-vectors-1'
+# -2: the networks carry the original code's layer names and ACNet's extractor is the whole timm model.
+CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-2', 'zs-sbir-vectors-1'
 
 
 def load_torch(path, expected_format, what):
@@ -546,6 +549,9 @@ def load_torch(path, expected_format, what):
         raise UserError(f"'{path}' cannot be read as a {what} (torch.load with weights_only=True): "
                         f"{str(error).splitlines()[0][:200]}") from error
     found = obj.get('format') if isinstance(obj, dict) else None
+    if isinstance(found, str) and found != expected_format and found.startswith(expected_format.rsplit('-', 1)[0]):
+        raise UserError(f"'{path}' is a {what} of an earlier version of this repo (format {found!r}; this version "
+                        f"reads {expected_format!r}, see README 'Checkpoint files'): train it again")
     if found != expected_format:
         raise UserError(f"'{path}' is not a {what} of this repo (format {found!r}, expected {expected_format!r})")
     return obj

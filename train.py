@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from model import EDGE_MODES, METHODS, build_model, compile_model
+from model import EDGE_MODES, METHODS, backbone_tag, build_model, compile_model
 from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, CachedImages, DataError,
                    EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split,
                    drop_unreadable, hold_out, load_torch, retrieval_metrics, save_torch, scan_split, seed_everything,
@@ -40,7 +40,9 @@ SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
 SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
 # Options that define a run's results: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',
-                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images')
+                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'loss_weights', 'class_on')
+# ACNet's loss: adversarial + 0.1 * identity + 10 * class, the class loss on E(sketch), E(photo), E(G(sketch)).
+DEFAULT_LOSS_WEIGHTS, CLASS_INPUTS = (1.0, 0.1, 10.0), ('sketch', 'photo', 'fake')
 
 
 def parse_args(argv=None):
@@ -50,7 +52,9 @@ def parse_args(argv=None):
     p.add_argument('--data_name', default='sketchy',
                    help='sketchy, tuberlin, synthetic, or any dataset folder under data_root (tuberlin* folders '
                         'get the TU-Berlin val rule)')
-    p.add_argument('--backbone_type', default='resnet50', choices=['resnet50', 'vgg16'])
+    p.add_argument('--backbone_type', default='resnet50',
+                   help="resnet50 or vgg16 with each method's original ImageNet weights, or any timm name "
+                        'with an optional pretrained tag (e.g. resnet50.a1_in1k)')
     p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=512, help='embedding dim')
     p.add_argument('--batch_size', type=int, default=64,
                    help='images per step and process (ACNet: batch_size // 2 sketch-photo pairs)')
@@ -61,6 +65,11 @@ def parse_args(argv=None):
     p.add_argument('--lr', type=float, default=1e-5, help='learning rate of the backbone and embedding layer')
     p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
                    help='msedge: which domains are fed as edge maps')
+    p.add_argument('--loss_weights', type=float, nargs=3, default=list(DEFAULT_LOSS_WEIGHTS),
+                   metavar=('ADV', 'IDENTITY', 'CLASS'),
+                   help='acnet: weights of the adversarial, identity and class losses (identity 0: not computed)')
+    p.add_argument('--class_on', nargs='+', default=list(CLASS_INPUTS), choices=CLASS_INPUTS,
+                   help='acnet: the embeddings the class loss sees (fake: of the generated images)')
     p.add_argument('--select_on', default='test', choices=list(SELECT_KEY),
                    help="pick the best epoch on the unseen test classes (the seeds' way, to reproduce their "
                         'tables) or on held-out images of the seen classes (no test-set selection)')
@@ -93,6 +102,7 @@ def parse_args(argv=None):
         args.warmup = DEFAULT_WARMUP[args.method]
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
+    args.class_on = [name for name in CLASS_INPUTS if name in args.class_on]  # one order: one file name
     return args
 
 
@@ -115,12 +125,32 @@ def check_args(args):
         problems.append(f'--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}')
     if args.resume and args.overwrite:
         problems.append('--resume and --overwrite exclude each other')
+    if min(args.loss_weights) < 0 or args.loss_weights[2] == 0:
+        problems.append(f'--loss_weights must be >= 0 with a class weight above 0, got {args.loss_weights}')
+    if args.method != 'acnet' and acnet_variant(args):
+        problems.append('--loss_weights and --class_on apply to --method acnet only')
     if problems:
         raise UserError('; '.join(problems))
+    backbone_tag(args.method, args.backbone_type)  # an unknown name fails here, naming close matches
+
+
+def acnet_variant(args):
+    """File-name suffix of a non-default ACNet loss ('' for the original), e.g. _w1-1-1_on-photo-fake."""
+    suffix = ''
+    if tuple(args.loss_weights) != DEFAULT_LOSS_WEIGHTS:
+        suffix += '_w' + '-'.join(f'{w:g}' for w in args.loss_weights)
+    if tuple(args.class_on) != CLASS_INPUTS:
+        suffix += '_on-' + '-'.join(args.class_on)
+    return suffix
 
 
 def run_prefix(args):
-    return f'{args.data_name}_{args.method}_{args.backbone_type}_{args.emb_dim}'
+    """{data_name}_{method}_{backbone_type}_{emb_dim}, plus what sets a variant apart from the original
+    (ACNet loss options, MSEdge's --edge_mode), so variants never share files."""
+    prefix = f'{args.data_name}_{args.method}_{args.backbone_type.replace("/", "-")}_{args.emb_dim}'
+    if args.method == 'msedge':
+        return prefix + ('' if args.edge_mode == 'both' else f'_edge-{args.edge_mode}')
+    return prefix + acnet_variant(args)
 
 
 def run_files(args):
@@ -250,12 +280,13 @@ def make_eval_loader(args, split, split_name='val', rank=0, world=1):
 # ----------------------------------------------------------------------------------------------
 # One training step per method. Each returns its losses as detached tensors (no host sync).
 
-def training_nets(model, amp=False, ddp=None):
-    """The callables a training step uses (each trained part wrapped in DDP when distributed) and the
-    autocast context for its forward passes."""
+def training_nets(model, amp=False, ddp=None, loss_weights=DEFAULT_LOSS_WEIGHTS, class_on=CLASS_INPUTS):
+    """The callables a training step uses (each trained part wrapped in DDP when distributed), the
+    autocast context for its forward passes, and ACNet's loss settings."""
     device_type = next(model.parameters()).device.type
     wrap = ddp or (lambda m: m)
-    nets = SimpleNamespace(raw=model, autocast=lambda: torch.autocast(device_type, torch.bfloat16, enabled=amp))
+    nets = SimpleNamespace(raw=model, autocast=lambda: torch.autocast(device_type, torch.bfloat16, enabled=amp),
+                           loss_weights=tuple(loss_weights), class_on=tuple(class_on))
     if model.method == 'acnet':
         nets.__dict__.update(generator=wrap(model.generator), discriminator=wrap(model.discriminator),
                              extractor=wrap(model.extractor), class_loss=wrap(model.class_loss))
@@ -275,20 +306,25 @@ def acnet_step(nets, optimizers, batch):
     sketch, photo, labels = batch
     n = len(sketch)
     sketch, photo = nets.raw.to_input(sketch), nets.raw.to_input(photo)
-    # Generator and extractor: adversarial + 0.1 * identity + 10 * class.
+    adv_weight, identity_weight, class_weight = nets.loss_weights
+    # Generator and extractor: adversarial + 0.1 * identity + 10 * class (the defaults of --loss_weights).
     discriminator = nets.raw.discriminator
     discriminator.requires_grad_(False)  # this loss trains G only; D gets its own step below
     with nets.autocast():
-        generated = nets.generator(torch.cat([sketch, photo]))  # one call covers G(sketch) and G(photo)
-        fake, reconstructed = generated[:n], generated[n:]
+        # one call covers G(sketch) and, for the identity loss, G(photo): InstanceNorm is per image
+        generated = nets.generator(torch.cat([sketch, photo]) if identity_weight else sketch)
+        fake = generated[:n]
         fake_score = discriminator(fake).float()
-        embeddings = nets.extractor(torch.cat([sketch, photo, fake]))
+        inputs = {'sketch': sketch, 'photo': photo, 'fake': fake}
+        embeddings = nets.extractor(torch.cat([inputs[name] for name in nets.class_on]))
     discriminator.requires_grad_(True)
-    adversarial = F.mse_loss(fake_score, torch.ones_like(fake_score))
-    identity = F.l1_loss(reconstructed.float(), photo)
-    # One call on the three equal parts = the mean of the three per-part losses (mean reduction).
-    class_loss = nets.class_loss(embeddings.float(), labels.repeat(3))
-    total = adversarial + 0.1 * identity + 10 * class_loss
+    losses = {'adv_loss': F.mse_loss(fake_score, torch.ones_like(fake_score))}
+    if identity_weight:
+        losses['identity_loss'] = F.l1_loss(generated[n:].float(), photo)
+    # One call on equal parts = the mean of the per-part losses (mean reduction).
+    losses['class_loss'] = nets.class_loss(embeddings.float(), labels.repeat(len(nets.class_on)))
+    total = (adv_weight * losses['adv_loss'] + class_weight * losses['class_loss'] +
+             (identity_weight * losses['identity_loss'] if identity_weight else 0))
     for name in ('generator', 'extractor'):
         optimizers[name].zero_grad(set_to_none=True)
     total.backward()
@@ -303,8 +339,8 @@ def acnet_step(nets, optimizers, batch):
     optimizers['discriminator'].zero_grad(set_to_none=True)
     dis_loss.backward()
     optimizers['discriminator'].step()
-    return {'adv_loss': adversarial.detach(), 'identity_loss': identity.detach(),
-            'class_loss': class_loss.detach(), 'dis_loss': dis_loss.detach()}
+    losses['dis_loss'] = dis_loss
+    return {name: value.detach() for name, value in losses.items()}
 
 
 def msedge_step(nets, optimizers, batch):
@@ -414,7 +450,7 @@ def vectors_record(vectors, split, args, epoch):
 def checkpoint_record(model, args, epoch, metrics, train_classes, prefix):
     return {'format': CHECKPOINT_FORMAT, 'method': args.method, 'args': vars(args), 'epoch': epoch,
             'metrics': metrics, 'train_classes': list(train_classes), 'model': model.state_dict(),
-            'vectors_file': f'{prefix}_vectors.pth'}
+            'backbone_tag': model.backbone_tag, 'vectors_file': f'{prefix}_vectors.pth'}
 
 
 def resume_state(path, model, optimizers, args, world):
@@ -477,6 +513,9 @@ def train(args):
     evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val', rt.rank, rt.world))
     train_loader = make_train_loader(args, train_split, rt.rank, rt.world)
     model, optimizers = prepare_model(args, len(train_split.classes), rt.device)
+    source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
+              args.weights or 'ImageNet weights (timm, Hugging Face hub)')
+    log(f'backbone {model.backbone_tag}: {source}')
     step, key = STEPS[args.method], SELECT_KEY[args.select_on]
     if rt.world > 1:
         log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
@@ -495,7 +534,7 @@ def train(args):
         if warming_up != (epoch <= args.warmup):  # DDP wrappers must see the parameters that train now
             warming_up = epoch <= args.warmup
             model.set_warmup(warming_up)
-            nets = training_nets(model, args.amp, rt.ddp)
+            nets = training_nets(model, args.amp, rt.ddp, args.loss_weights, args.class_on)
         train_loader.sampler.set_epoch(epoch)
         losses = train_epoch(nets, optimizers, train_loader, step, rt, f'epoch {epoch}/{args.epochs}')
         metrics, vectors = evaluate(model, evals, rt)

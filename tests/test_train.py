@@ -77,7 +77,27 @@ def test_results_do_not_depend_on_worker_count(tiny_data, tmp_path):
     assert rows[0] == rows[1]
 
 
+def test_loss_variants_and_edge_modes_get_their_own_files(tiny_data, tmp_path):
+    """Each ablation is one command, and its files never overwrite the original's."""
+    train(tiny_args(tiny_data, tmp_path, '--epochs', '1', '--emb_dim', '8', '--loss_weights', '1', '0', '1',
+                    '--class_on', 'fake', 'photo'))
+    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_8_w1-0-1_on-photo-fake_results.csv')
+    assert list(rows[0])[:4] == ['epoch', 'adv_loss', 'class_loss', 'dis_loss']  # identity weight 0: not computed
+    checkpoint = load_torch(tmp_path / 'synthetic_acnet_resnet50_8_w1-0-1_on-photo-fake_model.pth',
+                            CHECKPOINT_FORMAT, 'checkpoint')
+    assert checkpoint['args']['loss_weights'] == [1, 0, 1] and checkpoint['args']['class_on'] == ['photo', 'fake']
+    assert checkpoint['backbone_tag'] == 'resnet50.ram_in1k'
+    train(tiny_args(tiny_data, tmp_path, '--epochs', '1', '--warmup', '0', '--emb_dim', '8', '--method', 'msedge',
+                    '--edge_mode', 'none'))
+    assert (tmp_path / 'synthetic_msedge_resnet50_8_edge-none_results.csv').is_file()
+    assert sorted(p.name for p in tmp_path.glob('*_results.csv')) == [
+        'synthetic_acnet_resnet50_8_w1-0-1_on-photo-fake_results.csv', 'synthetic_msedge_resnet50_8_edge-none_results.csv']
+
+
 @pytest.mark.parametrize('extra, message', [
+    (['--loss_weights', '1', '0.1', '0'], '--loss_weights must be >= 0 with a class weight above 0'),
+    (['--method', 'msedge', '--class_on', 'photo'], '--loss_weights and --class_on apply to --method acnet only'),
+    (['--backbone_type', 'resnt50'], r"timm has no model 'resnt50' \(close matches: "),
     (['--batch_size', '1'], '--batch_size must be at least 2'),
     (['--emb_dim', '0'], '--emb_dim must be at least 1'),
     (['--warmup', '3'], r'--warmup must be between 0 and --epochs \(2\)'),

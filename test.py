@@ -5,8 +5,9 @@
     python test.py --query_name data/sketchy/val/sketch/cow    # a folder: every image in it
     python test.py --evaluate --data_base result/sketchy_acnet_resnet50_512_model.pth
 
---data_base is a checkpoint written by train.py; its val embeddings (the gallery) are read from the
-_vectors.pth file beside it. For every query this writes {save_root}/{query stem}.png: the query, then
+--data_base is a checkpoint written by train.py (or convert.py); its val embeddings (the gallery) are read
+from the _vectors.pth file beside it. A converted release has none: its gallery, the val photos of
+--data_root/--data_name, is embedded first. For every query this writes {save_root}/{query stem}.png: the query, then
 its top-k photos, each framed green (same class as the query) or red (another class) with its cosine
 similarity and class. The query's class is its folder name when that is a val class (else the frames
 are grey). The seed's loose files go to {save_root}/{query stem}/: query.jpg and
@@ -21,7 +22,7 @@ import torch
 from PIL import Image, ImageDraw, ImageOps
 
 from model import model_from_checkpoint, sobel_edges, edge_mask
-from train import embed_split, format_metrics, make_eval_loader, split_metrics
+from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
 from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, UserError, is_image_file, load_image,
                    load_torch, rank_gallery, scan_split)
 
@@ -63,6 +64,8 @@ def load_run(args):
     data_name = args.data_name or train_args['data_name']
     if args.evaluate:
         return model, checkpoint, None, data_root, data_name
+    if not (args.vectors or checkpoint['vectors_file']):  # a converted release: no saved gallery
+        return model, checkpoint, embed_gallery(args, model, checkpoint, data_root, data_name), data_root, data_name
     vectors_path = Path(args.vectors) if args.vectors else Path(args.data_base).parent / checkpoint['vectors_file']
     vectors = load_torch(vectors_path, VECTORS_FORMAT, 'vectors file')
     found = (vectors['method'], vectors['vectors'].shape[1])
@@ -86,6 +89,22 @@ def check_gallery(vectors, vectors_path, data_root, data_name):
                         f"on disk were not embedded; pass the --data_root used in training or retrain")
 
 
+def _val_loader(args, checkpoint, split):
+    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device,
+                                        'cache': False})
+    return make_eval_loader(loader_args, split)
+
+
+def embed_gallery(args, model, checkpoint, data_root, data_name):
+    """The val photos' embeddings, in the vectors-file layout, for a checkpoint that has none saved."""
+    split = scan_split(data_root, data_name, 'val')
+    split = split.subset(split.indices(PHOTO))
+    print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
+    vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
+    run = argparse.Namespace(method=checkpoint['method'], data_name=data_name, data_root=data_root)
+    return vectors_record(vectors, split, run, checkpoint['epoch'])
+
+
 def query_files(names):
     """Expand files and folders (recursively) into image files; a missing path is an error."""
     files = []
@@ -103,12 +122,13 @@ def query_files(names):
     return files
 
 
-def default_queries(vectors, data_root, data_name):
+def default_queries(data_root, data_name):
     """The first sketch of every val class."""
+    split = scan_split(data_root, data_name, 'val')
     first = {}
-    for path, label, domain in zip(vectors['paths'], vectors['labels'].tolist(), vectors['domains'].tolist()):
+    for path, label, domain in zip(split.paths, split.labels, split.domains):
         if domain == SKETCH:
-            first.setdefault(label, Path(data_root) / data_name / 'val' / path)
+            first.setdefault(label, split.root / path)
     return [first[label] for label in sorted(first)]
 
 
@@ -179,7 +199,7 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
     method, img_size = checkpoint['method'], checkpoint['args']['img_size']
     root = Path(data_root) / data_name / 'val'
     classes = vectors['classes']
-    files = query_files(args.query_name) if args.query_name else default_queries(vectors, data_root, data_name)
+    files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name)
     save_root, used, gallery = Path(args.save_root), set(), photo_gallery(vectors)
     for path in files:
         image = load_image(path, img_size, RESIZE[method])
@@ -221,13 +241,11 @@ def write_loose_files(folder, query_path, lines):
 def evaluate(args, model, checkpoint, data_root, data_name):
     """Recompute the metrics of the saved model on a val split."""
     split = scan_split(data_root, data_name, 'val')
-    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device,
-                                        'cache': False})
-    vectors = embed_split(model, make_eval_loader(loader_args, split), torch.device(args.device))
+    vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
     metrics = split_metrics(vectors, split)
     print(f'{args.data_base} on {split.root}: {format_metrics(metrics)}')
     trained_on = (str(checkpoint['args']['data_root']), checkpoint['args']['data_name'])
-    if (str(data_root), data_name) == trained_on:
+    if checkpoint['metrics'] and (str(data_root), data_name) == trained_on:
         logged = checkpoint['metrics']
         print(f'training log, best epoch {checkpoint["epoch"]}: {format_metrics(logged)}')
     return metrics

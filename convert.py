@@ -1,0 +1,83 @@
+"""Turn the ACNet authors' released checkpoints into one checkpoint of this repo.
+
+    python convert.py --extractor sketchy_resnet50_512_extractor.pth --generator sketchy_resnet50_512_generator.pth \
+        --backbone_type resnet50 --emb_dim 512 --save result/sketchy_resnet50_512_model.pth
+    python test.py --evaluate --data_base result/sketchy_resnet50_512_model.pth --data_root data --data_name sketchy
+    python test.py --data_base result/sketchy_resnet50_512_model.pth --data_root data --data_name sketchy
+
+The ACNet README links one download per row of its table. Each holds the original train.py's state
+dicts: {prefix}_extractor.pth (the timm model under `backbone.`) and {prefix}_generator.pth. Our
+networks carry the same layer names, so the tensors are copied as they are, after a check of every
+name and shape. The discriminator and the loss proxies were not released: the checkpoint holds the
+two networks that retrieval needs and can be evaluated and queried, not resumed.
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from model import acnet_from_released
+from train import parse_args as train_args
+from utils import CHECKPOINT_FORMAT, UserError, save_torch
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--extractor', required=True, help='the released {prefix}_extractor.pth')
+    p.add_argument('--generator', required=True, help='the released {prefix}_generator.pth')
+    p.add_argument('--backbone_type', default='resnet50', help='resnet50 or vgg16, as in the file names')
+    p.add_argument('--emb_dim', type=int, default=512, help='64, 512 or 4096, as in the file names')
+    p.add_argument('--save', required=True, help='the checkpoint to write (a *_model.pth of this repo)')
+    p.add_argument('--data_root', default='data', help='recorded as the default for test.py')
+    p.add_argument('--data_name', default=None, help='recorded as the default for test.py (default: the '
+                                                     "file name's first word, e.g. sketchy)")
+    p.add_argument('--img_size', type=int, default=224, help='input size the networks were trained at')
+    p.add_argument('--overwrite', action='store_true', help='replace an existing --save file')
+    return p.parse_args(argv)
+
+
+def read_released(path):
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"released checkpoint not found: '{path}'")
+    try:
+        return torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as error:
+        raise UserError(f"'{path}' cannot be read as a state dict (torch.load with weights_only=True): "
+                        f"{str(error).strip().splitlines()[0][:200]}") from error
+
+
+def convert(args):
+    save = Path(args.save)
+    if save.exists() and not args.overwrite:
+        raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
+    if args.emb_dim < 1:
+        raise UserError(f'--emb_dim must be at least 1, got {args.emb_dim}')
+    data_name = args.data_name or Path(args.extractor).name.split('_')[0]
+    model = acnet_from_released(read_released(args.extractor), read_released(args.generator), args.backbone_type,
+                                args.emb_dim, paths=(args.extractor, args.generator))
+    run_args = train_args(['--method', 'acnet', '--backbone_type', args.backbone_type, '--emb_dim', str(args.emb_dim),
+                           '--data_root', args.data_root, '--data_name', data_name, '--img_size', str(args.img_size)])
+    parts = ('generator', 'extractor')
+    checkpoint = {'format': CHECKPOINT_FORMAT, 'method': 'acnet', 'args': vars(run_args), 'epoch': None,
+                  'metrics': {}, 'train_classes': [], 'backbone_tag': model.backbone_tag, 'vectors_file': None,
+                  'parts': list(parts), 'converted_from': [str(args.extractor), str(args.generator)],
+                  'model': {k: v for k, v in model.state_dict().items() if k.split('.')[0] in parts}}
+    save_torch(checkpoint, save)
+    print(f'saved {save}: ACNet {model.backbone_tag}, {args.emb_dim}-d, from {args.extractor} and {args.generator}')
+    print(f'next: python test.py --evaluate --data_base {save} --data_root {args.data_root} --data_name {data_name}')
+    return checkpoint
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        convert(args)
+    except UserError as error:
+        print(f'error: {error}', file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,160 @@
+"""convert.py: the ACNet authors' released state dicts, rebuilt here from the original code's layer names and
+shapes, give the same embeddings as a direct re-creation of the original forward pass; test.py evaluates
+and queries the converted checkpoint; files that do not fit fail with one line."""
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import convert
+import test as retrieval
+from conftest import rng_images
+from model import model_from_checkpoint
+from utils import CHECKPOINT_FORMAT, PHOTO, SKETCH, load_image, load_torch, retrieval_metrics, scan_split
+
+
+class OriginalResidualBlock(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, padding_mode='reflect'), nn.InstanceNorm2d(c),
+                                  nn.ReLU(inplace=True), nn.Conv2d(c, c, 3, padding=1, padding_mode='reflect'),
+                                  nn.InstanceNorm2d(c))
+
+    def forward(self, x):
+        return x + self.conv(x)
+
+
+class OriginalGenerator(nn.Module):
+    """The original model.py's Generator(in_channels=8, num_block=8), module for module."""
+
+    def __init__(self, c=8, blocks=8):
+        super().__init__()
+        self.in_conv = nn.Sequential(nn.Conv2d(3, c, 7, padding=3, padding_mode='reflect'), nn.InstanceNorm2d(c),
+                                     nn.ReLU(inplace=True))
+        down, up = [], []
+        for _ in range(2):
+            down += [nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), nn.InstanceNorm2d(2 * c), nn.ReLU(inplace=True)]
+            c *= 2
+        self.down_sample = nn.Sequential(*down)
+        self.convs = nn.Sequential(*[OriginalResidualBlock(c) for _ in range(blocks)])
+        for _ in range(2):
+            up += [nn.ConvTranspose2d(c, c // 2, 3, stride=2, padding=1, output_padding=1),
+                   nn.InstanceNorm2d(c // 2), nn.ReLU(inplace=True)]
+            c //= 2
+        self.up_sample = nn.Sequential(*up)
+        self.out_conv = nn.Sequential(nn.Conv2d(c, 3, 7, padding=3, padding_mode='reflect'), nn.Tanh())
+
+    def forward(self, x):
+        return self.out_conv(self.up_sample(self.convs(self.down_sample(self.in_conv(x)))))
+
+
+class OriginalExtractor(nn.Module):
+    def __init__(self, name, emb_dim):
+        super().__init__()
+        self.backbone = timm.create_model(name, pretrained=False, num_classes=emb_dim, global_pool='max')
+
+    def forward(self, x):
+        return F.normalize(self.backbone(x), dim=-1)
+
+
+def original_embed(extractor, generator, images, domains):
+    """The original test-time pipeline: ToTensor + Normalize(0.5, 0.5); photos E(x), sketches E(G(x))."""
+    x = (images.float() / 255 - 0.5) / 0.5
+    with torch.no_grad():
+        return torch.stack([extractor((generator(x[i:i + 1]) if d == SKETCH else x[i:i + 1]))[0]
+                            for i, d in enumerate(domains.tolist())])
+
+
+def released(tmp_path, backbone, emb_dim, seed=0):
+    """Random 'released' files with the original names; returns (paths, the original networks)."""
+    torch.manual_seed(seed)
+    extractor, generator = OriginalExtractor(backbone, emb_dim).eval(), OriginalGenerator().eval()
+    paths = tmp_path / f'synthetic_{backbone}_{emb_dim}_extractor.pth', tmp_path / f'synthetic_{backbone}_{emb_dim}_generator.pth'
+    torch.save(extractor.state_dict(), paths[0])
+    torch.save(generator.state_dict(), paths[1])
+    return paths, extractor, generator
+
+
+def convert_args(paths, backbone, emb_dim, save, *extra):
+    return ['--extractor', str(paths[0]), '--generator', str(paths[1]), '--backbone_type', backbone,
+            '--emb_dim', str(emb_dim), '--save', str(save), *extra]
+
+
+@pytest.mark.parametrize('backbone, emb_dim', [('resnet50', 16), ('vgg16', 8)])
+def test_converted_model_embeds_like_the_original(tmp_path, backbone, emb_dim):
+    paths, extractor, generator = released(tmp_path, backbone, emb_dim)
+    checkpoint = convert.convert(convert.parse_args(convert_args(paths, backbone, emb_dim, tmp_path / 'x_model.pth')))
+    assert checkpoint['parts'] == ['generator', 'extractor'] and checkpoint['args']['backbone_type'] == backbone
+    model = model_from_checkpoint(load_torch(tmp_path / 'x_model.pth', CHECKPOINT_FORMAT, 'checkpoint'))
+    images, domains = rng_images(4, 64, seed=7), torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
+    with torch.no_grad():
+        ours = model.embed(images, domains)
+    assert (ours - original_embed(extractor, generator, images, domains)).abs().max() < 1e-5
+
+
+def test_test_py_evaluates_and_queries_a_converted_release(tmp_path, tiny_data, capsys):
+    paths, extractor, generator = released(tmp_path, 'resnet50', 16, seed=1)
+    save = tmp_path / 'x_model.pth'
+    convert.main(convert_args(paths, 'resnet50', 16, save, '--img_size', '32', '--data_root', str(tiny_data)))
+    assert 'next: python test.py --evaluate' in capsys.readouterr().out
+
+    # --evaluate: exact metrics of the original networks on the val split
+    metrics = retrieval.main(['--evaluate', '--data_base', str(save), '--workers', '0', '--device', 'cpu'])
+    split = scan_split(tiny_data, 'synthetic', 'val')
+    images = torch.stack([load_image(split.root / p, 32, 'bilinear') for p in split.paths])
+    domains, labels = torch.tensor(split.domains), torch.tensor(split.labels)
+    vectors = original_embed(extractor, generator, images, domains)
+    expected = retrieval_metrics(vectors[domains == SKETCH], labels[domains == SKETCH],
+                                 vectors[domains == PHOTO], labels[domains == PHOTO])
+    for name in ('mAP@200', 'mAP@all', 'P@100', 'P@200'):
+        assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
+    assert 'training log' not in capsys.readouterr().out  # a release has no training log
+
+    # pictures: the gallery is embedded on the fly and ranked as the original networks rank it
+    query = split.root / split.paths[split.domains.index(SKETCH)]
+    retrieval.main(['--data_base', str(save), '--query_name', str(query), '--num', '3', '--save_root',
+                    str(tmp_path / 'pictures'), '--workers', '0', '--device', 'cpu'])
+    out = capsys.readouterr().out
+    assert 'has no saved gallery: embedding the' in out and (tmp_path / 'pictures' / f'{query.stem}.png').is_file()
+    photos = domains == PHOTO
+    similarity = vectors[photos] @ vectors[split.paths.index(str(query.relative_to(split.root)))]
+    top = [split.paths[i] for i in photos.nonzero()[:, 0][similarity.argsort(descending=True)[:3]]]
+    printed = [line.split()[-1] for line in out.splitlines() if line.startswith('    ')]
+    assert [p.split('/val/', 1)[1] for p in printed] == top
+
+
+def check_error(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        convert.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert match in err, err
+
+
+def test_files_that_do_not_fit_fail_with_one_line(tmp_path, capsys):
+    paths, _, _ = released(tmp_path, 'resnet50', 16)
+    save = tmp_path / 'out.pth'
+    check_error(capsys, convert_args(paths, 'vgg16', 16, save), "looks like a resnet50 extractor, not a vgg16 ACNet "
+                                                                "extractor: pass --backbone_type resnet50")
+    check_error(capsys, convert_args(paths, 'resnet50', 512, save), 'holds 16-d embeddings: pass --emb_dim 16')
+    check_error(capsys, convert_args(paths[::-1], 'resnet50', 16, save), 'swap --extractor and --generator')
+    state = torch.load(paths[0])
+    del state['backbone.layer2.0.conv1.weight']
+    torch.save(state, tmp_path / 'partial.pth')
+    check_error(capsys, convert_args((tmp_path / 'partial.pth', paths[1]), 'resnet50', 16, save),
+                'is not a resnet50 ACNet extractor: 1 of its 320 tensors are missing and 0 unexpected '
+                '(lacks backbone.layer2.0.conv1.weight)')
+    torch.save([torch.zeros(1)], tmp_path / 'list.pth')
+    check_error(capsys, convert_args((tmp_path / 'list.pth', paths[1]), 'resnet50', 16, save),
+                "list.pth' is not a state dict (a dict of tensors) but a list")
+    (tmp_path / 'notes.pth').write_text('not a checkpoint')
+    check_error(capsys, convert_args((paths[0], tmp_path / 'notes.pth'), 'resnet50', 16, save),
+                "notes.pth' cannot be read as a state dict")
+    check_error(capsys, convert_args((tmp_path / 'missing.pth', paths[1]), 'resnet50', 16, save),
+                'released checkpoint not found')
+    check_error(capsys, convert_args(paths, 'resnet5', 16, save), "timm has no model 'resnet5'")
+    assert not save.exists()
+    save.write_bytes(b'earlier work')
+    check_error(capsys, convert_args(paths, 'resnet50', 16, save), 'exists: pass --overwrite')
+    assert save.read_bytes() == b'earlier work'

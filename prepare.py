@@ -58,6 +58,14 @@ def _solid(points):
     return [(points, False)]
 
 
+def _heart(t):
+    return np.stack([16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t) - 2 * np.cos(3 * t) - np.cos(4 * t)], 1) / 16
+
+
+def _teardrop(t):
+    return np.stack([np.sin(t) * np.sin(t / 2) ** 1.5, np.cos(t)], 1)
+
+
 FAMILIES = {
     'circle': lambda rng: _solid(_polar(lambda t: np.ones_like(t))),
     'ellipse': lambda rng: _solid(_polar(lambda t: np.ones_like(t)) * [1, rng.uniform(0.45, 0.6)]),
@@ -73,9 +81,7 @@ FAMILIES = {
     'gear': lambda rng: _solid(_polar(lambda t: 0.78 + 0.22 * (np.cos(8 * t) > 0), 400)),
     'flower': lambda rng: _solid(_polar(lambda t: 0.45 + 0.55 * np.abs(np.cos(2.5 * t)))),
     'cloud': lambda rng: _solid(_polar(lambda t: 0.78 + 0.22 * np.abs(np.sin(3 * t)))),
-    'heart': lambda rng: _solid(np.stack([16 * np.sin(t) ** 3, 13 * np.cos(t) - 5 * np.cos(2 * t)
-                                          - 2 * np.cos(3 * t) - np.cos(4 * t)], 1) / 16
-                                for t in [np.linspace(0, TAU, 180, endpoint=False)]),
+    'heart': lambda rng: _solid(_heart(np.linspace(0, TAU, 180, endpoint=False))),
     'crescent': lambda rng: _solid(np.concatenate([
         _polar(lambda t: np.ones_like(t))[20:161],
         (_polar(lambda t: np.ones_like(t)) * 0.8 + [0.35, 0])[150:29:-1]])),
@@ -95,8 +101,7 @@ FAMILIES = {
     'trapezoid': lambda rng: _solid(_poly(-1, -.6, 1, -.6, .45, .6, -.45, .6)),
     'parallelogram': lambda rng: _solid(_poly(-1, -.5, .4, -.5, 1, .5, -.4, .5)),
     'semicircle': lambda rng: _solid(_polar(lambda t: np.ones_like(t), 181)[:91] - [0, .4]),
-    'teardrop': lambda rng: _solid(np.stack([np.sin(t) * np.sin(t / 2) ** 1.5, np.cos(t)], 1)
-                                   for t in [np.linspace(0, TAU, 180, endpoint=False)]),
+    'teardrop': lambda rng: _solid(_teardrop(np.linspace(0, TAU, 180, endpoint=False))),
     'lightning': lambda rng: _solid(_poly(.1, 1, -.6, -.1, -.05, -.1, -.3, -1, .6, .2, .05, .2, .45, 1)),
     'hourglass': lambda rng: _solid(_poly(-.8, -1, .8, -1, .12, 0, .8, 1, -.8, 1, -.12, 0)),
     'shield': lambda rng: _solid(_poly(-.8, 1, .8, 1, .8, 0, .55, -.5, 0, -1, -.55, -.5, -.8, 0)),

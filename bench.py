@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import retrieval_metrics
+from utils import ArgumentParser, retrieval_metrics
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
 SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quick': (1500, 2000, 10)}
@@ -293,7 +293,7 @@ def main(argv=None):
         kind, size, device, repeats, slow_queries = argv[1:]
         print(json.dumps(measure(kind, size, device, int(repeats), int(slow_queries))))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     metrics = commands.add_parser('metrics', help='retrieval metric speed and memory')
     metrics.add_argument('--quick', action='store_true', help='small sizes only (seconds)')

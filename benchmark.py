@@ -15,6 +15,7 @@ classes, as the seeds did; heldout: on held-out seen-class images). It goes to s
 {save_root}/benchmark.md.
 """
 import argparse
+import re
 import subprocess
 import sys
 from itertools import product
@@ -23,8 +24,12 @@ from pathlib import Path
 import pandas as pd
 
 from train import SELECT_KEY, parse_args as train_args, run_prefix
+from utils import ArgumentParser, UserError, atomic_write, run_cli
 
 METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+# {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
+RESULTS_NAME = re.compile(r'(?P<dataset>.+?)_(?P<method>acnet|msedge)_(?P<backbone>.+)_(?P<dim>\d+)'
+                          r'(?P<variant>(?:_w[^_]+|_on-[a-z-]+|_edge-[a-z]+)*)_results\.csv')
 DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'tuberlin': 'TU-Berlin Extended', 'synthetic': 'generated dataset'}
 # ACNet README, ResNet50/VGG16 x 64/512/4096: (Sketchy mAP@200, mAP@all, P@100, P@200, TU-Berlin ...)
 PUBLISHED_ACNET = {
@@ -38,7 +43,7 @@ PUBLISHED_ACNET = {
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
     p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], choices=['resnet50', 'vgg16'])
     p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
@@ -84,17 +89,38 @@ def run_grid(args):
     return failed
 
 
+def read_results(path):
+    """A results CSV as a DataFrame, or None (with a note) when it is empty or lacks the columns."""
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        print(f'skipped {path}: not readable as a results CSV ({str(error).splitlines()[0]})')
+        return None
+    select_on = frame['select_on'].iloc[-1] if 'select_on' in frame and len(frame) else 'test'
+    needed = ['epoch', *METRICS, SELECT_KEY.get(select_on, 'precise')]
+    if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
+        print(f'skipped {path}: no rows, or not the columns train.py writes')
+        return None
+    return frame
+
+
 def best_rows(save_root):
-    """One row per results CSV under save_root: the epoch its selection rule picked."""
+    """One row per results CSV under save_root: the epoch its selection rule picked. Files that are not
+    train.py's are skipped with a note."""
     rows = []
     for path in sorted(Path(save_root).glob('*_results.csv')):
-        data_name, method, backbone, dim = path.name.removesuffix('_results.csv').rsplit('_', 3)
-        frame = pd.read_csv(path)
+        name = RESULTS_NAME.fullmatch(path.name)
+        frame = read_results(path) if name else None
+        if name is None:
+            print(f'skipped {path}: not named as train.py names its results')
+        if frame is None:
+            continue
         select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
         best = frame.loc[frame[SELECT_KEY[select_on]].idxmax()]
-        rows.append({'dataset': data_name, 'method': method, 'backbone': backbone, 'dim': int(dim),
-                     'epoch': int(best['epoch']), 'epochs': len(frame), 'select_on': select_on,
-                     **{m: 100 * float(best[m]) for m in METRICS}})
+        variant = name['variant'].replace('_', ' ').strip()
+        rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
+                     'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
+                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRICS}})
     return pd.DataFrame(rows)
 
 
@@ -121,19 +147,27 @@ def build_table(rows):
     return '\n'.join(lines)
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def run(args):
+    if '--save_root' in args.train_args:
+        raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
+                        'benchmark.py --save_root (before --) instead')
     failed = [] if args.table_only else run_grid(args)
     if args.dry_run:
         return
     rows = best_rows(args.save_root)
     if rows.empty:
-        sys.exit(f'error: no *_results.csv under {args.save_root}')
+        raise UserError(f"no results CSV of train.py under '{args.save_root}' (run the grid first, or pass the "
+                        f"--save_root that holds them)")
     table = build_table(rows)
     print(table)
-    Path(args.save_root, 'benchmark.md').write_text(table + '\n')
+    atomic_write(Path(args.save_root, 'benchmark.md'), lambda tmp: Path(tmp).write_text(table + '\n'))
     if failed:
-        sys.exit(f'error: {len(failed)} runs failed: {", ".join(failed)}')
+        print(f'error: {len(failed)} runs failed: {", ".join(failed)}', file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    run_cli(run, parse_args(argv))
 
 
 if __name__ == '__main__':

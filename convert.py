@@ -12,18 +12,17 @@ name and shape. The discriminator and the loss proxies were not released: the ch
 two networks that retrieval needs and can be evaluated and queried, not resumed.
 """
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from model import acnet_from_released
 from train import parse_args as train_args
-from utils import CHECKPOINT_FORMAT, UserError, save_torch
+from utils import CHECKPOINT_FORMAT, ArgumentParser, UserError, check_writable_dir, run_cli, save_torch, torch_file_problem
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--extractor', required=True, help='the released {prefix}_extractor.pth')
     p.add_argument('--generator', required=True, help='the released {prefix}_generator.pth')
     p.add_argument('--backbone_type', default='resnet50', help='resnet50 or vgg16, as in the file names')
@@ -44,12 +43,14 @@ def read_released(path):
     try:
         return torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
-        raise UserError(f"'{path}' cannot be read as a state dict (torch.load with weights_only=True): "
-                        f"{str(error).strip().splitlines()[0][:200]}") from error
+        raise UserError(f"'{path}' cannot be read as a state dict: {torch_file_problem(path, error)}") from error
 
 
 def convert(args):
     save = Path(args.save)
+    check_writable_dir(save.parent, '--save folder')
+    if save.is_dir():
+        raise UserError(f"--save '{save}' is a folder: name the checkpoint file to write")
     if save.exists() and not args.overwrite:
         raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
     if args.emb_dim < 1:
@@ -71,12 +72,7 @@ def convert(args):
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        convert(args)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(2)
+    run_cli(convert, parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses
 
-from utils import PHOTO, SKETCH, UserError
+from utils import PHOTO, SKETCH, UserError, torch_file_problem
 
 # ----------------------------------------------------------------------------------------------
 # Backbones
@@ -144,10 +144,17 @@ def load_local_weights(model, path, tag):
     if not Path(path).is_file():
         raise UserError(f"--weights file not found: '{path}'")
     try:
-        state = _timm_checkpoint_filter(tag, model, read_state_dict(path))
-    except Exception as error:  # unreadable file, not a state dict
-        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: "
-                        f"{str(error).strip().splitlines()[0][:300]}") from error
+        state = read_state_dict(path)
+    except ValueError as error:  # a readable file that holds something else
+        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: {error}") from error
+    except Exception as error:  # not a torch/safetensors file, or damaged
+        raise UserError(f"--weights '{path}' cannot be read: {torch_file_problem(path, error)}") from error
+    try:
+        state = _timm_checkpoint_filter(tag, model, state)
+    except Exception as error:
+        raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: timm cannot convert it "
+                        f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__})") \
+            from error
     classifier = _classifier_prefixes(tag)
     loaded, missing, wrong = {}, [], []
     for key, current in model.state_dict().items():

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from utils import (CACHE_FORMAT, RESIZE, DataError, atomic_write, cache_path, describe_split, is_image_file, load_image,
-                   scan_split)
+from utils import (CACHE_FORMAT, RESIZE, ArgumentParser, DataError, UserError, atomic_write, cache_path,
+                   check_writable_dir, describe_split, file_stats, is_image_file, load_image, run_cli, scan_split)
 
 # ----------------------------------------------------------------------------------------------
 # Shape families. Each returns a list of parts (points (M, 2) in about [-1, 1], is_hole).
@@ -245,14 +245,24 @@ def synthetic_classes(num_classes, num_val_classes, seed):
 
 
 def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40, num_photos=40,
-                   num_val_photos=200, img_size=64, seed=0):
+                   num_val_photos=200, img_size=64, seed=0, overwrite=False):
     """Write <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ and return its path.
 
     Every image has its own random stream derived from (seed, family, domain, index), so the files
-    do not depend on the order in which they are drawn.
+    do not depend on the order in which they are drawn. An existing dataset is replaced only with
+    `overwrite`, and only once the new one is complete.
     """
     train, val = synthetic_classes(num_classes, num_val_classes, seed)
+    counts = dict(num_sketches=num_sketches, num_photos=num_photos, num_val_photos=num_val_photos)
+    problems = [f'--{name} must be at least 1, got {value}' for name, value in counts.items() if value < 1]
+    if img_size < 8:
+        problems.append(f'--img_size must be at least 8, got {img_size}')
+    if problems:
+        raise UserError('; '.join(problems))
     out = Path(data_root) / 'synthetic'
+    check_writable_dir(data_root, '--data_root')
+    if out.exists() and not overwrite:
+        raise DataError(f"'{out}' already exists: pass --overwrite to replace it, or choose another --data_root")
     tmp = out.with_name('.synthetic.partial')
     shutil.rmtree(tmp, ignore_errors=True)
     family_ids = {name: i for i, name in enumerate(FAMILIES)}
@@ -420,11 +430,19 @@ def _fill(task):
 
 
 def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
-    """Write cache/<split>_<size>_<interpolation>.npy and .json for train and val; returns their paths."""
+    """Write cache/<split>_<size>_<interpolation>.npy and .json for train and val; returns their paths.
+
+    The index records every image's path, size and modification time, so a changed image is noticed.
+    """
     from tqdm import tqdm
+    if size < 32 or size % 4:
+        raise UserError(f'--img_size must be a multiple of 4 and at least 32 (as train.py needs), got {size}')
+    if workers < 1:
+        raise UserError(f'--workers must be at least 1, got {workers}')
     interpolation, written = RESIZE[method], []
     for split_name in ('train', 'val'):
         split = scan_split(data_root, data_name, split_name)
+        stats = file_stats(split.root, split.paths)  # before decoding: a change during the build is noticed too
         print(describe_split(split, split_name))
         path = cache_path(data_root, data_name, split_name, size, interpolation)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -438,7 +456,8 @@ def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
             for done in pool.imap_unordered(_fill, tasks):
                 bar.update(done)
         os.replace(partial, path)
-        index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths)}
+        index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths),
+                 'stats': stats}
         atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(index)))
         written.append(path)
         print(f'wrote {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)')
@@ -448,7 +467,7 @@ def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
 # ----------------------------------------------------------------------------------------------
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
     syn = commands.add_parser('synthetic', help='write the generated zero-shot dataset')
     syn.add_argument('--data_root', default='data', help='datasets root; writes <data_root>/synthetic')
@@ -460,6 +479,7 @@ def parse_args(argv=None):
     syn.add_argument('--img_size', type=int, default=64, help='image side in pixels')
     syn.add_argument('--seed', type=int, default=0)
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
+    syn.add_argument('--overwrite', action='store_true', help='replace an existing <data_root>/synthetic')
     for dataset, splits in SPLITS.items():
         real = commands.add_parser(dataset, help=f'build data_root/{dataset} from the raw {dataset} download')
         real.add_argument('--sketch_dir', nargs='+', required=True, help='folders of class folders of sketches')
@@ -484,23 +504,23 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+def run(args):
+    if args.command == 'synthetic':
+        out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
+                             args.num_photos, args.num_val_photos, args.img_size, args.seed, args.overwrite)
+        print(f'wrote {out}')
+        if args.preview:
+            preview(out, args.preview, size=args.img_size)
+            print(f'wrote {args.preview}')
+    elif args.command in SPLITS:
+        print_split_summary(build_real_split(args.command, args.split, args.sketch_dir, args.photo_dir,
+                                             args.data_root, args.data_name, args.copy, args.overwrite))
+    elif args.command == 'cache':
+        build_cache(args.data_root, args.data_name, args.img_size, args.method, args.workers)
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.command == 'synthetic':
-            out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
-                                 args.num_photos, args.num_val_photos, args.img_size, args.seed)
-            print(f'wrote {out}')
-            if args.preview:
-                preview(out, args.preview, size=args.img_size)
-                print(f'wrote {args.preview}')
-        elif args.command in SPLITS:
-            print_split_summary(build_real_split(args.command, args.split, args.sketch_dir, args.photo_dir,
-                                                 args.data_root, args.data_name, args.copy, args.overwrite))
-        elif args.command == 'cache':
-            build_cache(args.data_root, args.data_name, args.img_size, args.method, args.workers)
-    except DataError as error:
-        sys.exit(f'error: {error}')
+    run_cli(run, parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -11,11 +11,11 @@ from the _vectors.pth file beside it. A converted release has none: its gallery,
 its top-k photos, each framed green (same class as the query) or red (another class) with its cosine
 similarity and class. The query's class is its folder name when that is a val class (else the frames
 are grey). The seed's loose files go to {save_root}/{query stem}/: query.jpg and
-retrieval_{rank}_{similarity}.jpg.
+retrieval_{rank}_{similarity}.jpg. test.py replaces only files it wrote itself: a picture or folder of
+that name that is not its own, a query image, or a --save_root inside the dataset stops it before it
+writes anything.
 """
 import argparse
-import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -23,15 +23,19 @@ from PIL import Image, ImageDraw, ImageOps
 
 from model import model_from_checkpoint, sobel_edges, edge_mask
 from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, UserError, is_image_file, load_image,
-                   load_torch, rank_gallery, scan_split)
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, UserError, atomic_write,
+                   check_device, check_writable_dir, is_image_file, load_image, load_torch, rank_gallery, read_rgb,
+                   run_cli, scan_split)
 
 TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
+# Marks what test.py wrote (a PNG text chunk, a file in a loose-files folder): only those are replaced.
+OUTPUT_MARK, FOLDER_MARK = 'zs-sbir test.py', '.written-by-test.py'
+
 COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--query_name', nargs='+', default=None,
                    help='sketch image files or folders (default: the first val sketch of every val class)')
     p.add_argument('--data_base', default='result/synthetic_acnet_resnet50_512_model.pth',
@@ -68,21 +72,33 @@ def load_run(args):
         return model, checkpoint, embed_gallery(args, model, checkpoint, data_root, data_name), data_root, data_name
     vectors_path = Path(args.vectors) if args.vectors else Path(args.data_base).parent / checkpoint['vectors_file']
     vectors = load_torch(vectors_path, VECTORS_FORMAT, 'vectors file')
-    found = (vectors['method'], vectors['vectors'].shape[1])
-    if found != (checkpoint['method'], train_args['emb_dim']):
-        raise UserError(f"'{vectors_path}' holds {found[0]} embeddings of size {found[1]}, but '{args.data_base}' "
-                        f"is a {checkpoint['method']} model of size {train_args['emb_dim']}: pass the "
-                        f"matching --data_base/--vectors pair")
+    if vectors['run_id'] != checkpoint.get('run_id'):
+        raise UserError(f"'{vectors_path}' holds the embeddings of another run than '{args.data_base}': pass the "
+                        f"_model.pth and _vectors.pth that train.py saved together")
+    if vectors['epoch'] != checkpoint['epoch']:
+        raise UserError(f"'{vectors_path}' holds the embeddings of epoch {vectors['epoch']}, but '{args.data_base}' is "
+                        f"epoch {checkpoint['epoch']} of that run: pass its _model.pth (the best epoch), or --evaluate")
     data_root = Path(args.data_root or vectors['data_root'])
     data_name = args.data_name or vectors['data_name']
     check_gallery(vectors, vectors_path, data_root, data_name)
     return model, checkpoint, vectors, data_root, data_name
 
 
+def val_split_of_run(checkpoint, data_root, data_name):
+    """The val split as the run saw it: without the images --skip_bad_images left out in training."""
+    skipped = set(checkpoint.get('skipped_images', {}).get('val', []))
+    split = scan_split(data_root, data_name, 'val', keep_broken_links=bool(skipped))
+    if skipped:
+        split = split.subset([i for i, p in enumerate(split.paths) if p not in skipped])
+    return split, len(skipped)
+
+
 def check_gallery(vectors, vectors_path, data_root, data_name):
-    """The saved embeddings must describe exactly the images of the val split on disk."""
-    split = scan_split(data_root, data_name, 'val')
-    saved, on_disk = set(vectors['paths']), set(split.paths)
+    """The saved embeddings must describe exactly the images of the val split on disk (less those that
+    --skip_bad_images left out in training)."""
+    skipped = set(vectors['skipped'])
+    split = scan_split(data_root, data_name, 'val', keep_broken_links=bool(skipped))
+    saved, on_disk = set(vectors['paths']), set(split.paths) - skipped
     if saved != on_disk:
         raise UserError(f"gallery embeddings in '{vectors_path}' do not match the dataset at '{split.root}': "
                         f"{len(saved - on_disk)} embedded images are not on disk and {len(on_disk - saved)} images "
@@ -102,7 +118,7 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
     print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
     vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
     run = argparse.Namespace(method=checkpoint['method'], data_name=data_name, data_root=data_root)
-    return vectors_record(vectors, split, run, checkpoint['epoch'])
+    return vectors_record(vectors, split, run, checkpoint['epoch'], checkpoint.get('run_id'))
 
 
 def query_files(names):
@@ -195,13 +211,55 @@ def draw_retrieval(query, extras, results):
     return canvas
 
 
+def _written_by_us(picture):
+    try:
+        with Image.open(picture) as image:
+            return image.info.get('Software') == OUTPUT_MARK
+    except (OSError, ValueError):
+        return False
+
+
+def plan_outputs(files, save_root, dataset):
+    """(query, picture path, loose-files folder) per query, every target checked before anything is written."""
+    save_root = Path(save_root)
+    check_writable_dir(save_root, '--save_root')
+    if save_root.resolve().is_relative_to(Path(dataset).resolve()):
+        raise UserError(f"--save_root '{save_root}' is inside the dataset '{dataset}': pictures written there would "
+                        f"become dataset images; choose another --save_root")
+    queries, plan, used = [p.resolve() for p in files], [], set()
+    for path in files:
+        stem = path.stem
+        while stem in used:
+            stem += '_'
+        used.add(stem)
+        picture, folder = save_root / f'{stem}.png', save_root / stem
+        if any(q == picture.resolve() or q.is_relative_to(folder.resolve()) for q in queries):
+            raise UserError(f"'{picture}' or '{folder}' is (or holds) a query image, which test.py would overwrite: "
+                            f"choose another --save_root")
+        if picture.exists() and not _written_by_us(picture):
+            raise UserError(f"'{picture}' exists and was not written by test.py: choose another --save_root "
+                            f"(nothing was written)")
+        if folder.exists() and not (folder / FOLDER_MARK).is_file():
+            raise UserError(f"folder '{folder}' exists and was not written by test.py: choose another --save_root "
+                            f"(nothing was written)")
+        plan.append((path, picture, folder))
+    return plan
+
+
+def gallery_photo(path):
+    try:
+        return read_rgb(path)
+    except UserError as error:
+        raise UserError(f'gallery photo unreadable (changed since the gallery was embedded?): {error}') from error
+
+
 def retrieve(args, model, checkpoint, vectors, data_root, data_name):
     method, img_size = checkpoint['method'], checkpoint['args']['img_size']
     root = Path(data_root) / data_name / 'val'
     classes = vectors['classes']
     files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name)
-    save_root, used, gallery = Path(args.save_root), set(), photo_gallery(vectors)
-    for path in files:
+    gallery = photo_gallery(vectors)
+    for path, picture_path, folder in plan_outputs(files, args.save_root, Path(data_root) / data_name):
         image = load_image(path, img_size, RESIZE[method])
         embedding, extras = describe_query(model, image, args.device)
         query_class = path.parent.name if path.parent.name in classes else None
@@ -211,36 +269,42 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
         for rank, (index, similarity) in enumerate(zip(*top_k(embedding, gallery, args.num)), 1):
             name = classes[vectors['labels'][index]]
             match = None if query_class is None else name == query_class
-            photo = Image.open(root / vectors['paths'][index])
+            photo = gallery_photo(root / vectors['paths'][index])
             results.append((photo, f'{similarity:.3f}\n{name}', match))
             lines.append((rank, similarity, name, root / vectors['paths'][index], photo))
-        stem = path.stem
-        while stem in used:
-            stem += '_'
-        used.add(stem)
-        save_root.mkdir(parents=True, exist_ok=True)
-        picture = draw_retrieval(Image.open(path), shown, results)
-        picture.save(save_root / f'{stem}.png')
-        write_loose_files(save_root / stem, path, lines)
+        query = read_rgb(path)
+        save_picture(draw_retrieval(query, shown, results), picture_path)
+        write_loose_files(folder, query, lines)
         hits = '' if query_class is None else f', {sum(r[2] for r in results)}/{len(results)} of class {query_class}'
-        print(f'{path} -> {save_root / stem}.png{hits}')
+        print(f'{path} -> {picture_path}{hits}')
         for rank, similarity, name, photo_path, _ in lines:
             print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo_path}')
 
 
-def write_loose_files(folder, query_path, lines):
-    """The seed's layout: query.jpg and retrieval_{rank}_{similarity}.jpg in one folder per query."""
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    with Image.open(query_path) as query:
-        query.convert('RGB').save(folder / 'query.jpg')
+def save_picture(picture, path):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text('Software', OUTPUT_MARK)
+    atomic_write(path, lambda tmp: picture.save(tmp, format='PNG', pnginfo=info))
+
+
+def write_loose_files(folder, query, lines):
+    """The seed's layout: query.jpg and retrieval_{rank}_{similarity}.jpg in one folder per query. Only the
+    files of an earlier test.py run are replaced."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / FOLDER_MARK).touch()
+    for old in [folder / 'query.jpg', *folder.glob('retrieval_*_*.jpg')]:
+        old.unlink(missing_ok=True)
+    atomic_write(folder / 'query.jpg', lambda tmp: query.save(tmp, format='JPEG'))
     for rank, similarity, _, _, photo in lines:
-        photo.convert('RGB').save(folder / f'retrieval_{rank}_{similarity:.4f}.jpg')
+        atomic_write(folder / f'retrieval_{rank}_{similarity:.4f}.jpg', lambda tmp, p=photo: p.save(tmp, format='JPEG'))
 
 
 def evaluate(args, model, checkpoint, data_root, data_name):
     """Recompute the metrics of the saved model on a val split."""
-    split = scan_split(data_root, data_name, 'val')
+    split, skipped = val_split_of_run(checkpoint, data_root, data_name)
+    if skipped:
+        print(f'leaving out the {skipped} val images that training left out (--skip_bad_images)')
     vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
     metrics = split_metrics(vectors, split)
     print(f'{args.data_base} on {split.root}: {format_metrics(metrics)}')
@@ -251,18 +315,20 @@ def evaluate(args, model, checkpoint, data_root, data_name):
     return metrics
 
 
+def run(args):
+    if args.num < 1:
+        raise UserError(f'--num must be at least 1, got {args.num}')
+    if args.workers < 0:
+        raise UserError(f'--workers must be at least 0, got {args.workers}')
+    check_device(args.device)
+    model, checkpoint, vectors, data_root, data_name = load_run(args)
+    if args.evaluate:
+        return evaluate(args, model, checkpoint, data_root, data_name)
+    retrieve(args, model, checkpoint, vectors, data_root, data_name)
+
+
 def main(argv=None):
-    args = parse_args(argv)
-    try:
-        if args.num < 1:
-            raise UserError(f'--num must be at least 1, got {args.num}')
-        model, checkpoint, vectors, data_root, data_name = load_run(args)
-        if args.evaluate:
-            return evaluate(args, model, checkpoint, data_root, data_name)
-        retrieve(args, model, checkpoint, vectors, data_root, data_name)
-    except UserError as error:
-        print(f'error: {error}', file=sys.stderr)
-        sys.exit(2)
+    return run_cli(run, parse_args(argv))
 
 
 if __name__ == '__main__':

@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -29,10 +30,11 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import EDGE_MODES, METHODS, backbone_tag, build_model, compile_model
-from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, CachedImages, DataError,
-                   EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, describe_split,
-                   drop_unreadable, hold_out, load_torch, retrieval_metrics, save_torch, scan_split, seed_everything,
-                   train_transform, write_csv)
+from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, CachedImages,
+                   DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, acquire_lock,
+                   check_device, check_writable_dir, csv_writer, describe_split, drop_unreadable, fingerprint_changes,
+                   hold_out, load_torch, one_line, remove_stale_temporaries, retrieval_metrics, save_together,
+                   scan_split, seed_everything, split_fingerprint, train_transform)
 
 CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
@@ -46,7 +48,7 @@ DEFAULT_LOSS_WEIGHTS, CLASS_INPUTS = (1.0, 0.1, 10.0), ('sketch', 'photo', 'fake
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--method', default='acnet', choices=list(METHODS))
     p.add_argument('--data_root', default='data', help='datasets root path')
     p.add_argument('--data_name', default='sketchy',
@@ -132,6 +134,7 @@ def check_args(args):
     if problems:
         raise UserError('; '.join(problems))
     backbone_tag(args.method, args.backbone_type)  # an unknown name fails here, naming close matches
+    check_device(args.device)
 
 
 def acnet_variant(args):
@@ -154,27 +157,55 @@ def run_prefix(args):
 
 
 def run_files(args):
-    base = Path(args.save_root) / run_prefix(args)
-    return SimpleNamespace(**{kind: Path(f'{base}_{kind}.{ext}') for kind, ext in
-                              (('results', 'csv'), ('model', 'pth'), ('vectors', 'pth'), ('last', 'pth'))})
+    """The run's files in --save_root (README "Checkpoint files"), and the lock that a running run holds."""
+    root, prefix = Path(args.save_root), run_prefix(args)
+    files = {kind: root / f'{prefix}_{kind}.{ext}' for kind, ext in (('results', 'csv'), ('model', 'pth'),
+                                                                   ('vectors', 'pth'), ('last', 'pth'),
+                                                                   ('bad_images', 'txt'))}
+    return SimpleNamespace(**files, lock=root / f'.{prefix}.lock')
 
 
 def check_outputs(args, files):
-    """--save_root must be writable, and an earlier run's files are only replaced on request."""
-    root = Path(args.save_root)
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / f'.write-test-{os.getpid()}'
-        probe.write_bytes(b'')
-        probe.unlink()
-    except OSError as error:
-        raise UserError(f"cannot write to --save_root '{root}': {error.strerror or error}") from error
-    earlier = [f for f in vars(files).values() if f.exists()]
+    """--save_root must be writable, and an earlier run's files are only replaced on request. Nothing is
+    created here: a run that fails before its first save leaves no folder behind."""
+    check_writable_dir(args.save_root, '--save_root')
+    earlier = [f for kind, f in vars(files).items() if kind != 'lock' and f.exists()]
     if args.resume and not files.last.exists():
         raise UserError(f"nothing to resume: '{files.last}' not found (same --save_root and run options?)")
     if earlier and not (args.resume or args.overwrite):
         raise UserError(f"'{earlier[0]}' exists from an earlier run: pass --resume to continue it, --overwrite "
                         f"to start again, or choose another --save_root")
+
+
+def claim_outputs(args, files, rt):
+    """Create --save_root and lock this run's files until the run ends; returns the release function.
+
+    A second train.py writing the same run is refused. Temporary files of a killed save are removed.
+    Releasing removes the lock, and --save_root too if this run created it and wrote nothing.
+    """
+    root = Path(args.save_root)
+    created, release, problem = not root.exists(), None, None
+    if rt.main:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            release = acquire_lock(files.lock, f"run '{run_prefix(args)}' in '{root}'")
+            for kind, path in vars(files).items():
+                if kind != 'lock':
+                    remove_stale_temporaries(path)
+        except UserError as error:
+            problem = error
+        except OSError as error:
+            problem = UserError(f"cannot write to --save_root '{root}': {error.strerror or error}")
+
+    def release_all():
+        if release:
+            release()
+        if created and rt.main and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()
+    if not all_agree(problem is None, rt):
+        release_all()
+        raise problem or UserError('the main process could not claim the run files: see its message')
+    return release_all
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +223,15 @@ def init_distributed(args):
     dist.init_process_group('nccl' if cuda else 'gloo')
     return SimpleNamespace(rank=rank, world=world, main=rank == 0,
                            ddp=lambda m: DistributedDataParallel(m, device_ids=[local] if cuda else None))
+
+
+def all_agree(flag, rt):
+    """True when `flag` is true on every process (so that all of them stop, or none)."""
+    if rt.world == 1:
+        return flag
+    value = torch.tensor([int(flag)], device=rt.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
 
 
 def reduce_mean(values, world):
@@ -231,21 +271,24 @@ def load_splits(args, log=print):
         from prepare import make_synthetic
         log(f'{data_dir} not found: generating the synthetic dataset (python prepare.py synthetic)')
         make_synthetic(args.data_root)
-    splits = [scan_split(args.data_root, args.data_name, name) for name in ('train', 'val')]
+    splits = [scan_split(args.data_root, args.data_name, name, keep_broken_links=args.skip_bad_images)
+              for name in ('train', 'val')]
     for split, name in zip(splits, ('train (seen classes)', 'val (unseen classes)')):
         log(describe_split(split, name))
     return splits
 
 
-def skip_bad_images(args, splits, files, log=print):
-    """With --skip_bad_images: leave out the images that fail to decode, and list them in a file."""
+def skip_bad_images(args, splits, files, rt, log=print):
+    """With --skip_bad_images: leave out the images that fail to decode (broken links too) and list them
+    in _bad_images.txt. Returns the kept splits and the left-out paths of each, relative to its folder."""
     kept, bad = zip(*(drop_unreadable(split, args.workers) for split in splits))
     bad_paths = [str(split.root / p) for split, paths in zip(splits, bad) for p in paths]
-    if bad_paths:
-        listing = files.results.with_name(files.results.name.replace('_results.csv', '_bad_images.txt'))
-        listing.write_text('\n'.join(bad_paths) + '\n')
-        log(f'left out {len(bad_paths)} unreadable images (listed in {listing}), e.g. {bad_paths[0]}')
-    return list(kept)
+    if rt.main and bad_paths:
+        save_together([(files.bad_images, lambda tmp: Path(tmp).write_text('\n'.join(bad_paths) + '\n'))])
+        log(f'left out {len(bad_paths)} unreadable images (listed in {files.bad_images}), e.g. {bad_paths[0]}')
+    elif rt.main:
+        files.bad_images.unlink(missing_ok=True)  # an earlier run's list (--overwrite) no longer holds
+    return list(kept), {'train': list(bad[0]), 'val': list(bad[1])}
 
 
 def _loader_options(args):
@@ -260,14 +303,19 @@ def split_images(args, split, split_name):
 
 
 def make_train_loader(args, split, rank=0, world=1):
-    """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images."""
+    """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images.
+
+    MSEdge drops a last batch of a single image: BatchNorm cannot train on one (it is a different image
+    every epoch, so none is left out for good).
+    """
     images = split_images(args, split, 'train')
     if args.method == 'acnet':
         dataset, batch = SketchPhotoPairs(split, images, train_transform('acnet')), args.batch_size // 2
     else:
         dataset, batch = SplitDataset(split, images, train_transform('msedge')), args.batch_size
     sampler = EpochSampler(len(dataset), args.seed, rank=rank, num_replicas=world)
-    return DataLoader(dataset, batch, sampler=sampler, **_loader_options(args))
+    drop_last = args.method == 'msedge' and len(sampler) % batch == 1 and len(sampler) > 1
+    return DataLoader(dataset, batch, sampler=sampler, drop_last=drop_last, **_loader_options(args))
 
 
 def make_eval_loader(args, split, split_name='val', rank=0, world=1):
@@ -439,35 +487,77 @@ def format_metrics(metrics):
 # ----------------------------------------------------------------------------------------------
 # Checkpoints (format documented in README: "Checkpoint files")
 
-def vectors_record(vectors, split, args, epoch):
-    """The embeddings with what identifies each row: its image path, label and domain."""
+def vectors_record(vectors, split, args, epoch, run_id, skipped=()):
+    """The embeddings with what identifies each row (its image path, label and domain) and the run and
+    epoch they belong to; `skipped`: val images --skip_bad_images left out."""
     return {'format': VECTORS_FORMAT, 'method': args.method, 'data_name': args.data_name,
-            'data_root': str(args.data_root), 'split': 'val', 'epoch': epoch, 'classes': list(split.classes),
-            'paths': list(split.paths), 'labels': torch.tensor(split.labels), 'domains': torch.tensor(split.domains),
-            'vectors': vectors.cpu()}
+            'data_root': str(args.data_root), 'split': 'val', 'epoch': epoch, 'run_id': run_id,
+            'classes': list(split.classes), 'paths': list(split.paths), 'labels': torch.tensor(split.labels),
+            'domains': torch.tensor(split.domains), 'skipped': list(skipped), 'vectors': vectors.cpu()}
 
 
-def checkpoint_record(model, args, epoch, metrics, train_classes, prefix):
+def checkpoint_record(model, args, epoch, metrics, run):
     return {'format': CHECKPOINT_FORMAT, 'method': args.method, 'args': vars(args), 'epoch': epoch,
-            'metrics': metrics, 'train_classes': list(train_classes), 'model': model.state_dict(),
-            'backbone_tag': model.backbone_tag, 'vectors_file': f'{prefix}_vectors.pth'}
+            'metrics': metrics, 'train_classes': list(run.train_classes), 'model': model.state_dict(),
+            'backbone_tag': model.backbone_tag, 'vectors_file': f'{run.prefix}_vectors.pth', 'run_id': run.run_id,
+            'data': run.data, 'skipped_images': run.skipped}
 
 
-def resume_state(path, model, optimizers, args, world):
-    """Load a _last.pth into the model and optimisers; returns (rows, best, next epoch)."""
+def save_epoch(files, model, optimizers, args, epoch, metrics, vectors, rows, best, run, rt):
+    """This epoch's files, written so that a failure (a full disk) changes none of them.
+
+    _last.pth is renamed first: if the process dies before the best-epoch files follow, they lag
+    behind the best epoch _last.pth names, which --resume repairs (_last.pth holds that epoch's weights).
+    """
+    record = checkpoint_record(model, args, epoch, metrics, run)
+    last = {**record, 'rows': rows, 'best': best, 'world_size': rt.world,
+            'optimizers': {name: o.state_dict() for name, o in optimizers.items()}}
+    writes = [(files.last, lambda tmp: torch.save(last, tmp)), (files.results, csv_writer(rows))]
+    if best['epoch'] == epoch:
+        vectors_file = vectors_record(vectors, run.val_split, args, epoch, run.run_id, run.skipped['val'])
+        writes += [(files.vectors, lambda tmp: torch.save(vectors_file, tmp)),
+                   (files.model, lambda tmp: torch.save(record, tmp))]
+    save_together(writes)
+
+
+def resume_state(files, model, optimizers, args, rt, run):
+    """Load a _last.pth into the model and optimisers after checking that the options and the data are
+    the run's; returns (rows, best, next epoch) and sets run.run_id."""
+    path = files.last
     last = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
     if 'optimizers' not in last:
         raise UserError(f"'{path}' is a best-epoch checkpoint without optimiser states: resume from a _last.pth")
     changed = [f'--{k} {last["args"].get(k)} -> {getattr(args, k)}' for k in RUN_DEFINING
                if last['args'].get(k) != getattr(args, k)]
-    if last.get('world_size', 1) != world:
-        changed.append(f'{last.get("world_size", 1)} -> {world} processes (the effective batch size)')
+    if last.get('world_size', 1) != rt.world:
+        changed.append(f'{last.get("world_size", 1)} -> {rt.world} processes (the effective batch size)')
     if changed:
         raise UserError(f"cannot resume '{path}' with different run options: {'; '.join(changed)}")
+    differences = [f"{name} split: {'; '.join(changes)}" for name in ('train', 'val')
+                   if (changes := fingerprint_changes(last['data'][name], run.data[name]))]
+    if differences:
+        raise UserError(f"cannot resume '{path}': the data at '{Path(args.data_root) / args.data_name}' is not the "
+                        f"run's ({'; '.join(differences)}); pass the run's --data_root and --data_name")
+    if last['epoch'] > args.epochs:
+        raise UserError(f"'{path}' has {last['epoch']} epochs, more than --epochs {args.epochs}: pass --epochs "
+                        f"{last['epoch']} or more")
     model.load_state_dict(last['model'])
     for name, optimizer in optimizers.items():
         optimizer.load_state_dict(last['optimizers'][name])
+    run.run_id = last['run_id']
     return last['rows'], last['best'], last['epoch'] + 1
+
+
+def best_files_lag(files, best):
+    """True when _model.pth or _vectors.pth is not of the best epoch that _last.pth names (a process
+    died between the renames of one save)."""
+    for path, fmt in ((files.model, CHECKPOINT_FORMAT), (files.vectors, VECTORS_FORMAT)):
+        try:
+            if load_torch(path, fmt, 'file')['epoch'] != best['epoch']:
+                return True
+        except UserError:
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------------------------
@@ -494,16 +584,26 @@ def prepare_model(args, num_classes, device):
 
 def train(args):
     check_args(args)
-    files, prefix = run_files(args), run_prefix(args)
+    files = run_files(args)
     rt = init_distributed(args)
+    rt.device, rt.amp, rt.channels_last = torch.device(args.device), args.amp, args.channels_last
     log = print if rt.main else (lambda *a, **k: None)
     check_outputs(args, files)  # on every process: all of them stop, or none
     seed_everything(args.seed)
     configure_backends(args)
-    rt.device, rt.amp, rt.channels_last = torch.device(args.device), args.amp, args.channels_last
-    train_split, val_split = load_splits(args, log)
+    splits = load_splits(args, log)
+    release = claim_outputs(args, files, rt)
+    try:
+        return fit(args, files, rt, log, *splits)
+    finally:
+        release()
+
+
+def fit(args, files, rt, log, train_split, val_split):
+    """Train and evaluate epoch after epoch, saving each; returns the best epoch's metrics."""
+    skipped = {'train': [], 'val': []}
     if args.skip_bad_images:
-        train_split, val_split = skip_bad_images(args, (train_split, val_split), files, log)
+        (train_split, val_split), skipped = skip_bad_images(args, (train_split, val_split), files, rt, log)
     evals = {}
     if args.select_on == 'heldout':
         train_split, heldout_split = hold_out(train_split, args.heldout_fraction, args.seed)
@@ -512,6 +612,9 @@ def train(args):
             args, heldout_split, 'train', rt.rank, rt.world))
     evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val', rt.rank, rt.world))
     train_loader = make_train_loader(args, train_split, rt.rank, rt.world)
+    run = SimpleNamespace(prefix=run_prefix(args), run_id=uuid.uuid4().hex, train_classes=train_split.classes,
+                          val_split=val_split, skipped=skipped,
+                          data={'train': split_fingerprint(train_split), 'val': split_fingerprint(val_split)})
     model, optimizers = prepare_model(args, len(train_split.classes), rt.device)
     source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
               args.weights or 'ImageNet weights (timm, Hugging Face hub)')
@@ -521,9 +624,19 @@ def train(args):
         log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
 
     if args.resume:
-        rows, best, first_epoch = resume_state(files.last, model, optimizers, args, rt.world)
+        rows, best, first_epoch = resume_state(files, model, optimizers, args, rt, run)
+        if best_files_lag(files, best) and best['epoch'] == first_epoch - 1:
+            # the last save was cut short between its renames: _last.pth holds the best epoch's weights
+            log(f'rewriting the best-epoch files of epoch {best["epoch"]}, which the last save did not finish')
+            metrics, vectors = evaluate(model, evals, rt)
+            if rt.main:
+                save_epoch(files, model, optimizers, args, best['epoch'], metrics, vectors, rows, best, run, rt)
+        elif best_files_lag(files, best):
+            log(f'note: {files.model.name} or {files.vectors.name} is missing or not of the best epoch '
+                f'{best["epoch"]}; both are written again at the next better epoch')
         log(f'resuming {files.last} after epoch {first_epoch - 1} (best so far: epoch {best["epoch"]})'
-            if first_epoch <= args.epochs else f'{files.last} already has {args.epochs} epochs: raise --epochs')
+            if first_epoch <= args.epochs else f'{files.last} already has all {args.epochs} epochs: nothing to do '
+                                               f'(raise --epochs to train longer)')
     else:
         rows, best, first_epoch = [], None, 1
         metrics, _ = evaluate(model, {'val': evals['val']}, rt)
@@ -542,28 +655,14 @@ def train(args):
         improved = best is None or metrics[key] > best[key]
         if improved:
             best = {'epoch': epoch, **metrics}
-        if rt.main:  # best files first, then _last.pth: a crash in between repeats the epoch on --resume
-            if improved:
-                save_torch(vectors_record(vectors, val_split, args, epoch), files.vectors)
-                save_torch(checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix), files.model)
-            save_torch({**checkpoint_record(model, args, epoch, metrics, train_split.classes, prefix), 'rows': rows,
-                        'best': best, 'world_size': rt.world,
-                        'optimizers': {name: o.state_dict() for name, o in optimizers.items()}}, files.last)
-            write_csv(rows, files.results)
+        if rt.main:
+            save_epoch(files, model, optimizers, args, epoch, metrics, vectors, rows, best, run, rt)
         heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in evals else ''
         log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
             f'{time.time() - start:.0f}s{" *best" if improved else ""}')
     log(f'best epoch {best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen {format_metrics(best)}')
-    log(f'saved {Path(args.save_root) / prefix}_{{results.csv,model.pth,vectors.pth,last.pth}}')
+    log(f'saved {Path(args.save_root) / run.prefix}_{{results.csv,model.pth,vectors.pth,last.pth}}')
     return best
-
-
-def one_line(error):
-    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in a traceback."""
-    text = str(error).strip()
-    if 'Original Traceback' in text:
-        text = text.splitlines()[-1].split(': ', 1)[-1]
-    return text
 
 
 def main(argv=None):
@@ -572,6 +671,10 @@ def main(argv=None):
         train(args)
     except UserError as error:
         print(f'error: {one_line(error)}', file=sys.stderr)
+        sys.exit(2)
+    except torch.OutOfMemoryError as error:
+        print(f'error: out of GPU memory at --batch_size {args.batch_size} (--eval_batch_size '
+              f'{args.eval_batch_size}): lower them, or add --amp ({str(error).splitlines()[0][:120]})', file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         last = run_files(args).last

@@ -3,11 +3,17 @@
 Dataset layout (see README):  <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>
 Domain codes: photo = 0, sketch = 1. Labels: class index in sorted class-name order.
 """
+import argparse
 import csv
+import hashlib
 import json
 import os
 import random
+import shutil
+import socket
+import sys
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,12 +28,8 @@ IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 # Both seeds drop the TU-Berlin test classes that have fewer photos than this.
 TUBERLIN_MIN_VAL_PHOTOS = 400
 
-LAYOUT_HELP = """expected layout:
-  <data_root>/<data_name>/train/sketch/<class>/<images>
-  <data_root>/<data_name>/train/photo/<class>/<images>
-  <data_root>/<data_name>/val/sketch/<class>/<images>
-  <data_root>/<data_name>/val/photo/<class>/<images>
-(`python prepare.py synthetic --data_root DIR` writes a small dataset of this shape)"""
+LAYOUT_HELP = ('expected <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>; '
+               '`python prepare.py synthetic --data_root DIR` writes a small dataset of this shape')
 
 
 class UserError(Exception):
@@ -79,18 +81,22 @@ def _list_class_folders(folder):
 
 
 def _require_dir(path, what):
+    if path.exists() and not path.is_dir():
+        raise DataError(f"{what} '{path}' is a file, not a folder ({LAYOUT_HELP})")
     if not path.is_dir():
-        raise DataError(f"{what} not found: '{path}'\n{LAYOUT_HELP}")
+        raise DataError(f"{what} not found: '{path}' ({LAYOUT_HELP})")
     if not os.access(path, os.R_OK | os.X_OK):
         raise DataError(f"{what} is not readable: '{path}' (check its permissions)")
 
 
-def scan_split(data_root, data_name, split, min_photos=None):
+def scan_split(data_root, data_name, split, min_photos=None, keep_broken_links=False):
     """Scan `<data_root>/<data_name>/<split>/{sketch,photo}/<class>/` into a Split.
 
     Classes with fewer than `min_photos` photos are left out on both sides (TU-Berlin val rule);
     by default that rule applies to the val split of datasets named tuberlin*. Raises DataError for a missing folder,
-    a class on one side only, an empty class or a split with no images.
+    a class on one side only, an empty class, a split with no images, and links to files that no longer
+    exist (prepare.py links by default), unless `keep_broken_links` (they are then listed as images, which
+    --skip_bad_images leaves out).
     """
     if min_photos is None:
         min_photos = TUBERLIN_MIN_VAL_PHOTOS if (data_name.startswith('tuberlin') and split == 'val') else 0
@@ -108,20 +114,28 @@ def scan_split(data_root, data_name, split, min_photos=None):
         raise DataError(f'{root}: every class needs both a sketch/ and a photo/ folder; '
                         f'one side only: {where}{more}')
     if not sketch_classes:
-        raise DataError(f'{root}: no class folders under sketch/ and photo/\n{LAYOUT_HELP}')
+        raise DataError(f'{root}: no class folders under sketch/ and photo/ ({LAYOUT_HELP})')
 
-    files, ignored = {}, []
+    files, ignored, broken = {}, [], []
     for name in sketch_classes:
         for side in DOMAINS:
             folder = root / side / name
-            entries = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith('.'))
+            visible = [p for p in folder.iterdir() if not p.name.startswith('.')]
+            dangling = [p for p in visible if p.is_symlink() and not p.exists()]
+            broken += dangling
+            entries = sorted(p for p in visible if p.is_file() or (keep_broken_links and p in dangling))
             images = [p for p in entries if is_image_file(p)]
             ignored += [p for p in entries if not is_image_file(p)]
-            if not images:
-                raise DataError(f"class '{name}' has no images in '{folder}' "
-                                f"(looked for {', '.join(IMAGE_SUFFIXES)} in any case)")
             files[side, name] = images
 
+    if broken and not keep_broken_links:
+        raise DataError(f"{len(broken)} files in '{root}' are links to files that no longer exist, e.g. '{broken[0]}' "
+                        f"-> '{os.readlink(broken[0])}': rebuild the dataset with prepare.py (moved raw download?), "
+                        f"or train with --skip_bad_images to leave them out")
+    for (side, name), images in files.items():
+        if not images:
+            raise DataError(f"class '{name}' has no images in '{root / side / name}' "
+                            f"(looked for {', '.join(IMAGE_SUFFIXES)} in any case)")
     classes = [c for c in sketch_classes if len(files['photo', c]) >= min_photos]
     result = Split(root, classes, dropped_classes=[c for c in sketch_classes if c not in classes],
                    ignored_files=ignored)
@@ -134,6 +148,29 @@ def scan_split(data_root, data_name, split, min_photos=None):
                 result.labels.append(label)
                 result.domains.append(domain)
     return result
+
+
+def split_fingerprint(split):
+    """What identifies a split's data: its classes, counts and a digest of every (path, label, domain)."""
+    digest = hashlib.sha256()
+    for path, label, domain in zip(split.paths, split.labels, split.domains):
+        digest.update(f'{path}\t{label}\t{domain}\n'.encode())
+    return {'classes': list(split.classes), 'sketches': split.count(SKETCH), 'photos': split.count(PHOTO),
+            'digest': digest.hexdigest()}
+
+
+def fingerprint_changes(saved, current):
+    """What differs between two split fingerprints, in words ([] when they match)."""
+    changes = []
+    gone = [c for c in saved['classes'] if c not in current['classes']]
+    new = [c for c in current['classes'] if c not in saved['classes']]
+    if gone or new:
+        changes.append(f"classes {len(gone)} gone{f' (e.g. {gone[0]!r})' if gone else ''}, "
+                       f"{len(new)} new{f' (e.g. {new[0]!r})' if new else ''}")
+    changes += [f'{saved[key]} -> {current[key]} {key}' for key in ('sketches', 'photos') if saved[key] != current[key]]
+    if not changes and saved['digest'] != current['digest']:
+        changes.append('the same classes and counts, but other files')
+    return changes
 
 
 def hold_out(split, fraction, seed):
@@ -200,11 +237,9 @@ def describe_split(split, name):
 INTERPOLATION = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
 
 
-def load_image(path, size, interpolation='bilinear'):
-    """Read any .jpg/.jpeg/.png (any mode) as a uint8 RGB tensor of shape (3, size, size).
-
-    Transparent pixels become white, so an RGBA sketch stays dark strokes on white.
-    """
+def read_rgb(path):
+    """Any .jpg/.jpeg/.png (any mode) as an RGB PIL image; transparent pixels become white, so an RGBA
+    sketch stays dark strokes on white. A file that does not decode is a DataError naming it."""
     try:
         with Image.open(path) as img:
             img.load()
@@ -212,9 +247,14 @@ def load_image(path, size, interpolation='bilinear'):
                 rgba = img.convert('RGBA')
                 img = Image.new('RGB', rgba.size, (255, 255, 255))
                 img.paste(rgba, mask=rgba.getchannel('A'))
-            img = img.convert('RGB').resize((size, size), INTERPOLATION[interpolation])
+            return img.convert('RGB')
     except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image '{path}': {error}") from error
+        raise DataError(f"cannot read image '{path}': {_first_line(error)}") from error
+
+
+def load_image(path, size, interpolation='bilinear'):
+    """Read any .jpg/.jpeg/.png (any mode) as a uint8 RGB tensor of shape (3, size, size)."""
+    img = read_rgb(path).resize((size, size), INTERPOLATION[interpolation])
     return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
 
 
@@ -252,7 +292,19 @@ class FileImages:
         return load_image(self.root / self.paths[index], self.size, self.interpolation)
 
 
-CACHE_FORMAT = 'zs-sbir-cache-1'
+CACHE_FORMAT = 'zs-sbir-cache-2'  # -2: the index records each image's size and modification time
+
+
+def file_stats(root, paths):
+    """[size, modification time in ns] of every file (links followed): what tells that an image changed."""
+    stats = []
+    for path in paths:
+        try:
+            info = os.stat(Path(root) / path)
+            stats.append([info.st_size, info.st_mtime_ns])
+        except OSError:
+            stats.append(None)
+    return stats
 
 
 def cache_path(data_root, data_name, split, size, interpolation):
@@ -273,13 +325,24 @@ class CachedImages:
         index_file = self.path.with_suffix('.json')
         if not index_file.is_file() or not self.path.is_file():
             raise DataError(f"no image cache at '{self.path}': build it with `{build}` or leave out --cache")
-        index = json.loads(index_file.read_text())
-        row_of = {path: row for row, path in enumerate(index.get('paths', []))}
+        try:
+            index = json.loads(index_file.read_text())
+        except ValueError:
+            index = {}
+        if index.get('format') != CACHE_FORMAT:
+            raise DataError(f"image cache '{self.path}' was built by another version of prepare.py: rebuild it "
+                            f"with `{build}`")
+        row_of = {path: row for row, path in enumerate(index['paths'])}
         missing = [p for p in split.paths if p not in row_of]
-        if index.get('format') != CACHE_FORMAT or missing:
+        if missing:
             raise DataError(f"image cache '{self.path}' does not match the {split_name} folder "
                             f"({len(missing)} images are not in it): rebuild it with `{build}`")
         self.rows, self._array = [row_of[p] for p in split.paths], None  # a split may be a subset
+        now = file_stats(split.root, split.paths)
+        changed = [p for p, row, stat in zip(split.paths, self.rows, now) if index['stats'][row] != stat]
+        if changed:
+            raise DataError(f"image cache '{self.path}' is stale: {len(changed)} images changed since it was built "
+                            f"(size or modification time), e.g. '{changed[0]}': rebuild it with `{build}`")
 
     def __len__(self):
         return len(self.rows)
@@ -515,27 +578,133 @@ _UMASK = os.umask(0)
 os.umask(_UMASK)
 
 
+def _first_line(error):
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+def save_together(writes):
+    """Write files so that a failure (a full disk, say) leaves every one of them as it was.
+
+    `writes` is a list of (path, write) with write(tmp_path) writing the file's content. Every file is
+    first written in full to a temporary file beside it; only when all are written are they renamed
+    onto their paths, in the given order (a rename needs no space).
+    """
+    staged = []
+    try:
+        for path, write in writes:
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+            os.close(fd)
+            staged.append((tmp, path))
+            write(tmp)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.exists() else 0
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
+        raise UserError(f"could not write '{path}' ({reason}; {free:.0f} MB free there): the files being "
+                        f"saved were left as they were") from error
+    for tmp, path in staged:
+        os.replace(tmp, path)
+
+
 def atomic_write(path, write):
     """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_together([(path, write)])
 
 
 def save_torch(obj, path):
     atomic_write(path, lambda tmp: torch.save(obj, tmp))
 
 
-# -2: the networks carry the original code's layer names and ACNet's extractor is the whole timm model.
-CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-2', 'zs-sbir-vectors-1'
+def remove_stale_temporaries(path):
+    """Temporary files that a killed process left beside `path` (call only while owning `path`)."""
+    for tmp in Path(path).parent.glob(f'.{Path(path).name}.*.tmp'):
+        tmp.unlink(missing_ok=True)
+
+
+def check_writable_dir(path, option):
+    """A folder that exists and is writable, or can be created: checked without creating anything."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"{option} '{path}' is a file, not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{option} '{path}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write to {option} '{path}': '{existing}' is not writable (check its permissions)")
+
+
+def _lock_holder_alive(holder):
+    if holder.get('host') != socket.gethostname():
+        return True  # another machine: no way to tell, so respect the lock
+    try:
+        os.kill(int(holder['pid']), 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, KeyError, TypeError, ValueError):
+        return True
+    return True
+
+
+def acquire_lock(path, what):
+    """Own `what` through the lock file `path` while this process runs; returns the release function.
+
+    A second process is refused with a message naming the first. A lock whose process no longer runs
+    on this machine (killed, or the machine restarted) is taken over.
+    """
+    path = Path(path)
+    record = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
+                         'started': time.strftime('%Y-%m-%d %H:%M:%S')})
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
+        except FileExistsError:
+            try:
+                holder = json.loads(path.read_text())
+            except (OSError, ValueError):
+                holder = {}  # empty or unreadable: its writer died before finishing it
+            if holder and _lock_holder_alive(holder):
+                raise UserError(f"{what} is being written by another process (pid {holder.get('pid')} on "
+                                f"{holder.get('host')}, since {holder.get('started')}): wait for it, or use "
+                                f"another --save_root; if that process is gone, delete '{path}'") from None
+            path.unlink(missing_ok=True)  # stale: its process is gone
+            continue
+        with os.fdopen(fd, 'w') as f:
+            f.write(record)
+        return lambda: path.unlink(missing_ok=True)
+    raise UserError(f"could not take the lock '{path}' for {what}: another process keeps taking it")
+
+
+# -2: the networks carry the original code's layer names and ACNet's extractor is the whole timm model;
+# checkpoints and vectors carry the run's id and the data's fingerprint.
+CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-2', 'zs-sbir-vectors-2'
+REQUIRED_KEYS = {CHECKPOINT_FORMAT: ('method', 'args', 'epoch', 'metrics', 'train_classes', 'model', 'vectors_file'),
+                 VECTORS_FORMAT: ('method', 'data_name', 'data_root', 'classes', 'paths', 'labels', 'domains',
+                                  'vectors', 'epoch', 'run_id')}
+REQUIRED_ARGS = ('backbone_type', 'emb_dim', 'img_size', 'data_root', 'data_name')
+
+
+def torch_file_problem(path, error):
+    """Why torch.load(weights_only=True) refused a file, in words (never its advice to load it unsafely)."""
+    size = Path(path).stat().st_size
+    if size == 0:
+        return 'the file is empty (0 bytes)'
+    if str(path).endswith('.safetensors'):
+        return f'it is not a valid safetensors file ({_first_line(error)})'
+    with open(path, 'rb') as f:
+        head = f.read(2)
+    if head != b'PK' and head[:1] != b'\x80':
+        return 'it is not a file written by torch.save'
+    if 'weights_only' in str(error) or 'Unsupported global' in str(error):
+        return 'it holds Python objects other than tensors and plain containers, which are never loaded here'
+    return f'it is truncated or damaged ({_first_line(error)})'
 
 
 def load_torch(path, expected_format, what):
@@ -546,29 +715,86 @@ def load_torch(path, expected_format, what):
     try:
         obj = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as error:
-        raise UserError(f"'{path}' cannot be read as a {what} (torch.load with weights_only=True): "
-                        f"{str(error).splitlines()[0][:200]}") from error
+        raise UserError(f"'{path}' cannot be read as a {what}: {torch_file_problem(path, error)}") from error
     found = obj.get('format') if isinstance(obj, dict) else None
     if isinstance(found, str) and found != expected_format and found.startswith(expected_format.rsplit('-', 1)[0]):
         raise UserError(f"'{path}' is a {what} of an earlier version of this repo (format {found!r}; this version "
                         f"reads {expected_format!r}, see README 'Checkpoint files'): train it again")
     if found != expected_format:
         raise UserError(f"'{path}' is not a {what} of this repo (format {found!r}, expected {expected_format!r})")
+    missing = [key for key in REQUIRED_KEYS[expected_format] if key not in obj]
+    if expected_format == CHECKPOINT_FORMAT and not missing:
+        missing = [f'args.{key}' for key in REQUIRED_ARGS if not isinstance(obj['args'], dict) or key not in obj['args']]
+    if missing:
+        raise UserError(f"'{path}' is an incomplete {what}: it lacks {', '.join(missing)}")
     return obj
+
+
+def csv_writer(rows):
+    """write(path) for a list of dicts as CSV, columns in first-seen order (for atomic_write/save_together)."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+
+    def write(path):
+        with open(path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
+    return write
 
 
 def write_csv(rows, path):
     """Write a list of dicts as CSV (columns in first-seen order), atomically."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
-
-    def write(tmp):
-        with open(tmp, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    atomic_write(path, write)
+    atomic_write(path, csv_writer(rows))
 
 
 def read_csv(path):
     with open(path, newline='') as f:
         return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Command lines: one line and exit code 2 for every problem a user can fix
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(error):
+    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in a traceback."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return ' '.join(text.split('\n'))
+
+
+def run_cli(command, args):
+    """Run command(args): a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
+    try:
+        return command(args)
+    except UserError as error:
+        print(f'error: {one_line(error)}', file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print('\ninterrupted', file=sys.stderr)
+        sys.exit(130)
+
+
+def check_device(device):
+    """A --device that torch can use here, or a UserError saying what this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from error
+    if parsed.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f'--device {device}: no CUDA GPU is visible here; use --device cpu')
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f'--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}')
+    elif parsed.type != 'cpu':
+        raise UserError(f'--device {device}: only cpu and cuda devices are supported')
+    return parsed

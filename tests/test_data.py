@@ -62,7 +62,7 @@ def test_tuberlin_val_drops_classes_with_few_photos(tmp_path):
 
 @pytest.mark.parametrize('layout, data_name, pattern', [
     (None, 'toy', 'data root not found'),
-    ({}, 'toy', r"(?s)train folder of dataset 'toy' not found.*expected layout"),
+    ({}, 'toy', r"train folder of dataset 'toy' not found: .* \(expected <data_root>/<data_name>/\{train,val\}"),
     ({'train': {'sketch': {'a': 1}}}, 'toy', r"'photo' folder not found"),
     ({'train': {'sketch': {'a': 1, 'cow': 1}, 'photo': {'a': 1}}}, 'toy', r"one side only: 'cow' \(only in sketch/\)"),
     ({'train': {'sketch': {'a': 1}, 'photo': {'a': 0}}}, 'toy', r"class 'a' has no images in .*photo/a"),
@@ -77,8 +77,31 @@ def test_scan_errors_are_clear(tmp_path, layout, data_name, pattern):
             for side in sides:
                 (root / data_name / split / side).mkdir(parents=True)
         make_tree(root / data_name, layout)
-    with pytest.raises(DataError, match=pattern):
+    with pytest.raises(DataError, match=pattern) as error:
         scan_split(root, data_name, 'train')
+    assert '\n' not in str(error.value)  # one line
+
+
+def test_a_data_root_that_is_a_file_is_named(tmp_path):
+    (tmp_path / 'file').write_text('x')
+    with pytest.raises(DataError, match=r"data root '.*file' is a file, not a folder"):
+        scan_split(tmp_path / 'file', 'toy', 'train')
+
+
+def test_links_to_missing_files_are_named_not_dropped(tmp_path):
+    root = make_tree(tmp_path / 'root' / 'toy', {'val': {'sketch': {'a': 2, 'b': 1}, 'photo': {'a': 3, 'b': 1}}})
+    gone = tmp_path / 'raw' / 'moved.jpg'
+    (root / 'val' / 'photo' / 'a' / 'linked.jpg').symlink_to(gone)
+    with pytest.raises(DataError, match=r"1 files in .* are links to files that no longer exist, e\.g\. "
+                                        r"'.*photo/a/linked.jpg' -> '.*raw/moved.jpg': rebuild"):
+        scan_split(tmp_path / 'root', 'toy', 'val')
+    kept = scan_split(tmp_path / 'root', 'toy', 'val', keep_broken_links=True)
+    assert 'photo/a/linked.jpg' in kept.paths and kept.count(PHOTO) == 5  # --skip_bad_images drops it later
+    for old in (root / 'val' / 'photo' / 'b').iterdir():  # a class of dangling links only
+        old.unlink()
+    (root / 'val' / 'photo' / 'b' / 'x.jpg').symlink_to(gone)
+    with pytest.raises(DataError, match='2 files in .* are links to files that no longer exist'):
+        scan_split(tmp_path / 'root', 'toy', 'val')
 
 
 def test_pairs_draw_a_photo_of_the_sketch_class(tiny_data):

@@ -393,8 +393,12 @@ def test_bad_weights_and_offline_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"resnet50.tv_in1k ImageNet checkpoint: it lacks .*e\.g\. layer1.0.conv3"):
         MSEdge(2, 'resnet50', 8, weights=tmp_path / 'r18.pth')
     (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(UserError, match="garbage.pth' is not a vgg16.tv_in1k"):
+    with pytest.raises(UserError, match="garbage.pth' cannot be read: it is not a file written by torch.save"):
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'garbage.pth', **features)
+    (tmp_path / 'notes.txt').write_text('weights, honestly')
+    with pytest.raises(UserError, match="notes.txt' cannot be read: it is not a file written by torch.save") as error:
+        create_timm('vgg16.tv_in1k', weights=tmp_path / 'notes.txt', **features)
+    assert 'weights_only' not in str(error.value)  # never advise loading a file unsafely
     torch.save([torch.zeros(2)], tmp_path / 'list.pth')
     with pytest.raises(UserError, match="list.pth' is not a vgg16.tv_in1k ImageNet checkpoint: it holds a list"):
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'list.pth', **features)

@@ -10,7 +10,7 @@ import torch
 import train as train_module
 from conftest import ROOT
 from train import main, parse_args, train
-from utils import CHECKPOINT_FORMAT, UserError, atomic_write, load_torch, read_csv, scan_split
+from utils import CHECKPOINT_FORMAT, VECTORS_FORMAT, UserError, atomic_write, load_torch, read_csv, scan_split
 
 PREFIX = 'synthetic_acnet_resnet50_8'
 
@@ -101,7 +101,7 @@ def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
         with open(tmp, 'w') as f:
             f.write('half')
         raise OSError('disk full')
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"could not write '.*results.csv' \(disk full; \d+ MB free there\)"):
         atomic_write(target, broken)
     assert target.read_text() == 'good' and os.listdir(tmp_path) == ['results.csv']
 
@@ -133,13 +133,13 @@ def test_skip_bad_images_logs_counts_and_skips(broken_data, tmp_path, capsys):
     assert 'left out 2 unreadable images' in out
     listed = (tmp_path / f'{PREFIX}_bad_images.txt').read_text().split()
     assert sorted(listed) == sorted([str(train_photo), str(val_photo)])
-    vectors = load_torch(tmp_path / f'{PREFIX}_vectors.pth', 'zs-sbir-vectors-1', 'vectors')
+    vectors = load_torch(tmp_path / f'{PREFIX}_vectors.pth', VECTORS_FORMAT, 'vectors')
     assert len(vectors['paths']) == len(scan_split(root, 'synthetic', 'val')) - 1
 
 
 def test_unwritable_save_root_and_unreadable_data_root(tiny_data, tmp_path, monkeypatch):
     (tmp_path / 'a-file').write_text('')
-    with pytest.raises(UserError, match="cannot write to --save_root"):
+    with pytest.raises(UserError, match=r"--save_root '.*a-file/results' cannot be created: '.*a-file' is a file"):
         train(parse_args(tiny(tiny_data, tmp_path / 'a-file' / 'results')))
     real_access = os.access
     monkeypatch.setattr(os, 'access', lambda p, mode: False if str(p) == str(tiny_data) else real_access(p, mode))
@@ -152,7 +152,8 @@ def test_checkpoints_load_with_weights_only(tmp_path):
         def __reduce__(self):
             return (os.system, ('echo pwned',))
     torch.save({'format': CHECKPOINT_FORMAT, 'payload': Sneaky()}, tmp_path / 'evil.pth')
-    with pytest.raises(UserError, match=r"cannot be read as a checkpoint \(torch.load with weights_only=True\)"):
+    with pytest.raises(UserError, match=r"cannot be read as a checkpoint: it holds Python objects other than "
+                                        r"tensors and plain containers, which are never loaded here"):
         load_torch(tmp_path / 'evil.pth', CHECKPOINT_FORMAT, 'checkpoint')
 
 

@@ -1,0 +1,395 @@
+"""Bad input and accidents, command by command: each ends in one line naming the culprit, exit code 2 and
+no traceback, and leaves every file the user already had byte-identical (README "Bad inputs")."""
+import errno
+import hashlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+import benchmark
+import convert
+import prepare
+import test as retrieval
+import train as train_module
+from conftest import ROOT
+from prepare import build_cache
+from test_benchmark import fake_run
+from train import main as train_main, parse_args, train
+from utils import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch, read_csv, save_torch
+
+PREFIX = 'synthetic_acnet_resnet50_8'
+
+
+def tiny(data_root, save_root, *extra):
+    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
+            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', 'cpu',
+            '--save_root', str(save_root), *extra]
+
+
+def digests(*folders):
+    """Every file under the folders with the SHA-256 of its bytes."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+
+def check_cli(capsys, main, argv, match, unchanged=()):
+    """main(argv) exits 2 with one line matching `match`, no traceback, and the folders unchanged."""
+    before = digests(*unchanged)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert digests(*unchanged) == before
+    return err
+
+
+@pytest.fixture(scope='module')
+def run(tiny_data, tmp_path_factory):
+    """A finished 2-epoch ACNet run: its folder."""
+    out = tmp_path_factory.mktemp('run')
+    train(parse_args(tiny(tiny_data, out, '--epochs', '2')))
+    return out
+
+
+def copy_run(run, tmp_path):
+    shutil.copytree(run, tmp_path / 'run')
+    return tmp_path / 'run'
+
+
+# ----------------------------------------------------------------------------------------------- train.py
+
+def test_a_second_run_into_the_same_files_is_refused_and_a_killed_run_does_not_block(tiny_data, tmp_path, capsys):
+    """Two train.py at once: the second stops; after kill -9 of the first, --resume takes over its lock."""
+    out = tmp_path / 'out'
+    first = subprocess.Popen([sys.executable, str(ROOT / 'train.py'), *tiny(tiny_data, out, '--epochs', '200')],
+                             cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (out / f'{PREFIX}_last.pth').exists() and time.time() < deadline:
+            time.sleep(0.2)
+        assert (out / f'.{PREFIX}.lock').exists() and first.poll() is None
+        check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '200', '--resume'),
+                  rf"run '{PREFIX}' in '.*out' is being written by another process \(pid {first.pid} on ")
+        check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '200', '--overwrite'),
+                  'is being written by another process')
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait()
+    assert (out / f'.{PREFIX}.lock').exists()  # left behind by the killed run
+    epochs = load_torch(out / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch']
+    train(parse_args(tiny(tiny_data, out, '--epochs', str(epochs + 1), '--resume')))
+    assert len(read_csv(out / f'{PREFIX}_results.csv')) == epochs + 1
+    assert not [p for p in out.iterdir() if p.name.startswith('.')]  # lock released, no temporaries
+
+
+def test_resume_refuses_other_data(run, tiny_data, tmp_path, capsys):
+    out = copy_run(run, tmp_path)
+    renamed = tmp_path / 'renamed'
+    shutil.copytree(tiny_data, renamed)
+    for side in ('sketch', 'photo'):
+        first = sorted((renamed / 'synthetic' / 'train' / side).iterdir())[0]
+        first.rename(first.with_name('zz_renamed'))
+    check_cli(capsys, train_main, tiny(renamed, out, '--epochs', '3', '--resume'),
+              r"cannot resume .*: the data at '.*renamed/synthetic' is not the run's \(train split: classes 1 gone "
+              r"\(e\.g\. '.*'\), 1 new \(e\.g\. 'zz_renamed'\)\); pass the run's --data_root", unchanged=[out])
+    fewer = tmp_path / 'fewer'
+    shutil.copytree(tiny_data, fewer)
+    for side in ('sketch', 'photo'):
+        shutil.rmtree(sorted((fewer / 'synthetic' / 'train' / side).iterdir())[0])
+    check_cli(capsys, train_main, tiny(fewer, out, '--epochs', '3', '--resume'),
+              r'train split: classes 1 gone .*, 0 new; 16 -> 12 sketches; 16 -> 12 photos', unchanged=[out])
+    one_less = tmp_path / 'one_less'
+    shutil.copytree(tiny_data, one_less)
+    sorted((one_less / 'synthetic' / 'val' / 'photo').rglob('*.jpg'))[0].unlink()
+    check_cli(capsys, train_main, tiny(one_less, out, '--epochs', '3', '--resume'), r'val split: 12 -> 11 photos',
+              unchanged=[out])
+
+
+def test_resume_epoch_counts(run, tiny_data, tmp_path, capsys):
+    out = copy_run(run, tmp_path)
+    check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '1', '--resume'),
+              r"_last.pth' has 2 epochs, more than --epochs 1: pass --epochs 2 or more", unchanged=[out])
+    before = digests(out)
+    train(parse_args(tiny(tiny_data, out, '--epochs', '2', '--resume')))
+    assert 'already has all 2 epochs: nothing to do' in capsys.readouterr().out and digests(out) == before
+
+
+def test_a_full_disk_while_saving_changes_nothing_and_resume_continues(tiny_data, tmp_path, capsys, monkeypatch):
+    out = tmp_path / 'out'
+    train(parse_args(tiny(tiny_data, out, '--epochs', '1')))
+    before = digests(out)
+
+    def full_disk_csv(rows):  # epoch 2's _last.pth is written in full first, then the CSV hits a full disk
+        def write(path):
+            Path(path).write_text('epoch,adv_lo')
+            raise OSError(errno.ENOSPC, 'No space left on device')
+        return write
+    monkeypatch.setattr(train_module, 'csv_writer', full_disk_csv)
+    check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '2', '--resume'),
+              r"could not write '.*_results.csv' \(No space left on device; \d+ MB free there\): the files being "
+              r"saved were left as they were")
+    assert digests(out) == before  # epoch 1's files intact, no temporary file left
+    monkeypatch.undo()
+    real_save = torch.save
+
+    def failing_save(obj, path, *args, **kwargs):  # torch.save reports a full disk as a RuntimeError
+        raise RuntimeError('[enforce fail at inline_container.cc:664] . unexpected pos 64 vs 0: file write failed')
+    monkeypatch.setattr(torch, 'save', failing_save)
+    check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '2', '--resume'),
+              r"could not write '.*_last.pth' \(\[enforce fail.*file write failed; \d+ MB free there\)")
+    assert digests(out) == before
+    monkeypatch.setattr(torch, 'save', real_save)
+    train(parse_args(tiny(tiny_data, out, '--epochs', '2', '--resume')))
+    assert len(read_csv(out / f'{PREFIX}_results.csv')) == 2
+
+
+def test_best_files_cut_off_by_a_kill_are_rebuilt_on_resume(run, tiny_data, tmp_path, capsys):
+    """Killed between the renames of a save: _last.pth names epoch 2 best, the best files are of epoch 1."""
+    out = copy_run(run, tmp_path)
+    last = load_torch(out / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    last['best'] = {**last['best'], 'epoch': 2}
+    save_torch(last, out / f'{PREFIX}_last.pth')
+    for name, fmt in (('model', CHECKPOINT_FORMAT), ('vectors', VECTORS_FORMAT)):
+        stale = load_torch(out / f'{PREFIX}_{name}.pth', fmt, name)
+        save_torch({**stale, 'epoch': 1}, out / f'{PREFIX}_{name}.pth')
+    (out / f'.{PREFIX}_model.pth.x1y2.tmp').write_bytes(b'half a checkpoint')  # what kill -9 leaves
+    train(parse_args(tiny(tiny_data, out, '--epochs', '2', '--resume')))
+    assert 'rewriting the best-epoch files of epoch 2' in capsys.readouterr().out
+    model = load_torch(out / f'{PREFIX}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    vectors = load_torch(out / f'{PREFIX}_vectors.pth', VECTORS_FORMAT, 'vectors')
+    assert model['epoch'] == vectors['epoch'] == 2 and vectors['run_id'] == last['run_id']
+    assert all(torch.equal(model['model'][k], last['model'][k]) for k in last['model'])
+    assert not [p for p in out.iterdir() if p.name.startswith('.')]
+    retrieval.main(['--data_base', str(out / f'{PREFIX}_model.pth'), '--save_root', str(tmp_path / 'pictures'),
+                    '--device', 'cpu'])  # the rebuilt pair is accepted
+
+
+def test_msedge_trains_when_the_last_batch_holds_one_image(tiny_data, tmp_path):
+    """32 train images, batch 31: the last batch would hold one image, on which BatchNorm cannot train."""
+    train(parse_args(tiny(tiny_data, tmp_path, '--method', 'msedge', '--batch_size', '31', '--epochs', '1',
+                          '--warmup', '0')))
+    assert len(read_csv(tmp_path / 'synthetic_msedge_resnet50_8_results.csv')) == 1
+
+
+def test_a_failed_run_leaves_no_save_root(tiny_data, tmp_path, capsys, monkeypatch):
+    check_cli(capsys, train_main, tiny(tmp_path / 'no-data', tmp_path / 'out1', '--data_name', 'toy'), 'data root not found')
+    assert not (tmp_path / 'out1').exists()
+
+    def fail(*args, **kwargs):
+        raise train_module.NonFiniteLoss('epoch 1/1: a loss became NaN or infinite by step 1')
+    monkeypatch.setattr(train_module, 'train_epoch', fail)
+    check_cli(capsys, train_main, tiny(tiny_data, tmp_path / 'out2', '--epochs', '1'), 'became NaN')
+    assert not (tmp_path / 'out2').exists()
+
+
+def test_overwrite_drops_an_earlier_runs_bad_image_list(tiny_data, tmp_path):
+    broken = tmp_path / 'broken'
+    shutil.copytree(tiny_data, broken)
+    photo = sorted((broken / 'synthetic' / 'val' / 'photo').rglob('*.jpg'))[0]
+    good = photo.read_bytes()
+    photo.write_bytes(b'junk')
+    train(parse_args(tiny(broken, tmp_path / 'out', '--epochs', '1', '--skip_bad_images')))
+    assert (tmp_path / 'out' / f'{PREFIX}_bad_images.txt').read_text().strip() == str(photo)
+    photo.write_bytes(good)
+    train(parse_args(tiny(broken, tmp_path / 'out', '--epochs', '1', '--skip_bad_images', '--overwrite')))
+    assert not (tmp_path / 'out' / f'{PREFIX}_bad_images.txt').exists()
+
+
+def test_links_to_missing_files_stop_training_or_are_skipped(tiny_data, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    (sorted((data / 'synthetic' / 'val' / 'photo').iterdir())[0] / 'gone.jpg').symlink_to(tmp_path / 'moved.jpg')
+    check_cli(capsys, train_main, tiny(data, tmp_path / 'out', '--epochs', '1'),
+              r"1 files in .* are links to files that no longer exist, e\.g\. '.*gone\.jpg' -> '.*moved\.jpg'")
+    train(parse_args(tiny(data, tmp_path / 'out', '--epochs', '1', '--skip_bad_images')))
+    listed = (tmp_path / 'out' / f'{PREFIX}_bad_images.txt').read_text()
+    assert 'gone.jpg' in listed
+
+
+def test_a_run_with_skipped_images_works_in_test_py(tiny_data, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    sorted((data / 'synthetic' / 'val' / 'photo').rglob('*.jpg'))[0].write_bytes(b'junk')
+    train(parse_args(tiny(data, tmp_path / 'out', '--epochs', '1', '--skip_bad_images')))
+    checkpoint = tmp_path / 'out' / f'{PREFIX}_model.pth'
+    retrieval.main(['--data_base', str(checkpoint), '--save_root', str(tmp_path / 'pictures'), '--device', 'cpu'])
+    metrics = retrieval.main(['--data_base', str(checkpoint), '--evaluate', '--workers', '0', '--device', 'cpu'])
+    assert 'leaving out the 1 val images that training left out' in capsys.readouterr().out
+    best = max(read_csv(tmp_path / 'out' / f'{PREFIX}_results.csv'), key=lambda r: float(r['precise']))
+    assert metrics['precise'] == pytest.approx(float(best['precise']), abs=1e-6)
+
+
+def test_a_stale_image_cache_is_refused(tiny_data, tmp_path, capsys):
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    build_cache(data, 'synthetic', 32, 'acnet', workers=1)
+    photo = sorted((data / 'synthetic' / 'train' / 'photo').rglob('*.jpg'))[0]
+    Image.new('RGB', (32, 32), (255, 0, 0)).save(photo, quality=50)  # same name, new content
+    os.utime(photo, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
+    check_cli(capsys, train_main, tiny(data, tmp_path / 'out', '--epochs', '1', '--cache'),
+              r"image cache '.*train_32_bilinear.npy' is stale: 1 images changed since it was built \(size or "
+              r"modification time\), e\.g\. 'photo/.*\.jpg': rebuild it with `python prepare.py cache")
+
+
+@pytest.mark.parametrize('extra, message', [
+    (['--device', 'cuda:7'], r'--device cuda:7: no CUDA GPU is visible here|--device cuda:7: this machine has'),
+    (['--device', 'tpu0'], r"--device 'tpu0' is not a device name"),
+    (['--epochs', 'ten'], r"argument --epochs: invalid int value: 'ten' \(see .* --help\)"),
+    (['--method', 'acnett'], r"argument --method: invalid choice: 'acnett'"),
+])
+def test_option_errors_are_one_line(tiny_data, tmp_path, capsys, extra, message):
+    check_cli(capsys, train_main, tiny(tiny_data, tmp_path / 'out', *extra), message)
+    assert not (tmp_path / 'out').exists()
+
+
+def test_a_data_root_that_is_a_file(tmp_path, capsys):
+    (tmp_path / 'data.zip').write_bytes(b'PK')
+    check_cli(capsys, train_main, tiny(tmp_path / 'data.zip', tmp_path / 'out'), r"data.root '.*data.zip' is a file, not a folder")
+
+
+def test_out_of_gpu_memory_names_the_batch_size(tiny_data, tmp_path, capsys, monkeypatch):
+    def oom(args):
+        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 20.00 GiB')
+    monkeypatch.setattr(train_module, 'train', oom)
+    check_cli(capsys, train_main, tiny(tiny_data, tmp_path, '--batch_size', '4096'),
+              r'out of GPU memory at --batch_size 4096 \(--eval_batch_size 8192\): lower them, or add --amp')
+
+
+# ----------------------------------------------------------------------------------------------- test.py
+
+def test_test_py_never_deletes_or_overwrites_what_it_did_not_write(run, tiny_data, tmp_path, capsys):
+    checkpoint = run / f'{PREFIX}_model.pth'
+    results = tmp_path / 'result'
+    (results / 'benchmark').mkdir(parents=True)
+    (results / 'benchmark' / 'benchmark.md').write_text('a table')  # benchmark.py's folder
+    query = tmp_path / 'benchmark.png'
+    shutil.copy(sorted((tiny_data / 'synthetic' / 'val' / 'sketch').rglob('*.png'))[0], query)
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', query, '--save_root', results],
+              r"folder '.*result/benchmark' exists and was not written by test.py: choose another --save_root "
+              r"\(nothing was written\)", unchanged=[results])
+    assert not (results / 'benchmark.png').exists()
+    (results / 'benchmark').rename(results / 'other')
+    (results / 'benchmark.png').write_bytes(b'my own picture')
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', query, '--save_root', results],
+              r"'.*result/benchmark.png' exists and was not written by test.py", unchanged=[results])
+    # a query inside --save_root
+    mine = results / 'my_sketch.png'
+    shutil.copy(query, mine)
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', mine, '--save_root', results],
+              r"'.*result/my_sketch.png' or '.*result/my_sketch' is \(or holds\) a query image", unchanged=[results])
+    # --save_root inside the dataset
+    sketches = tiny_data / 'synthetic' / 'val' / 'sketch'
+    class_folder = sorted(sketches.iterdir())[0]
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', class_folder, '--save_root',
+                                       class_folder], r"--save_root '.*' is inside the dataset", unchanged=[sketches])
+    # its own outputs are replaced on a second run, and only its own files in its folders
+    (results / 'benchmark.png').unlink()
+    retrieval.main(['--data_base', str(checkpoint), '--query_name', str(query), '--save_root', str(results)])
+    (results / 'benchmark' / 'notes.txt').write_text('mine')
+    retrieval.main(['--data_base', str(checkpoint), '--query_name', str(query), '--save_root', str(results),
+                    '--num', '2'])
+    assert (results / 'benchmark' / 'notes.txt').read_text() == 'mine'
+    assert len(list((results / 'benchmark').glob('retrieval_*.jpg'))) == 2
+    assert (results / 'other' / 'benchmark.md').read_text() == 'a table'
+
+
+def test_test_py_refuses_vectors_of_another_epoch_or_run(run, tiny_data, tmp_path, capsys):
+    out = copy_run(run, tmp_path)
+    model = load_torch(out / f'{PREFIX}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    save_torch({**model, 'epoch': model['epoch'] + 5}, out / 'later_model.pth')
+    check_cli(capsys, retrieval.main, ['--data_base', out / 'later_model.pth', '--vectors',
+                                       out / f'{PREFIX}_vectors.pth', '--save_root', tmp_path / 'pics'],
+              rf"holds the embeddings of epoch {model['epoch']}, but '.*later_model.pth' is epoch {model['epoch'] + 5} "
+              r"of that run: pass its _model.pth \(the best epoch\), or --evaluate")
+    save_torch({**model, 'run_id': 'another'}, out / 'other_model.pth')
+    check_cli(capsys, retrieval.main, ['--data_base', out / 'other_model.pth', '--vectors',
+                                       out / f'{PREFIX}_vectors.pth', '--save_root', tmp_path / 'pics'],
+              r"holds the embeddings of another run than '.*other_model.pth'")
+    assert not (tmp_path / 'pics').exists()
+
+
+@pytest.mark.parametrize('content, message', [
+    (b'', r"cannot be read as a checkpoint: the file is empty \(0 bytes\)"),
+    (b'my notes, not a checkpoint', r'cannot be read as a checkpoint: it is not a file written by torch.save'),
+    ('no-args', r"is an incomplete checkpoint: it lacks args"),
+    ('no-img-size', r"is an incomplete checkpoint: it lacks args.img_size"),
+])
+def test_test_py_bad_checkpoint_files(run, tmp_path, capsys, content, message):
+    path = tmp_path / 'bad_model.pth'
+    model = load_torch(run / f'{PREFIX}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    if content == 'no-args':
+        save_torch({k: v for k, v in model.items() if k != 'args'}, path)
+    elif content == 'no-img-size':
+        save_torch({**model, 'args': {k: v for k, v in model['args'].items() if k != 'img_size'}}, path)
+    else:
+        path.write_bytes(content)
+    err = check_cli(capsys, retrieval.main, ['--data_base', path, '--save_root', tmp_path / 'out'], message)
+    assert 'weights_only' not in err
+
+
+def test_test_py_unwritable_save_root_and_junk_gallery_photo(run, tiny_data, tmp_path, capsys):
+    checkpoint = run / f'{PREFIX}_model.pth'
+    (tmp_path / 'file').write_text('x')
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--save_root', tmp_path / 'file' / 'out'],
+              r"--save_root '.*file/out' cannot be created: '.*file' is a file")
+    data = tmp_path / 'data'
+    shutil.copytree(tiny_data, data)
+    for photo in (data / 'synthetic' / 'val' / 'photo').rglob('*.jpg'):
+        photo.write_bytes(b'junk, same name')  # every gallery photo, so that the top k hits one
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--data_root', data, '--save_root', tmp_path / 'o'],
+              r"gallery photo unreadable \(changed since the gallery was embedded\?\): cannot read image '.*\.jpg'")
+    check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--data_root', data, '--evaluate', '--workers', 2],
+              r"cannot read image '.*synthetic/val/photo/.*\.jpg'")
+
+
+# ----------------------------------------------------------------------------------------------- others
+
+def test_prepare_py_errors(tiny_data, tmp_path, capsys):
+    check_cli(capsys, prepare.main, ['cache', '--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', 0],
+              r'--img_size must be a multiple of 4 and at least 32 \(as train.py needs\), got 0', unchanged=[tiny_data])
+    (tmp_path / 'file').write_text('x')
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'file'], r"--data_root '.*file' is a file")
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tiny_data], r"synthetic' already exists: pass "
+              r"--overwrite", unchanged=[tiny_data])
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--num_sketches', 0],
+              '--num_sketches must be at least 1, got 0')
+    check_cli(capsys, prepare.main, ['synthetic', '--num_classes', 99], r'--num_classes must be at most 34')
+    check_cli(capsys, prepare.main, ['sketchy', '--split', '25', '--sketch_dir', tmp_path / 'x', '--photo_dir',
+                                     tmp_path / 'y'], r"sketch folder not found: '.*x'")
+    assert not (tmp_path / 'new').exists()
+    prepare.main(['synthetic', '--data_root', str(tmp_path / 'again'), '--num_sketches', '1', '--num_photos', '1',
+                  '--num_val_photos', '1', '--img_size', '32'])
+    prepare.main(['synthetic', '--data_root', str(tmp_path / 'again'), '--num_sketches', '2', '--num_photos', '1',
+                  '--num_val_photos', '1', '--img_size', '32', '--overwrite'])
+    assert len(list((tmp_path / 'again' / 'synthetic' / 'train' / 'sketch').rglob('*.png'))) == 2 * 15
+
+
+def test_benchmark_table_over_odd_files(tmp_path, capsys):
+    (tmp_path / 'empty_results.csv').write_text('')
+    (tmp_path / 'synthetic_acnet_resnet50_512_results.csv').write_text('')
+    (tmp_path / 'synthetic_msedge_resnet50_512_results.csv').write_text('epoch,precise\n1,0.5\n')
+    check_cli(capsys, benchmark.main, ['--table_only', '--save_root', tmp_path],
+              r"no results CSV of train.py under '.*'", unchanged=[tmp_path])
+    check_cli(capsys, benchmark.main, ['--save_root', tmp_path / 'a', '--datasets', 'synthetic', '--', '--save_root',
+                                       tmp_path / 'b'], r'--save_root after -- would send the runs elsewhere')
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512_w1-0-1_on-photo-fake', [0.2, 0.3])
+    benchmark.main(['--table_only', '--save_root', str(tmp_path)])
+    captured = capsys.readouterr()
+    assert '| acnet w1-0-1 on-photo-fake (ours) | resnet50 | 512 | test | 30.0 |' in captured.out
+    assert 'empty_results.csv: not named as train.py names its results' in captured.out
+
+
+def test_convert_py_needs_a_file_name(tmp_path, capsys):
+    check_cli(capsys, convert.main, ['--extractor', 'e.pth', '--generator', 'g.pth', '--save', tmp_path],
+              r"--save '.*' is a folder: name the checkpoint file to write")

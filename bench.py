@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import ArgumentParser, retrieval_metrics
+from utils import ArgumentParser, UserError, retrieval_metrics, run_cli
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
 SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quick': (1500, 2000, 10)}
@@ -119,6 +119,8 @@ def run_child(kind, size, device, repeats, slow_queries):
 
 
 def bench_metrics(args):
+    if args.repeats < 1 or args.slow_queries < 1:
+        raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     sizes = ['quick'] if args.quick else ['sketchy', 'tuberlin']
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
@@ -233,6 +235,9 @@ def bench_train(args):
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
     if args.quick:
         args.img_size, args.batch_size, args.steps = 32, 8, 3
+    if args.batch_size < 2 or args.steps < 1 or args.workers < 0 or not 32 <= args.img_size <= 2048:
+        raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
+                        f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
@@ -308,10 +313,7 @@ def main(argv=None):
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
     train.add_argument('--cpu', action='store_true', help='measure on the CPU even when a GPU is present')
     args = parser.parse_args(argv)
-    if args.command == 'metrics':
-        bench_metrics(args)
-    elif args.command == 'train':
-        bench_train(args)
+    run_cli(bench_metrics if args.command == 'metrics' else bench_train, args)
 
 
 if __name__ == '__main__':

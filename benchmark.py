@@ -151,6 +151,12 @@ def run(args):
     if '--save_root' in args.train_args:
         raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
                         'benchmark.py --save_root (before --) instead')
+    if not args.table_only:
+        for _, run_args in grid(args):
+            folder = Path(run_args.data_root) / run_args.data_name
+            if run_args.data_name != 'synthetic' and not folder.is_dir():  # train.py generates synthetic itself
+                raise UserError(f"--datasets {run_args.data_name}: no dataset folder '{folder}' (set train.py's "
+                                f"--data_root after --)")
     failed = [] if args.table_only else run_grid(args)
     if args.dry_run:
         return

@@ -141,6 +141,8 @@ def load_local_weights(model, path, tag):
     pretrained_cfg_overlay path loads non-strictly when the classifier is replaced: a wrong file
     would silently leave the backbone random.)
     """
+    if Path(path).is_dir():
+        raise UserError(f"--weights '{path}' is a folder: name the weights file in it")
     if not Path(path).is_file():
         raise UserError(f"--weights file not found: '{path}'")
     try:
@@ -506,6 +508,9 @@ def acnet_from_released(extractor_state, generator_state, backbone_type, emb_dim
     for state, module, kind, path in ((extractor_state, model.extractor, arch, paths[0]),
                                       (generator_state, model.generator, 'generator', paths[1])):
         what = 'an ACNet generator' if kind == 'generator' else f'a {backbone_type} ACNet extractor'
+        if isinstance(state, dict) and 'format' in state:
+            raise UserError(f"'{path}' is a checkpoint of this repo, not a released state dict: it needs no "
+                            f"conversion (pass it to test.py --data_base)")
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise UserError(f"'{path}' is not a state dict (a dict of tensors) but a {type(state).__name__}")
         found = _released_kind(state)

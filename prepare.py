@@ -252,13 +252,15 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
     do not depend on the order in which they are drawn. An existing dataset is replaced only with
     `overwrite`, and only once the new one is complete.
     """
-    train, val = synthetic_classes(num_classes, num_val_classes, seed)
     counts = dict(num_sketches=num_sketches, num_photos=num_photos, num_val_photos=num_val_photos)
     problems = [f'--{name} must be at least 1, got {value}' for name, value in counts.items() if value < 1]
     if img_size < 8:
         problems.append(f'--img_size must be at least 8, got {img_size}')
+    if seed < 0:
+        problems.append(f'--seed must be at least 0, got {seed}')
     if problems:
         raise UserError('; '.join(problems))
+    train, val = synthetic_classes(num_classes, num_val_classes, seed)
     out = Path(data_root) / 'synthetic'
     check_writable_dir(data_root, '--data_root')
     if out.exists() and not overwrite:
@@ -295,7 +297,7 @@ def preview(data_dir, out_path, per_class=1, size=64):
                 rows[domain] += [load_image(split.root / split.paths[i], size) for i in items[:per_class]]
     grid = np.concatenate([np.concatenate([im.permute(1, 2, 0).numpy() for im in rows[d]], 1)
                            for d in (SKETCH, PHOTO)], 0)
-    Image.fromarray(grid).save(out_path, optimize=True)
+    atomic_write(out_path, lambda tmp: Image.fromarray(grid).save(tmp, format='PNG', optimize=True))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -505,6 +507,13 @@ def parse_args(argv=None):
 
 
 def run(args):
+    empty = [f'--{name}' for name, value in vars(args).items() if value == '' or (isinstance(value, list) and '' in value)]
+    if empty:
+        raise UserError(f'{", ".join(empty)} must not be empty')
+    if args.command == 'synthetic' and args.preview:  # before minutes of work, not after
+        check_writable_dir(Path(args.preview).parent, '--preview folder')
+        if Path(args.preview).suffix.lower() != '.png' or Path(args.preview).is_dir():
+            raise UserError(f"--preview '{args.preview}' must name a .png file")
     if args.command == 'synthetic':
         out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
                              args.num_photos, args.num_val_photos, args.img_size, args.seed, args.overwrite)

@@ -316,6 +316,10 @@ def evaluate(args, model, checkpoint, data_root, data_name):
 
 
 def run(args):
+    empty = [f'--{name}' for name in ('data_base', 'vectors', 'save_root', 'data_root', 'data_name')
+             if getattr(args, name) == ''] + (['--query_name'] if '' in (args.query_name or []) else [])
+    if empty:
+        raise UserError(f'{", ".join(empty)} must not be empty')
     if args.num < 1:
         raise UserError(f'--num must be at least 1, got {args.num}')
     if args.workers < 0:

@@ -119,15 +119,22 @@ def check_args(args):
             problems.append(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.warmup <= args.epochs:
         problems.append(f'--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}')
-    if args.img_size < 32 or args.img_size % 4:
-        problems.append(f'--img_size must be a multiple of 4 and at least 32, got {args.img_size}')
-    if args.workers < 0 or not args.lr > 0:
-        problems.append('--workers must be >= 0 and --lr > 0')
+    if not 32 <= args.img_size <= 2048 or args.img_size % 4:
+        problems.append(f'--img_size must be a multiple of 4 from 32 to 2048, got {args.img_size}')
+    if args.workers < 0:
+        problems.append(f'--workers must be at least 0, got {args.workers}')
+    if not 0 < args.lr < float('inf'):
+        problems.append(f'--lr must be a positive number, got {args.lr}')
+    if not 0 <= args.seed < 2 ** 31:
+        problems.append(f'--seed must be from 0 to 2**31 - 1, got {args.seed}')
     if not 0 < args.heldout_fraction < 1:
         problems.append(f'--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}')
     if args.resume and args.overwrite:
         problems.append('--resume and --overwrite exclude each other')
-    if min(args.loss_weights) < 0 or args.loss_weights[2] == 0:
+    problems += [f'--{name} must not be empty' for name in ('data_root', 'save_root') if not getattr(args, name)]
+    if not args.data_name or Path(args.data_name).name != args.data_name or args.data_name in ('.', '..'):
+        problems.append(f'--data_name must be the name of a folder in --data_root, got {args.data_name!r}')
+    if not all(0 <= w < float('inf') for w in args.loss_weights) or args.loss_weights[2] == 0:
         problems.append(f'--loss_weights must be >= 0 with a class weight above 0, got {args.loss_weights}')
     if args.method != 'acnet' and acnet_variant(args):
         problems.append('--loss_weights and --class_on apply to --method acnet only')

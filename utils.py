@@ -710,6 +710,8 @@ def torch_file_problem(path, error):
 def load_torch(path, expected_format, what):
     """Load a file this repo saved, with weights_only=True (a downloaded file cannot run code)."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"'{path}' is a folder, not a {what}: name the file")
     if not path.is_file():
         raise UserError(f"{what} not found: '{path}'")
     try:

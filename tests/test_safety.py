@@ -393,3 +393,41 @@ def test_benchmark_table_over_odd_files(tmp_path, capsys):
 def test_convert_py_needs_a_file_name(tmp_path, capsys):
     check_cli(capsys, convert.main, ['--extractor', 'e.pth', '--generator', 'g.pth', '--save', tmp_path],
               r"--save '.*' is a folder: name the checkpoint file to write")
+
+
+def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
+    """Inputs a hostile probe tried: each one line, exit 2, nothing written."""
+    import bench
+    checkpoint = run / f'{PREFIX}_model.pth'
+    (tmp_path / 'notes.txt').write_text('hello')
+    train_base = tiny(tiny_data, tmp_path / 'out')
+    cases = [
+        (train_main, ['--data_root', '', '--save_root', tmp_path / 'out'], '--data_root must not be empty'),
+        (train_main, train_base + ['--data_name', '../synthetic'], '--data_name must be the name of a folder'),
+        (train_main, train_base + ['--seed', str(10 ** 23)], r'--seed must be from 0 to 2\*\*31 - 1'),
+        (train_main, train_base + ['--img_size', '100000'], '--img_size must be a multiple of 4 from 32 to 2048'),
+        (train_main, train_base + ['--lr', 'inf'], '--lr must be a positive number, got inf'),
+        (train_main, train_base + ['--loss_weights', 'nan', '1', '1'], '--loss_weights must be >= 0'),
+        (train_main, ['--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', '32', '--device', 'cpu',
+                      '--save_root', tmp_path / 'out', '--weights', tmp_path],
+         "--weights '.*' is a folder: name the weights file in it"),
+        (retrieval.main, ['--data_base', checkpoint, '--query_name', ''], '--query_name must not be empty'),
+        (retrieval.main, ['--data_base', run], "'.*' is a folder, not a checkpoint: name the file"),
+        (retrieval.main, ['--data_base', checkpoint, '--vectors', checkpoint], 'is not a vectors file of this repo'),
+        (retrieval.main, ['--data_base', checkpoint, '--query_name', tmp_path / 'notes.txt', '--save_root',
+                          tmp_path / 'out'], r"cannot read image '.*notes.txt'"),
+        (prepare.main, ['synthetic', '--data_root', ''], '--data_root must not be empty'),
+        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--seed', '-1'], '--seed must be at least 0'),
+        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path / 'notes.txt' / 'x.png'],
+         "--preview folder '.*notes.txt' is a file"),
+        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path], 'must name a .png file'),
+        (convert.main, ['--extractor', checkpoint, '--generator', checkpoint, '--save', tmp_path / 'c.pth'],
+         'is a checkpoint of this repo, not a released state dict: it needs no conversion'),
+        (benchmark.main, ['--datasets', 'nowhere', '--save_root', tmp_path / 'b', '--', '--data_root', tiny_data],
+         r"--datasets nowhere: no dataset folder '.*nowhere'"),
+        (bench.main, ['metrics', '--repeats', '0'], '--repeats and --slow_queries must be at least 1'),
+        (bench.main, ['train', '--steps', '0'], '--steps at least 1'),
+    ]
+    for main, argv, match in cases:
+        check_cli(capsys, main, argv, match, unchanged=[tiny_data, run])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']  # nothing was created

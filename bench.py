@@ -4,6 +4,8 @@
     python bench.py metrics --quick         # small sizes, seconds
     python bench.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
     python bench.py train --quick           # tiny sizes on the CPU, about a minute
+    python bench.py backbones               # images/s and peak memory per backbone, +- gradient checkpointing
+    python bench.py backbones --quick       # tiny backbones at 64 px on the CPU
 
 `train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
 the same run: with "seed settings" (fp32, deterministic cuDNN, NCHW, no compile, .item() after every
@@ -284,6 +286,71 @@ def bench_train(args):
           f'(`python bench.py metrics` compares with the seeds\' per-query style)')
 
 
+# ----------------------------------------------------------------------------------------------
+# Backbones: training speed and peak memory, with and without gradient checkpointing
+
+BACKBONES = ['resnet50', 'vgg16', 'convnext_tiny', 'vit_small_patch14_dinov2', 'vit_base_patch16_clip_224']
+QUICK_BACKBONES = ['resnet18', 'convnext_atto', 'vit_tiny_patch16_224']
+
+
+def measure_backbone(method, backbone, img_size, batch_size, steps, checkpointing, device):
+    """One measurement (run in its own process): train images/s, peak memory, parameters, feature sizes."""
+    device = torch.device(device)
+    s = settings('ours', device, compile_ours=False)
+    model, optimizers = prepared_model(method, backbone, 10, device, s)
+    if checkpointing:
+        model.set_grad_checkpointing()
+    train_batches, _ = memory_batches(method, batch_size, img_size, 10, steps + 2)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    base = _peak_rss_mb()
+    speed = time_training(model, optimizers, train_batches, batch_size, device, s)
+    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - base
+    backbone_net = model.extractor.backbone if method == 'acnet' else model.backbone
+    features = ([backbone_net.num_features] if method == 'acnet' else model.backbone.feature_info.channels())
+    return dict(images_per_s=speed, memory_mb=memory, features=features,
+                params_m=sum(p.numel() for p in backbone_net.parameters()) / 1e6, tag=model.backbone_tag)
+
+
+def bench_backbones(args):
+    device = 'cuda' if torch.cuda.is_available() and not args.cpu else 'cpu'
+    if args.quick:
+        args.img_size, args.batch_size, args.steps = 64, 8, 2
+    backbones = args.backbones or (QUICK_BACKBONES if args.quick else BACKBONES)
+    if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
+        raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
+                        f'{args.batch_size}, {args.steps}, {args.img_size}')
+    from model import backbone_tag
+    for backbone in backbones:
+        backbone_tag('acnet', backbone)  # an unknown name: one line, before any measurement
+    name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
+          f'{args.steps} timed steps; bf16 autocast on GPU; peak memory: {"allocated on the GPU" if device == "cuda" else "extra RSS"}\n')
+    print('| backbone (tag) | params (M) | method | features | grad checkpointing | train images/s | peak memory (MB) |')
+    print('|---|---|---|---|---|---|---|')
+    for backbone in backbones:
+        for method in ('acnet', 'msedge'):
+            for checkpointing in (False, True):
+                out = run_backbone_child(method, backbone, args.img_size, args.batch_size, args.steps, checkpointing,
+                                         device)
+                if out is None:
+                    print(f'| {backbone} | | {method} | | {"on" if checkpointing else "off"} | failed | |')
+                    continue
+                print(f'| {backbone} ({out["tag"]}) | {out["params_m"]:.1f} | {method} | '
+                      f'{"/".join(map(str, out["features"]))} | {"on" if checkpointing else "off"} | '
+                      f'{out["images_per_s"]:.1f} | {out["memory_mb"]:.0f} |', flush=True)
+
+
+def run_backbone_child(method, backbone, img_size, batch_size, steps, checkpointing, device):
+    argv = [sys.executable, __file__, '_backbone', method, backbone, str(img_size), str(batch_size), str(steps),
+            str(int(checkpointing)), device]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. out of memory: reported in the table, the other rows still run
+        print(f'  ({method} {backbone}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})')
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def _forever(loader):
     epoch = 0
     while True:
@@ -297,6 +364,11 @@ def main(argv=None):
     if argv and argv[0] == '_measure':
         kind, size, device, repeats, slow_queries = argv[1:]
         print(json.dumps(measure(kind, size, device, int(repeats), int(slow_queries))))
+        return
+    if argv and argv[0] == '_backbone':
+        method, backbone, img_size, batch_size, steps, checkpointing, device = argv[1:]
+        print(json.dumps(measure_backbone(method, backbone, int(img_size), int(batch_size), int(steps),
+                                          bool(int(checkpointing)), device)))
         return
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
@@ -312,8 +384,15 @@ def main(argv=None):
     train.add_argument('--workers', type=int, default=8, help='data loader processes')
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
     train.add_argument('--cpu', action='store_true', help='measure on the CPU even when a GPU is present')
+    backbones = commands.add_parser('backbones', help='train speed and peak memory per backbone, +- grad checkpointing')
+    backbones.add_argument('--backbones', nargs='+', default=None, help=f'timm names (default: {" ".join(BACKBONES)})')
+    backbones.add_argument('--quick', action='store_true', help=f'{" ".join(QUICK_BACKBONES)} at 64 px, batch 8')
+    backbones.add_argument('--img_size', type=int, default=224)
+    backbones.add_argument('--batch_size', type=int, default=64)
+    backbones.add_argument('--steps', type=int, default=10, help='timed steps per measurement (after warm-up)')
+    backbones.add_argument('--cpu', action='store_true', help='measure on the CPU even when a GPU is present')
     args = parser.parse_args(argv)
-    run_cli(bench_metrics if args.command == 'metrics' else bench_train, args)
+    run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones}[args.command], args)
 
 
 if __name__ == '__main__':

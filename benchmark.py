@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from model import backbone_tag
 from train import SELECT_KEY, parse_args as train_args, run_prefix
 from utils import ArgumentParser, UserError, atomic_write, run_cli
 
@@ -45,7 +46,8 @@ PUBLISHED_ACNET = {
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
-    p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], choices=['resnet50', 'vgg16'])
+    p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'],
+                   help='resnet50 and vgg16 (the seeds), or any timm name with an optional pretrained tag')
     p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
     p.add_argument('--datasets', nargs='+', default=['sketchy', 'tuberlin'], help='dataset folders under data_root')
     p.add_argument('--select_on', default='test', choices=list(SELECT_KEY))
@@ -153,6 +155,7 @@ def run(args):
                         'benchmark.py --save_root (before --) instead')
     if not args.table_only:
         for _, run_args in grid(args):
+            backbone_tag(run_args.method, run_args.backbone_type)  # an unknown name: one line, before any run
             folder = Path(run_args.data_root) / run_args.data_name
             if run_args.data_name != 'synthetic' and not folder.is_dir():  # train.py generates synthetic itself
                 raise UserError(f"--datasets {run_args.data_name}: no dataset folder '{folder}' (set train.py's "

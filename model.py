@@ -35,15 +35,31 @@ from utils import PHOTO, SKETCH, UserError, torch_file_problem
 # What `--backbone_type resnet50` / `vgg16` stand for: the ImageNet weights each method's original code
 # loaded. ACNet (Nov 2021) ran timm 0.4.12, whose `resnet50` file is resnet50_ram-a26f946b.pth; the
 # MSEdge edge-fusion commits load torchvision's models. Any other timm name (with or without a
-# pretrained tag, e.g. resnet50.a1_in1k) is used as it is.
+# pretrained tag, e.g. resnet50.a1_in1k or vit_base_patch16_clip_224.openai) is used as it is.
 SEED_BACKBONES = {
     'acnet': {'resnet50': 'resnet50.ram_in1k', 'vgg16': 'vgg16.tv_in1k'},
     'msedge': {'resnet50': 'resnet50.tv_in1k', 'vgg16': 'vgg16.tv_in1k'},
 }
-# The feature levels MSEdge fuses: the last three (ResNet50 strides 8/16/32, VGG16 4/8/16).
-MSEDGE_LEVELS = (2, 3, 4)
+SEED_ARCHS = ('resnet50', 'vgg16')  # whatever their tag: the seeds' input normalisation and feature levels
+# The feature levels MSEdge fuses: those of the seeds (ResNet50 strides 8/16/32, VGG16 4/8/16), else the
+# last three that timm's features_only gives (three late blocks of a ViT).
+SEED_LEVELS, LAST_THREE_LEVELS = (2, 3, 4), (-3, -2, -1)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 NO_WEIGHTS_HELP = ('pass --weights PATH to load a local ImageNet checkpoint (torchvision or timm format), '
                    'or --no_pretrained to start from random initialisation')
+
+
+def is_seed_arch(tag):
+    return timm.models.split_model_name_tag(tag)[0] in SEED_ARCHS
+
+
+def input_normalisation(method, tag):
+    """(mean, std) of the images a backbone receives: the seeds' for ResNet50 and VGG16 (ACNet 0.5/0.5, the
+    range [-1, 1] of its generator; MSEdge ImageNet's), else what the pretrained weights expect (timm)."""
+    if is_seed_arch(tag):
+        return ((0.5,) * 3, (0.5,) * 3) if method == 'acnet' else (IMAGENET_MEAN, IMAGENET_STD)
+    cfg = timm.models.get_pretrained_cfg(tag)
+    return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
 def backbone_tag(method, backbone_type):
@@ -89,8 +105,11 @@ def check_pretrained_available(tag):
 
     Without this check timm retries for about 46 s before failing on a machine with no network.
     """
-    hub_id = timm.models.get_pretrained_cfg(tag).hf_hub_id
-    if _cached_on_hub(hub_id):
+    cfg = timm.models.get_pretrained_cfg(tag)
+    if cfg is None or not (cfg.hf_hub_id or cfg.url):
+        raise UserError(f'timm has no pretrained weights for {tag}: {NO_WEIGHTS_HELP}')
+    hub_id = cfg.hf_hub_id or cfg.url
+    if cfg.hf_hub_id and _cached_on_hub(hub_id):
         return
     offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
     endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
@@ -134,8 +153,8 @@ def _classifier_prefixes(tag):
     return tuple(f'{name}.' for name in ([names] if isinstance(names, str) else names))
 
 
-def load_local_weights(model, path, tag):
-    """Load an ImageNet checkpoint file into a timm model, refusing one that lacks any tensor.
+def _load_strictly(model, path, tag):
+    """Load an ImageNet checkpoint file into a whole timm model, refusing one that lacks any tensor.
 
     Every tensor but the ImageNet classifier's must be there with its shape. (timm's own
     pretrained_cfg_overlay path loads non-strictly when the classifier is replaced: a wrong file
@@ -160,15 +179,14 @@ def load_local_weights(model, path, tag):
     classifier = _classifier_prefixes(tag)
     loaded, missing, wrong = {}, [], []
     for key, current in model.state_dict().items():
-        source = key if key in state else key.replace('_', '.', 1)  # features_only flattens features.28 -> features_28
-        if key.startswith(classifier) or (source not in state and key.endswith('num_batches_tracked')):
+        if key.startswith(classifier) or (key not in state and key.endswith('num_batches_tracked')):
             continue  # a new head keeps timm's initialisation
-        if source not in state:
+        if key not in state:
             missing.append(key)
-        elif state[source].shape != current.shape:
-            wrong.append(f'{key} {tuple(state[source].shape)} instead of {tuple(current.shape)}')
+        elif state[key].shape != current.shape:
+            wrong.append(f'{key} {tuple(state[key].shape)} instead of {tuple(current.shape)}')
         else:
-            loaded[key] = state[source]
+            loaded[key] = state[key]
     if missing:
         raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: it lacks {len(missing)} of the "
                         f"{len(loaded) + len(missing) + len(wrong)} backbone tensors, e.g. {missing[0]}")
@@ -179,20 +197,76 @@ def load_local_weights(model, path, tag):
     return model
 
 
+def _wrapped_name(key, whole):
+    """The name in the whole model of a features_only model's tensor (timm flattens features.28 to
+    features_28, and puts a ViT under model.)."""
+    for candidate in (key, key.removeprefix('model.'), key.replace('_', '.', 1)):
+        if candidate in whole:
+            return candidate
+    return None
+
+
+def load_local_weights(model, path, tag, **kwargs):
+    """Load an ImageNet checkpoint file into a timm model made with `kwargs`, strictly (see _load_strictly).
+
+    A features_only model is filled from a whole model loaded first, so timm's conversion of the file
+    (which needs the whole model) applies as for any other.
+    """
+    if not kwargs.get('features_only'):
+        return _load_strictly(model, path, tag)
+    whole_kwargs = {k: v for k, v in kwargs.items() if k not in ('features_only', 'out_indices')}
+    whole = _load_strictly(_create(tag, False, **whole_kwargs), path, tag).state_dict()
+    state = {}
+    for key in model.state_dict():
+        source = _wrapped_name(key, whole)
+        if source is None:
+            raise UserError(f"--weights '{path}': cannot place {key} of {tag}'s feature model")  # timm changed
+        state[key] = whole[source]
+    model.load_state_dict(state)
+    return model
+
+
+def _create(tag, pretrained, **kwargs):
+    """timm.create_model, with options that only some architectures take (the others are left out):
+    ViTs accept any input size (dynamic_img_size), so the tests and the quick start can run them at
+    32-64 px; with max pooling a ViT keeps its pretrained final norm before pooling (fc_norm=False)
+    instead of a new, untrained one after it."""
+    optional = dict(dynamic_img_size=True, dynamic_img_pad=True)
+    if kwargs.get('global_pool') == 'max':
+        optional['fc_norm'] = False
+    while True:
+        try:
+            return timm.create_model(tag, pretrained=pretrained, **optional, **kwargs)
+        except TypeError as error:  # raised by the constructor, before any weight is loaded
+            refused = [name for name in optional if f"'{name}'" in str(error)]
+            if not refused:
+                raise
+            for name in refused:
+                del optional[name]
+
+
 def create_timm(tag, pretrained=True, weights=None, **kwargs):
     """A timm model with ImageNet weights from the hub (default), a local file, or random init.
 
     The model is constructed the same way in all three cases, so a new head gets timm's initialisation.
     """
     if weights is not None:
-        return load_local_weights(timm.create_model(tag, pretrained=False, **kwargs), weights, tag)
+        return load_local_weights(_create(tag, False, **kwargs), weights, tag, **kwargs)
     if not pretrained:
-        return timm.create_model(tag, pretrained=False, **kwargs)
+        return _create(tag, False, **kwargs)
     check_pretrained_available(tag)
     try:
-        return timm.create_model(tag, pretrained=True, **kwargs)
+        return _create(tag, True, **kwargs)
     except Exception as error:
         raise UserError(f'could not download pretrained {tag} weights ({error}): {NO_WEIGHTS_HELP}') from error
+
+
+def set_grad_checkpointing(module, tag):
+    """timm's gradient checkpointing for a backbone (whole or features_only): less memory, more compute."""
+    target = getattr(module, 'model', module)  # a ViT's features_only wrapper holds the model
+    if not hasattr(target, 'set_grad_checkpointing'):
+        raise UserError(f'--grad_checkpointing: timm offers no gradient checkpointing for {tag}')
+    target.set_grad_checkpointing(True)
 
 
 def _freeze_batchnorm(module):
@@ -262,14 +336,28 @@ class Extractor(nn.Module):
     """timm model with its classifier replaced by emb_dim outputs after global max pooling, then L2 norm.
 
     ResNet50: backbone, max pool, new 2048 -> emb_dim linear layer. VGG16 keeps ImageNet's fc6/fc7 (timm's
-    pre_logits) before its new 4096 -> emb_dim layer. Backbone BatchNorm stays in eval mode.
+    pre_logits) before its new 4096 -> emb_dim layer. A ViT max-pools its patch tokens. A model that has
+    no max pooling keeps timm's default pooling (`pool`). Backbone BatchNorm stays in eval mode. Inputs
+    are in [-1, 1] (the generator's range) and are brought to the backbone's normalisation (`mean`, `std`).
     """
 
-    def __init__(self, tag, emb_dim=512, pretrained=True, weights=None):
+    def __init__(self, tag, emb_dim=512, pretrained=True, weights=None, mean=(0.5,) * 3, std=(0.5,) * 3):
         super().__init__()
-        self.backbone = create_timm(tag, pretrained, weights, num_classes=emb_dim, global_pool='max')
+        try:
+            self.backbone, self.pool = create_timm(tag, pretrained, weights, num_classes=emb_dim, global_pool='max'), 'max'
+        except (AssertionError, ValueError, NotImplementedError):  # no max pooling in this architecture
+            self.backbone = create_timm(tag, pretrained, weights, num_classes=emb_dim)
+            self.pool = getattr(self.backbone, 'global_pool', 'default')
+        # [-1, 1] -> (x01 - mean) / std as a*x + b; the seeds' 0.5/0.5 is the identity and is skipped
+        std_, mean_ = torch.tensor(std).view(1, 3, 1, 1), torch.tensor(mean).view(1, 3, 1, 1)
+        self.rescale = not (torch.allclose(mean_, torch.full_like(mean_, 0.5)) and
+                            torch.allclose(std_, torch.full_like(std_, 0.5)))
+        self.register_buffer('scale', 0.5 / std_, persistent=False)
+        self.register_buffer('shift', (0.5 - mean_) / std_, persistent=False)
 
     def forward(self, x):
+        if self.rescale:
+            x = x * self.scale + self.shift
         return F.normalize(self.backbone(x), dim=-1)
 
     def train(self, mode=True):
@@ -287,7 +375,8 @@ class ACNet(nn.Module):
         self.backbone_tag = backbone_tag('acnet', backbone_type)
         self.generator = Generator()
         self.discriminator = Discriminator()
-        self.extractor = Extractor(self.backbone_tag, emb_dim, pretrained, weights)
+        mean, std = input_normalisation('acnet', self.backbone_tag)
+        self.extractor = Extractor(self.backbone_tag, emb_dim, pretrained, weights, mean, std)
         self.class_loss = losses.NormalizedSoftmaxLoss(num_classes, emb_dim)
 
     @staticmethod
@@ -309,6 +398,9 @@ class ACNet(nn.Module):
         self.extractor.backbone.requires_grad_(not warming_up)
         self.extractor.backbone.get_classifier().requires_grad_(True)
 
+    def set_grad_checkpointing(self):
+        set_grad_checkpointing(self.extractor.backbone, self.backbone_tag)
+
     def make_optimizers(self, lr=1e-5, fused=None):
         return {
             'extractor': torch.optim.Adam([dict(params=self.extractor.parameters(), lr=lr),
@@ -322,7 +414,6 @@ class ACNet(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # MSEdge
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 EDGE_MODES = ('both', 'photo', 'none')
 
 
@@ -404,15 +495,20 @@ class MSEdge(nn.Module):
             raise UserError(f'--edge_mode must be one of {EDGE_MODES}, got {edge_mode!r}')
         self.edge_mode = edge_mode
         self.backbone_tag = backbone_tag('msedge', backbone_type)
-        self.backbone = create_timm(self.backbone_tag, pretrained, weights, features_only=True,
-                                    out_indices=MSEDGE_LEVELS)
+        levels = SEED_LEVELS if is_seed_arch(self.backbone_tag) else LAST_THREE_LEVELS
+        try:
+            self.backbone = create_timm(self.backbone_tag, pretrained, weights, features_only=True, out_indices=levels)
+        except (RuntimeError, AssertionError, ValueError, NotImplementedError) as error:
+            raise UserError(f'--backbone_type {backbone_type}: timm cannot give the three feature maps MSEdge '
+                            f'fuses ({str(error).strip()[:200]})') from error
         self.head = EdgeFusionHead(self.backbone.feature_info.channels(), emb_dim)
         self.proxy_loss = losses.ProxyAnchorLoss(num_classes, emb_dim)
-        self.register_buffer('mean', torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer('std', torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = input_normalisation('msedge', self.backbone_tag)
+        self.register_buffer('mean', torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer('std', torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
     def to_input(self, images, domains):
-        """uint8 images to edge maps (where edge_mode says) and ImageNet normalisation."""
+        """uint8 images to edge maps (where edge_mode says), normalised as the backbone expects."""
         x = images.float() / 255
         if self.edge_mode != 'none':  # a select, not a data-dependent branch: no host sync, compiles whole
             x = torch.where(edge_mask(domains, self.edge_mode).view(-1, 1, 1, 1), sobel_edges(x), x)
@@ -429,6 +525,9 @@ class MSEdge(nn.Module):
         """During warm-up the backbone's parameters are frozen; as in the original, its BatchNorm
         layers stay in training mode and keep updating their running statistics."""
         self.backbone.requires_grad_(not warming_up)
+
+    def set_grad_checkpointing(self):
+        set_grad_checkpointing(self.backbone, self.backbone_tag)
 
     def make_optimizers(self, lr=1e-5, fused=None):
         groups = [dict(params=list(self.backbone.parameters()) + list(self.head.parameters()), lr=lr),

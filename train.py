@@ -95,6 +95,9 @@ def parse_args(argv=None):
                        help='deterministic cuDNN algorithms instead of cudnn.benchmark autotuning')
     speed.add_argument('--cache', action='store_true',
                        help='read images from `prepare.py cache` arrays instead of decoding files')
+    speed.add_argument('--grad_checkpointing', action='store_true',
+                       help="timm's gradient checkpointing in the backbone: less memory for large backbones, "
+                            'about a third more compute')
     weights = p.add_mutually_exclusive_group()
     weights.add_argument('--weights', default=None,
                          help='local ImageNet weights for the backbone (torchvision or timm format)')
@@ -583,6 +586,8 @@ def prepare_model(args, num_classes, device):
                         weights=None if args.resume else args.weights).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing()
     optimizers = model.make_optimizers(args.lr, fused=True if device.type == 'cuda' else None)
     if args.compile:
         compile_model(model)

@@ -384,6 +384,10 @@ class ACNet(nn.Module):
         """uint8 images to [-1, 1], the range of the generator's tanh."""
         return images.float() / 127.5 - 1
 
+    def generate(self, images):
+        """The generator's photo-like image of each uint8 image, as uint8 (what the original vis.py saved)."""
+        return ((self.generator(self.to_input(images)) + 1) * 127.5).clamp(0, 255).byte()
+
     def embed(self, images, domains):
         """Photos as E(photo), sketches as E(G(sketch))."""
         x = self.to_input(images)
@@ -520,6 +524,14 @@ class MSEdge(nn.Module):
 
     def embed(self, images, domains):
         return self(images, domains)[0]
+
+    def explain(self, images, domains):
+        """Embeddings; what the backbone sees of each image before normalisation (its edge map where
+        edge_mode says, else the image), as uint8; and the two attention maps (B, h, w)."""
+        embeddings, (a3, a4) = self(images, domains)
+        x = images.float() / 255
+        seen = torch.where(edge_mask(domains, self.edge_mode).view(-1, 1, 1, 1), sobel_edges(x), x)
+        return embeddings, (seen * 255).byte(), a3[:, 0], a4[:, 0]
 
     def set_warmup(self, warming_up):
         """During warm-up the backbone's parameters are frozen; as in the original, its BatchNorm

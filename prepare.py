@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import sys
 from multiprocessing import Pool
 from pathlib import Path
 

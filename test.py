@@ -21,15 +21,14 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from model import model_from_checkpoint, sobel_edges, edge_mask
+from model import edge_mask, model_from_checkpoint
 from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, UserError, atomic_write,
-                   check_device, check_writable_dir, is_image_file, load_image, load_torch, rank_gallery, read_rgb,
-                   run_cli, scan_split)
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, UserError,
+                   atomic_write, check_device, check_replaceable, check_writable_dir, heatmap, is_image_file,
+                   load_image, load_torch, make_output_folder, rank_gallery, read_rgb, run_cli, save_png, scan_split,
+                   to_pil)
 
 TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
-# Marks what test.py wrote (a PNG text chunk, a file in a loose-files folder): only those are replaced.
-OUTPUT_MARK, FOLDER_MARK = 'zs-sbir test.py', '.written-by-test.py'
 
 COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
 
@@ -159,14 +158,13 @@ def describe_query(model, image, device):
     extras = {}
     if model.method == 'acnet':
         embedding = model.embed(x, domain)[0]
-        generated = model.generator(model.to_input(x))[0]
-        extras['generated'] = ((generated + 1) * 127.5).clamp(0, 255).byte().cpu()
+        extras['generated'] = model.generate(x)[0].cpu()
     else:
-        embeddings, (a3, a4) = model(x, domain)
+        embeddings, seen, a3, a4 = model.explain(x, domain)
         embedding = embeddings[0]
         if edge_mask(domain, model.edge_mode).item():
-            extras['edge map'] = (sobel_edges(x.float() / 255)[0] * 255).byte().cpu()
-        extras['attention 3'], extras['attention 4'] = a3[0, 0].cpu(), a4[0, 0].cpu()
+            extras['edge map'] = seen[0].cpu()
+        extras['attention 3'], extras['attention 4'] = a3[0].cpu(), a4[0].cpu()
     return embedding.float(), extras
 
 
@@ -185,16 +183,7 @@ def top_k(query_vector, gallery, k):
 
 
 def _tile(image):
-    if isinstance(image, torch.Tensor):
-        image = Image.fromarray(image.permute(1, 2, 0).numpy())
-    return ImageOps.fit(image.convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
-
-
-def heatmap(attention, base):
-    """An attention map (h, w) laid over the query picture, stretched to its own min-max range."""
-    stretched = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-6)
-    grey = Image.fromarray((stretched * 255).byte().numpy()).resize(base.size, Image.BILINEAR)
-    return Image.blend(base.convert('RGB'), ImageOps.colorize(grey, '#000060', '#ffe000'), 0.6)
+    return ImageOps.fit(to_pil(image).convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
 
 
 def draw_retrieval(query, extras, results):
@@ -209,14 +198,6 @@ def draw_retrieval(query, extras, results):
         canvas.paste(_tile(image), (x + FRAME, y + FRAME))
         draw.multiline_text((x, y + TILE + 2), caption, fill='black', spacing=2)
     return canvas
-
-
-def _written_by_us(picture):
-    try:
-        with Image.open(picture) as image:
-            return image.info.get('Software') == OUTPUT_MARK
-    except (OSError, ValueError):
-        return False
 
 
 def plan_outputs(files, save_root, dataset):
@@ -236,12 +217,8 @@ def plan_outputs(files, save_root, dataset):
         if any(q == picture.resolve() or q.is_relative_to(folder.resolve()) for q in queries):
             raise UserError(f"'{picture}' or '{folder}' is (or holds) a query image, which test.py would overwrite: "
                             f"choose another --save_root")
-        if picture.exists() and not _written_by_us(picture):
-            raise UserError(f"'{picture}' exists and was not written by test.py: choose another --save_root "
-                            f"(nothing was written)")
-        if folder.exists() and not (folder / FOLDER_MARK).is_file():
-            raise UserError(f"folder '{folder}' exists and was not written by test.py: choose another --save_root "
-                            f"(nothing was written)")
+        check_replaceable(picture)
+        check_replaceable(folder)
         plan.append((path, picture, folder))
     return plan
 
@@ -273,7 +250,7 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
             results.append((photo, f'{similarity:.3f}\n{name}', match))
             lines.append((rank, similarity, name, root / vectors['paths'][index], photo))
         query = read_rgb(path)
-        save_picture(draw_retrieval(query, shown, results), picture_path)
+        save_png(draw_retrieval(query, shown, results), picture_path)
         write_loose_files(folder, query, lines)
         hits = '' if query_class is None else f', {sum(r[2] for r in results)}/{len(results)} of class {query_class}'
         print(f'{path} -> {picture_path}{hits}')
@@ -281,18 +258,10 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
             print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo_path}')
 
 
-def save_picture(picture, path):
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text('Software', OUTPUT_MARK)
-    atomic_write(path, lambda tmp: picture.save(tmp, format='PNG', pnginfo=info))
-
-
 def write_loose_files(folder, query, lines):
     """The seed's layout: query.jpg and retrieval_{rank}_{similarity}.jpg in one folder per query. Only the
     files of an earlier test.py run are replaced."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / FOLDER_MARK).touch()
+    make_output_folder(folder)
     for old in [folder / 'query.jpg', *folder.glob('retrieval_*_*.jpg')]:
         old.unlink(missing_ok=True)
     atomic_write(folder / 'query.jpg', lambda tmp: query.save(tmp, format='JPEG'))

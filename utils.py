@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 PHOTO, SKETCH = 0, 1
@@ -752,6 +752,60 @@ def write_csv(rows, path):
 def read_csv(path):
     with open(path, newline='') as f:
         return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures and other outputs. What this repo writes is marked (a PNG text chunk, a file in a folder it
+# made), so that a command replaces its own earlier output and nothing else.
+
+OUTPUT_MARK, FOLDER_MARK = 'zs-sbir', '.written-by-zs-sbir'
+
+
+def written_by_this_repo(path):
+    """True for a PNG or a folder that a command of this repo wrote."""
+    path = Path(path)
+    if path.is_dir():
+        return (path / FOLDER_MARK).is_file()
+    try:
+        with Image.open(path) as image:
+            return image.info.get('Software') == OUTPUT_MARK
+    except (OSError, ValueError):
+        return False
+
+
+def check_replaceable(path, hint='choose another --save_root'):
+    """An output path that is free, or holds an earlier output of this repo; else a UserError."""
+    path = Path(path)
+    if path.exists() and not written_by_this_repo(path):
+        kind = 'folder' if path.is_dir() else 'file'
+        raise UserError(f"{kind} '{path}' exists and was not written by this repo: {hint} (nothing was written)")
+
+
+def save_png(image, path):
+    """Save a PIL image as a marked PNG, atomically."""
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    info.add_text('Software', OUTPUT_MARK)
+    atomic_write(path, lambda tmp: image.save(tmp, format='PNG', pnginfo=info))
+
+
+def make_output_folder(folder):
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / FOLDER_MARK).touch()
+
+
+def to_pil(image):
+    """A (3, H, W) uint8 tensor as a PIL image (PIL images pass through)."""
+    if isinstance(image, torch.Tensor):
+        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
+    return image
+
+
+def heatmap(attention, base):
+    """An attention map (h, w) laid over a picture, stretched to its own min-max range."""
+    stretched = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-6)
+    grey = Image.fromarray((stretched * 255).byte().cpu().numpy()).resize(base.size, Image.BILINEAR)
+    return Image.blend(base.convert('RGB'), ImageOps.colorize(grey, '#000060', '#ffe000'), 0.6)
 
 
 # ----------------------------------------------------------------------------------------------

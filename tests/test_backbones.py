@@ -6,7 +6,6 @@ import copy
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import model as model_module
 from conftest import rng_images

@@ -9,7 +9,7 @@ import test as retrieval
 from conftest import write_image
 from model import model_from_checkpoint
 from train import parse_args as train_args, train
-from utils import CHECKPOINT_FORMAT, PHOTO, VECTORS_FORMAT, load_image, load_torch, read_csv
+from utils import CHECKPOINT_FORMAT, FOLDER_MARK, PHOTO, VECTORS_FORMAT, load_image, load_torch, read_csv
 
 K = 3
 
@@ -72,8 +72,8 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
         [retrieval.COLOURS[m] for m in matches]
     assert frame_colours(picture, tiles) == expected
 
-    loose = sorted(p.name for p in (tmp_path / query.stem).iterdir() if p.name != retrieval.FOLDER_MARK)
-    assert loose[0] == 'query.jpg' and len(loose) == K + 1 and (tmp_path / query.stem / retrieval.FOLDER_MARK).is_file()
+    loose = sorted(p.name for p in (tmp_path / query.stem).iterdir() if p.name != FOLDER_MARK)
+    assert loose[0] == 'query.jpg' and len(loose) == K + 1 and (tmp_path / query.stem / FOLDER_MARK).is_file()
     assert [name.split('_')[1] for name in loose[1:]] == [str(r) for r in range(1, K + 1)]
     assert float(loose[1].split('_')[2][:-4]) == pytest.approx(sims.max().item(), abs=1e-4)
 

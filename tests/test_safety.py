@@ -276,13 +276,13 @@ def test_test_py_never_deletes_or_overwrites_what_it_did_not_write(run, tiny_dat
     query = tmp_path / 'benchmark.png'
     shutil.copy(sorted((tiny_data / 'synthetic' / 'val' / 'sketch').rglob('*.png'))[0], query)
     check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', query, '--save_root', results],
-              r"folder '.*result/benchmark' exists and was not written by test.py: choose another --save_root "
+              r"folder '.*result/benchmark' exists and was not written by this repo: choose another --save_root "
               r"\(nothing was written\)", unchanged=[results])
     assert not (results / 'benchmark.png').exists()
     (results / 'benchmark').rename(results / 'other')
     (results / 'benchmark.png').write_bytes(b'my own picture')
     check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', query, '--save_root', results],
-              r"'.*result/benchmark.png' exists and was not written by test.py", unchanged=[results])
+              r"file '.*result/benchmark.png' exists and was not written by this repo", unchanged=[results])
     # a query inside --save_root
     mine = results / 'my_sketch.png'
     shutil.copy(query, mine)

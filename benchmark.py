@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from model import backbone_tag
-from train import SELECT_KEY, parse_args as train_args, run_prefix
-from utils import ArgumentParser, UserError, atomic_write, run_cli
+from train import parse_args as train_args, run_prefix
+from utils import SELECT_KEY, ArgumentParser, UserError, atomic_write, read_results, run_cli
 
 METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 # {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
@@ -91,34 +91,21 @@ def run_grid(args):
     return failed
 
 
-def read_results(path):
-    """A results CSV as a DataFrame, or None (with a note) when it is empty or lacks the columns."""
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
-        print(f'skipped {path}: not readable as a results CSV ({str(error).splitlines()[0]})')
-        return None
-    select_on = frame['select_on'].iloc[-1] if 'select_on' in frame and len(frame) else 'test'
-    needed = ['epoch', *METRICS, SELECT_KEY.get(select_on, 'precise')]
-    if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
-        print(f'skipped {path}: no rows, or not the columns train.py writes')
-        return None
-    return frame
-
-
 def best_rows(save_root):
     """One row per results CSV under save_root: the epoch its selection rule picked. Files that are not
     train.py's are skipped with a note."""
     rows = []
     for path in sorted(Path(save_root).glob('*_results.csv')):
         name = RESULTS_NAME.fullmatch(path.name)
-        frame = read_results(path) if name else None
         if name is None:
             print(f'skipped {path}: not named as train.py names its results')
-        if frame is None:
+            continue
+        try:
+            frame, best = read_results(path)
+        except UserError as error:
+            print(f'skipped: {error}')
             continue
         select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
-        best = frame.loc[frame[SELECT_KEY[select_on]].idxmax()]
         variant = name['variant'].replace('_', ' ').strip()
         rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),

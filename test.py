@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 from model import edge_mask, model_from_checkpoint
 from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, UserError,
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, load_checkpoint_vectors,
                    atomic_write, check_device, check_replaceable, check_writable_dir, heatmap, is_image_file,
                    load_image, load_torch, make_output_folder, rank_gallery, read_rgb, run_cli, save_png, scan_split,
                    to_pil)
@@ -69,14 +69,7 @@ def load_run(args):
         return model, checkpoint, None, data_root, data_name
     if not (args.vectors or checkpoint['vectors_file']):  # a converted release: no saved gallery
         return model, checkpoint, embed_gallery(args, model, checkpoint, data_root, data_name), data_root, data_name
-    vectors_path = Path(args.vectors) if args.vectors else Path(args.data_base).parent / checkpoint['vectors_file']
-    vectors = load_torch(vectors_path, VECTORS_FORMAT, 'vectors file')
-    if vectors['run_id'] != checkpoint.get('run_id'):
-        raise UserError(f"'{vectors_path}' holds the embeddings of another run than '{args.data_base}': pass the "
-                        f"_model.pth and _vectors.pth that train.py saved together")
-    if vectors['epoch'] != checkpoint['epoch']:
-        raise UserError(f"'{vectors_path}' holds the embeddings of epoch {vectors['epoch']}, but '{args.data_base}' is "
-                        f"epoch {checkpoint['epoch']} of that run: pass its _model.pth (the best epoch), or --evaluate")
+    vectors, vectors_path = load_checkpoint_vectors(args.data_base, checkpoint, args.vectors)
     data_root = Path(args.data_root or vectors['data_root'])
     data_name = args.data_name or vectors['data_name']
     check_gallery(vectors, vectors_path, data_root, data_name)

@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from model import EDGE_MODES, METHODS, backbone_tag, build_model, compile_model
-from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTORS_FORMAT, ArgumentParser, CachedImages,
+from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SELECT_KEY, SKETCH, VECTORS_FORMAT, ArgumentParser,
+                   CachedImages,
                    DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset, UserError, acquire_lock,
                    check_device, check_writable_dir, csv_writer, describe_split, drop_unreadable, fingerprint_changes,
                    hold_out, load_torch, one_line, remove_stale_temporaries, retrieval_metrics, save_together,
@@ -38,7 +39,6 @@ from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, PHOTO, RESIZE, SKETCH, VECTO
 
 CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
-SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
 SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
 # Options that define a run's results: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',

@@ -732,6 +732,26 @@ def load_torch(path, expected_format, what):
     return obj
 
 
+# How each --select_on rule picks the best epoch: the column it maximises.
+SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
+
+
+def read_results(path):
+    """A results CSV of train.py as a pandas DataFrame, and the epoch row its selection rule picked;
+    a UserError naming the file when it is not one (unreadable, empty, other columns)."""
+    import pandas as pd
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
+        raise UserError(f"'{path}' is not a results CSV of train.py ({_first_line(error)})") from error
+    select_on = frame['select_on'].iloc[-1] if 'select_on' in frame and len(frame) else 'test'
+    needed = ['epoch', *METRIC_NAMES, SELECT_KEY.get(select_on, 'precise')]
+    if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
+        raise UserError(f"'{path}' is not a results CSV of train.py: it has no rows, or not the columns "
+                        f"epoch, {', '.join(METRIC_NAMES)} and {SELECT_KEY.get(select_on, 'precise')}")
+    return frame, frame.loc[frame[SELECT_KEY[select_on]].idxmax()]
+
+
 def csv_writer(rows):
     """write(path) for a list of dicts as CSV, columns in first-seen order (for atomic_write/save_together)."""
     columns = list(dict.fromkeys(key for row in rows for key in row))
@@ -742,6 +762,22 @@ def csv_writer(rows):
             writer.writeheader()
             writer.writerows(rows)
     return write
+
+
+def load_checkpoint_vectors(data_base, checkpoint, vectors=None):
+    """The val embeddings saved with a checkpoint (the _vectors.pth beside it, or `vectors`), refused
+    when they belong to another run or another epoch."""
+    if not (vectors or checkpoint['vectors_file']):
+        raise UserError(f"'{data_base}' has no saved val embeddings (a converted release?): pass --vectors")
+    path = Path(vectors) if vectors else Path(data_base).parent / checkpoint['vectors_file']
+    record = load_torch(path, VECTORS_FORMAT, 'vectors file')
+    if record['run_id'] != checkpoint.get('run_id'):
+        raise UserError(f"'{path}' holds the embeddings of another run than '{data_base}': pass the "
+                        f"_model.pth and _vectors.pth that train.py saved together")
+    if record['epoch'] != checkpoint['epoch']:
+        raise UserError(f"'{path}' holds the embeddings of epoch {record['epoch']}, but '{data_base}' is "
+                        f"epoch {checkpoint['epoch']} of that run: pass its _model.pth (the best epoch), or --evaluate")
+    return record, path
 
 
 def write_csv(rows, path):

@@ -1,0 +1,177 @@
+"""plot.py: the data behind each figure, checked against the files it comes from or an independent
+computation; the figures themselves are written, marked as ours, and bad input is one line."""
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import plot
+from model import model_from_checkpoint
+from test_benchmark import fake_run
+from train import parse_args, train
+from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, VECTORS_FORMAT, load_image, load_torch, read_csv, save_torch,
+                   written_by_this_repo)
+
+
+@pytest.fixture(scope='module')
+def runs(tiny_data, tmp_path_factory):
+    """A 3-epoch ACNet run and a 2-epoch MSEdge run: their checkpoint paths."""
+    out = tmp_path_factory.mktemp('runs')
+    for method, epochs in (('acnet', '3'), ('msedge', '2')):
+        train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
+                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', epochs, '--warmup',
+                          '0', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', 'cpu',
+                          '--save_root', str(out)]))
+    return {m: out / f'synthetic_{m}_resnet50_8_model.pth' for m in ('acnet', 'msedge')}
+
+
+def check_error(capsys, argv, match):
+    with pytest.raises(SystemExit) as exit_info:
+        plot.main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+
+
+def test_curve_data_is_the_csv_with_each_runs_selected_epoch(runs, tmp_path):
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_64', [0.2, 0.5, 0.4])
+    fake_run(tmp_path, 'synthetic_msedge_resnet50_64', [0.1, 0.3, 0.6], heldout=[0.9, 0.2, 0.1], select_on='heldout')
+    real = runs['acnet'].with_name('synthetic_acnet_resnet50_8_results.csv')
+    paths = [tmp_path / 'synthetic_acnet_resnet50_64_results.csv', tmp_path / 'synthetic_msedge_resnet50_64_results.csv',
+             real]
+    data = plot.main(['curves', '--results', *map(str, paths), '--save_root', str(tmp_path / 'figs')])
+    for path in paths:
+        rows, run = read_csv(path), path.name.removesuffix('_results.csv')
+        mine = data[data['run'] == run]
+        quantities = [c for c in rows[0] if c.endswith('_loss')] + \
+            [c for c in rows[0] if c in ('mAP@200', 'mAP@all', 'P@100', 'P@200', 'precise') or c.startswith('heldout_')]
+        assert len(mine) == len(rows) * len(quantities)
+        for row in rows:
+            for quantity in quantities:
+                value = mine[(mine['epoch'] == int(row['epoch'])) & (mine['quantity'] == quantity)]['value']
+                assert value.item() == pytest.approx(float(row[quantity]))
+    selected = data[data['selected']].groupby('run')['epoch'].unique().to_dict()
+    assert selected['synthetic_acnet_resnet50_64'].tolist() == [2]  # best precise
+    assert selected['synthetic_msedge_resnet50_64'].tolist() == [1]  # best held-out precise, not best test
+    best = max(read_csv(real), key=lambda r: float(r['precise']))
+    assert selected['synthetic_acnet_resnet50_8'].tolist() == [int(best['epoch'])]
+    stem = tmp_path / 'figs' / 'synthetic_acnet_resnet50_64_and_2_more_curves'
+    assert written_by_this_repo(f'{stem}.png') and Image.open(f'{stem}.png').size[0] > 500
+    written = pd.read_csv(f'{stem}.csv')
+    assert list(written.columns) == plot.CURVE_COLUMNS and np.allclose(written['value'], data['value'])
+
+
+def test_tsne_is_seeded_sampled_and_keeps_each_points_identity(runs, tmp_path):
+    record = load_torch(runs['msedge'].with_name('synthetic_msedge_resnet50_8_vectors.pth'), VECTORS_FORMAT, 'v')
+    assert len(record['paths']) == 20  # 2 val classes x (4 sketches + 6 photos)
+    first = plot.tsne_data(record, max_points=12, seed=3)
+    again = plot.tsne_data(record, max_points=12, seed=3)
+    other = plot.tsne_data(record, max_points=12, seed=4)
+    assert first.shape == (12, 5) and np.isfinite(first[['x', 'y']].to_numpy()).all()
+    pd.testing.assert_frame_equal(first, again)
+    assert set(first['path']) != set(other['path'])
+    index = {p: i for i, p in enumerate(record['paths'])}
+    for _, row in first.iterrows():
+        i = index[row['path']]
+        assert row['class'] == record['classes'][record['labels'][i]]
+        assert row['domain'] == ('sketch' if record['domains'][i] == SKETCH else 'photo')
+    everything = plot.tsne_data(record, max_points=10 ** 6)
+    assert len(everything) == len(record['paths'])
+    data = plot.main(['tsne', '--data_base', str(runs['msedge']), '--max_points', '12', '--seed', '3', '--save_root',
+                      str(tmp_path)])
+    pd.testing.assert_frame_equal(data, first)
+    assert written_by_this_repo(tmp_path / 'synthetic_msedge_resnet50_8_tsne.png')
+
+
+def slow_per_class(vectors, labels, domains):
+    """mAP@all and P@100 per class from the definitions: a full ranking per query, the precision envelope."""
+    v = torch.nn.functional.normalize(vectors.double(), dim=1).numpy()
+    labels, domains = labels.numpy(), domains.numpy()
+    gallery, gallery_labels = v[domains == PHOTO], labels[domains == PHOTO]
+    scores = {}
+    for q, label in zip(v[domains == SKETCH], labels[domains == SKETCH]):
+        relevant = gallery_labels[np.argsort(-(gallery @ q), kind='stable')] == label
+        precision = np.cumsum(relevant) / np.arange(1, len(relevant) + 1)
+        envelope = np.maximum.accumulate(precision[::-1])[::-1]
+        ap = envelope[relevant].sum() / relevant.sum()
+        scores.setdefault(label, []).append((ap, relevant[:100].sum() / min(100, len(relevant))))
+    return {label: tuple(np.mean(values, axis=0)) for label, values in scores.items()}
+
+
+def test_per_class_values_match_an_independent_computation(runs, tmp_path):
+    record = load_torch(runs['acnet'].with_name('synthetic_acnet_resnet50_8_vectors.pth'), VECTORS_FORMAT, 'v')
+    data = plot.main(['per_class', '--data_base', str(runs['acnet']), '--save_root', str(tmp_path)])
+    expected = slow_per_class(record['vectors'], record['labels'], record['domains'])
+    assert len(data) == len(record['classes']) and list(data.columns) == ['class', 'mAP@all', 'P@100']
+    for _, row in data.iterrows():
+        ap, p100 = expected[record['classes'].index(row['class'])]
+        assert row['mAP@all'] == pytest.approx(ap, abs=1e-6) and row['P@100'] == pytest.approx(p100, abs=1e-9)
+    assert list(data['mAP@all']) == sorted(data['mAP@all'], reverse=True)
+    written = pd.read_csv(tmp_path / 'synthetic_acnet_resnet50_8_per_class.csv')
+    assert list(written['class']) == list(data['class']) and np.allclose(written['mAP@all'], data['mAP@all'])
+
+
+def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
+    sketches = tiny_data / 'synthetic' / 'val' / 'sketch'
+    folder = sorted(sketches.iterdir())[0]
+    outputs = plot.main(['generated', '--data_base', str(runs['acnet']), '--sketches', str(folder), '--save_root',
+                         str(tmp_path), '--device', 'cpu', '--limit', '2'])
+    files = sorted(folder.glob('*.png'))
+    assert sorted(outputs) == [f.stem for f in files]
+    model = model_from_checkpoint(load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'))
+    with torch.no_grad():
+        expected = model.generate(torch.stack([load_image(f, 32, 'bilinear') for f in files]))
+    for f, image in zip(files, expected):
+        saved = torch.from_numpy(np.array(Image.open(tmp_path / 'synthetic_acnet_resnet50_8_generated' / f'{f.stem}.png')))
+        assert torch.equal(saved.permute(2, 0, 1), image)
+    sheet = Image.open(tmp_path / 'synthetic_acnet_resnet50_8_generated.png')
+    assert written_by_this_repo(tmp_path / 'synthetic_acnet_resnet50_8_generated.png')
+    assert sheet.size[1] == 18 + 1 * (plot.TILE + 4) + 4  # --limit 2: one row of two pairs
+
+
+def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):
+    photos = sorted((tiny_data / 'synthetic' / 'val' / 'photo').iterdir())[0]
+    maps = plot.main(['attention', '--data_base', str(runs['msedge']), '--images', str(photos), '--save_root',
+                      str(tmp_path), '--device', 'cpu', '--limit', '3'])
+    files = sorted(photos.glob('*.jpg'))[:3]
+    model = model_from_checkpoint(load_torch(runs['msedge'], CHECKPOINT_FORMAT, 'checkpoint'))
+    with torch.no_grad():
+        _, (a3, a4) = model(torch.stack([load_image(f, 32, 'bicubic') for f in files]),
+                            torch.full((3,), PHOTO))
+    assert len(maps) == 3
+    for (m3, m4), e3, e4 in zip(maps, a3[:, 0], a4[:, 0]):
+        assert torch.allclose(m3, e3, atol=1e-6) and torch.allclose(m4, e4, atol=1e-6)
+    assert written_by_this_repo(tmp_path / 'synthetic_msedge_resnet50_8_attention.png')
+    loose = tmp_path / 'mixed'
+    loose.mkdir()
+    Image.open(files[0]).save(loose / 'a.png')
+    check_error(capsys, ['attention', '--data_base', runs['msedge'], '--images', loose, '--save_root', tmp_path],
+                r"cannot tell whether '.*mixed' holds sketches or photos .*: pass --domain sketch or --domain photo")
+
+
+def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
+    (tmp_path / 'table.csv').write_text('a,b\n1,2\n')
+    check_error(capsys, ['curves', '--results', tmp_path / 'table.csv'],
+                r"'.*table.csv' is not a results CSV of train.py: it has no rows, or not the columns epoch")
+    check_error(capsys, ['curves', '--results', tmp_path / 'none.csv'], r"results CSV not found: '.*none.csv'")
+    vectors = runs['acnet'].with_name('synthetic_acnet_resnet50_8_vectors.pth')
+    check_error(capsys, ['tsne', '--data_base', vectors], 'is not a checkpoint of this repo')
+    check_error(capsys, ['generated', '--data_base', runs['msedge'], '--sketches', tiny_data],
+                r"is a msedge model: generated needs a acnet one \(for msedge, see `plot.py attention`\)")
+    check_error(capsys, ['attention', '--data_base', runs['acnet'], '--images', tiny_data], 'needs a msedge one')
+    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--sketches', tmp_path / 'nowhere'],
+                "--sketches folder not found")
+    converted = {**load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'), 'vectors_file': None}
+    save_torch(converted, tmp_path / 'converted.pth')
+    check_error(capsys, ['per_class', '--data_base', tmp_path / 'converted.pth'], 'has no saved val embeddings')
+    (tmp_path / 'figs').mkdir()
+    (tmp_path / 'figs' / 'synthetic_acnet_resnet50_8_per_class.csv').write_text('my,own\n')
+    check_error(capsys, ['per_class', '--data_base', runs['acnet'], '--save_root', tmp_path / 'figs'],
+                r"file '.*per_class.csv' exists and was not written by this repo")
+    assert sorted(p.name for p in (tmp_path / 'figs').iterdir()) == ['synthetic_acnet_resnet50_8_per_class.csv']
+    check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--max_points', '2'], '--max_points must be at least 10')
+    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--sketches', tiny_data, '--limit', '0'],
+                '--limit must be at least 1')

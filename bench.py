@@ -1,6 +1,6 @@
 """Benchmarks that print figures (never pass/fail).
 
-    python bench.py metrics                 # retrieval metrics at Sketchy and TU-Berlin size, CPU (+GPU if any)
+    python bench.py metrics                 # retrieval metrics at Sketchy, TU-Berlin and QuickDraw size, CPU (+GPU)
     python bench.py metrics --quick         # small sizes, seconds
     python bench.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
     python bench.py train --quick           # tiny sizes on the CPU, about a minute
@@ -37,7 +37,8 @@ import torch
 from utils import ArgumentParser, UserError, retrieval_metrics, run_cli
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
-SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quick': (1500, 2000, 10)}
+SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quickdraw': (92291, 54151, 30),
+         'quick': (1500, 2000, 10)}
 MAIN = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 
 
@@ -124,7 +125,7 @@ def bench_metrics(args):
     if args.repeats < 1 or args.slow_queries < 1:
         raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
-    sizes = ['quick'] if args.quick else ['sketchy', 'tuberlin']
+    sizes = ['quick'] if args.quick else args.sizes
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
           f'{torch.__version__}' + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''))
     print(f'seed style measured on {args.slow_queries} queries and scaled to all of them; diffs compare '
@@ -376,6 +377,8 @@ def main(argv=None):
     metrics.add_argument('--quick', action='store_true', help='small sizes only (seconds)')
     metrics.add_argument('--repeats', type=int, default=3, help='timed runs of ours (median reported)')
     metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
+    metrics.add_argument('--sizes', nargs='+', default=['sketchy', 'tuberlin', 'quickdraw'],
+                         choices=['sketchy', 'tuberlin', 'quickdraw'], help='zero-shot test-set sizes to measure')
     train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours')
     train.add_argument('--quick', action='store_true', help='32 px, batch 8, 3 steps: about a minute on a CPU')
     train.add_argument('--img_size', type=int, default=224)

@@ -31,7 +31,16 @@ METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 # {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
 RESULTS_NAME = re.compile(r'(?P<dataset>.+?)_(?P<method>acnet|msedge)_(?P<backbone>.+)_(?P<dim>\d+)'
                           r'(?P<variant>(?:_w[^_]+|_on-[a-z-]+|_edge-[a-z]+)*)_results\.csv')
-DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'tuberlin': 'TU-Berlin Extended', 'synthetic': 'generated dataset'}
+DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
+                  'tuberlin': 'TU-Berlin Extended', 'quickdraw': 'QuickDraw Extended', 'synthetic': 'generated dataset'}
+# The metrics papers compare on each dataset (by the start of its folder name); all four elsewhere, as the
+# seeds' tables do (a plain `sketchy` folder does not say which split it is).
+PAPER_METRICS = (('sketchy21', ('mAP@200', 'P@200')), ('sketchy25', ('mAP@all', 'P@100')),
+                 ('tuberlin', ('mAP@all', 'P@100')), ('quickdraw', ('mAP@all', 'P@200')))
+# Other methods' published QuickDraw-Extended numbers (their papers and repos), in percent.
+PUBLISHED_OTHERS = {'quickdraw': [('ZSE-SBIR', {'mAP@all': 14.5, 'P@200': 21.6}),
+                                  ('SAKE', {'mAP@all': 13.0, 'P@200': 17.9}),
+                                  ('Doodle2Search', {'mAP@all': 7.5, 'P@200': 6.8})]}
 # ACNet README, ResNet50/VGG16 x 64/512/4096: (Sketchy mAP@200, mAP@all, P@100, P@200, TU-Berlin ...)
 PUBLISHED_ACNET = {
     ('vgg16', 64): (32.6, 38.0, 48.7, 44.7, 39.8, 37.1, 50.6, 48.0),
@@ -54,6 +63,8 @@ def parse_args(argv=None):
     p.add_argument('--save_root', default='result/benchmark', help='where the runs and the table go')
     p.add_argument('--dry_run', action='store_true', help='print the commands of unfinished runs, run nothing')
     p.add_argument('--table_only', action='store_true', help='only build the table from existing CSVs')
+    p.add_argument('--all_metrics', action='store_true',
+                   help='all four metrics for every dataset, not only those papers compare on it')
     p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
     return p.parse_args(argv)
 
@@ -113,26 +124,43 @@ def best_rows(save_root):
     return pd.DataFrame(rows)
 
 
-def build_table(rows):
-    """Markdown in the seeds' layout; published ACNet rows next to ours where they exist."""
+def dataset_metrics(dataset, all_metrics=False):
+    """The metrics a table shows for a dataset: those papers compare, or all four."""
+    if not all_metrics:
+        for prefix, metrics in PAPER_METRICS:
+            if dataset.startswith(prefix):
+                return metrics
+    return METRICS
+
+
+def published_acnet(backbone, dim, dataset):
+    """The ACNet README's numbers for a dataset folder ({metric: value}), or {}."""
+    values = PUBLISHED_ACNET.get((backbone, dim))
+    if values is None or not (dataset == 'sketchy' or dataset.startswith('tuberlin')):
+        return {}
+    return dict(zip(METRICS, values[:4] if dataset == 'sketchy' else values[4:]))
+
+
+def build_table(rows, all_metrics=False):
+    """Markdown in the seeds' layout, with the metrics papers compare per dataset; the published ACNet
+    rows next to ours where they exist, and other methods' published numbers, marked as such."""
     datasets = sorted(set(rows['dataset']), key=lambda d: (d not in DATASET_TITLES, d))
-    header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d in datasets
-                                                             for m in METRICS]
+    columns = [(d, m) for d in datasets for m in dataset_metrics(d, all_metrics)]
+    header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+
+    def line(label, backbone, dim, selected, values):
+        cells = [f'{values[d][m]:.1f}' if m in values.get(d, {}) else '' for d, m in columns]
+        return f'| {label} | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |'
     for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
-        selected = ', '.join(sorted(set(group['select_on'])))
-        cells = []
-        for dataset in datasets:
-            found = group[group['dataset'] == dataset]
-            cells += [f'{found.iloc[0][m]:.1f}' if len(found) else '' for m in METRICS]
-        lines.append(f'| {method} (ours) | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |')
-        published = PUBLISHED_ACNET.get((backbone, dim)) if method == 'acnet' else None
-        offsets = [0 if d.startswith('sketchy') else 4 if d.startswith('tuberlin') else None for d in datasets]
-        if published and any(o is not None for o in offsets):
-            cells = []
-            for offset in offsets:
-                cells += [f'{v:.1f}' for v in published[offset:offset + 4]] if offset is not None else [''] * 4
-            lines.append(f'| acnet (published) | {backbone} | {dim} | test | ' + ' | '.join(cells) + ' |')
+        ours = {row['dataset']: {m: row[m] for m in METRICS} for _, row in group.iterrows()}
+        lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), ours))
+        published = {d: published_acnet(backbone, dim, d) for d in datasets} if method == 'acnet' else {}
+        if any(published.values()):
+            lines.append(line('acnet (published)', backbone, dim, 'test', published))
+    for dataset in datasets:
+        for name, values in PUBLISHED_OTHERS.get(dataset, []):
+            lines.append(line(f'{name} (published, another method)', '', '', '', {dataset: values}))
     return '\n'.join(lines)
 
 
@@ -154,7 +182,7 @@ def run(args):
     if rows.empty:
         raise UserError(f"no results CSV of train.py under '{args.save_root}' (run the grid first, or pass the "
                         f"--save_root that holds them)")
-    table = build_table(rows)
+    table = build_table(rows, args.all_metrics)
     print(table)
     atomic_write(Path(args.save_root, 'benchmark.md'), lambda tmp: Path(tmp).write_text(table + '\n'))
     if failed:

@@ -4,6 +4,7 @@
     python prepare.py sketchy --split 25 --sketch_dir RAW/sketch/tx_000000000000 \
                               --photo_dir RAW/photo/tx_000000000000 RAW/EXTEND_image_sketchy
     python prepare.py tuberlin --sketch_dir RAW/png --photo_dir RAW/ImageResized
+    python prepare.py quickdraw --sketch_dir RAW/QuickDraw_sketches_final --photo_dir RAW/QuickDraw_images_final
     python prepare.py cache --data_name sketchy         # decode + resize every image once, for --cache
 
 writes <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ with the same layout as Sketchy
@@ -304,10 +305,14 @@ def preview(data_dir, out_path, per_class=1, size=64):
 
 SPLITS_DIR = Path(__file__).resolve().parent / 'splits'
 SPLITS = {'sketchy': {'21': 'sketchy_zeroshot21', '25': 'sketchy_zeroshot25'},
-          'tuberlin': {'30': 'tuberlin_zeroshot30'}}
+          'tuberlin': {'30': 'tuberlin_zeroshot30'}, 'quickdraw': {'30': 'quickdraw_zeroshot30'}}
 # (test sketches, test photos) of each split, from the published file lists (splits/README.md)
 KNOWN_TEST_SIZES = {'sketchy_zeroshot21': (12694, 12553), 'sketchy_zeroshot25': (15229, 17101),
-                    'tuberlin_zeroshot30': (2400, 27989)}
+                    'tuberlin_zeroshot30': (2400, 27989), 'quickdraw_zeroshot30': (92291, 54151)}
+# The raw QuickDraw-Extended download's top folders (some repos rename them sketches/ and images/): a
+# --sketch_dir or --photo_dir that holds one of them is taken to mean that folder.
+RAW_TOP_FOLDERS = {'quickdraw': {'sketch': ('QuickDraw_sketches_final', 'sketches'),
+                                 'photo': ('QuickDraw_images_final', 'images')}}
 # Folder names of the raw TU-Berlin Extended photo archive that no separator rule can match.
 FOLDER_ALIASES = {'mouse': 'mouse (animal)', 'pipe': 'pipe (for smoking)', 'spacesshuttle': 'space shuttle',
                   'wristwatching': 'wrist-watch', 'tromobone': 'trombone', 'chandeler': 'chandelier',
@@ -351,6 +356,14 @@ def match_class_folders(source, classes, what):
     return found
 
 
+def _raw_top_folder(folder, dataset, side):
+    """The raw download's top folder of `side` when `folder` holds it, else `folder` itself."""
+    for name in RAW_TOP_FOLDERS.get(dataset, {}).get(side, ()):
+        if (Path(folder) / name).is_dir():
+            return Path(folder) / name
+    return Path(folder)
+
+
 def _images(folder):
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p))
 
@@ -363,6 +376,8 @@ def build_real_split(dataset, split, sketch_dirs, photo_dirs, data_root='data', 
     bytes equal one already taken for that class is left out and counted.
     """
     split_name = SPLITS[dataset][split]
+    sketch_dirs = [_raw_top_folder(d, dataset, 'sketch') for d in sketch_dirs]
+    photo_dirs = [_raw_top_folder(d, dataset, 'photo') for d in photo_dirs]
     train_classes, test_classes = read_class_list(f'{split_name}_train'), read_class_list(f'{split_name}_test')
     all_classes = train_classes + test_classes
     sources = {'sketch': [match_class_folders(d, all_classes, 'sketch folder') for d in sketch_dirs],

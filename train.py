@@ -22,6 +22,7 @@ import uuid
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -42,7 +43,8 @@ DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
 SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
 # Options that define a run's results: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',
-                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'loss_weights', 'class_on')
+                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'loss_weights', 'class_on',
+                'eval_queries')
 # ACNet's loss: adversarial + 0.1 * identity + 10 * class, the class loss on E(sketch), E(photo), E(G(sketch)).
 DEFAULT_LOSS_WEIGHTS, CLASS_INPUTS = (1.0, 0.1, 10.0), ('sketch', 'photo', 'fake')
 
@@ -81,6 +83,9 @@ def parse_args(argv=None):
     p.add_argument('--seed', type=int, default=1)
     p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
     p.add_argument('--eval_batch_size', type=int, default=None, help='default: 2 x batch_size')
+    p.add_argument('--eval_queries', type=int, default=0,
+                   help='evaluate each epoch on this many val sketches (a fixed, seeded sample; all photos stay in '
+                        'the gallery), then the selected epoch on all of them; 0: all, every epoch')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     run = p.add_argument_group('runs')
     run.add_argument('--resume', action='store_true', help='continue from the _last.pth in --save_root')
@@ -117,6 +122,8 @@ def check_args(args):
     if args.batch_size < (2 if args.method == 'acnet' else 1):
         problems.append(f'--batch_size must be at least {2 if args.method == "acnet" else 1} '
                         f'(ACNet batches hold batch_size // 2 sketch-photo pairs), got {args.batch_size}')
+    if args.eval_queries < 0:
+        problems.append(f'--eval_queries must be at least 0 (0: all), got {args.eval_queries}')
     for name in ('emb_dim', 'epochs', 'eval_batch_size'):
         if getattr(args, name) < 1:
             problems.append(f'--{name} must be at least 1, got {getattr(args, name)}')
@@ -480,10 +487,32 @@ def evaluate(model, evals, rt):
     return metrics, vectors
 
 
-def results_row(epoch, losses, metrics, select_on):
+def results_row(epoch, losses, metrics, select_on, eval_queries='all'):
     heldout = [f'heldout_{name}' for name in CSV_METRICS if f'heldout_{name}' in metrics]
     return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *heldout)},
-            'select_on': select_on}
+            'eval_queries': eval_queries, 'select_on': select_on}
+
+
+def sample_queries(split, count, seed):
+    """The split with every photo and a fixed, seeded sample of `count` of its sketches."""
+    sketches = split.indices(SKETCH)
+    chosen = set(np.random.default_rng(seed).choice(sketches, size=count, replace=False).tolist())
+    return split.subset([i for i in range(len(split)) if split.domains[i] == PHOTO or i in chosen])
+
+
+def evaluate_selected_epoch_fully(files, model, optimizers, args, rows, best, run, evals, full_val, rt, log):
+    """With --eval_queries: the selected epoch's weights evaluated on every val sketch. Its metrics are
+    appended to the results as a row with eval_queries 'all', and its files get the full val embeddings."""
+    state = load_torch(files.model, CHECKPOINT_FORMAT, 'checkpoint')
+    latest = (max(int(row['epoch']) for row in rows), {k: v.clone() for k, v in model.state_dict().items()})
+    model.load_state_dict(state['model'])
+    metrics, vectors = evaluate(model, {**evals, 'val': full_val}, rt)
+    rows.append(results_row(best['epoch'], {}, metrics, args.select_on))
+    if rt.main:
+        run.val_split = full_val.split
+        save_epoch(files, model, optimizers, args, best['epoch'], metrics, vectors, rows, best, run, rt, latest)
+    model.load_state_dict(latest[1])
+    log(f'epoch {best["epoch"]:>2} on all {full_val.split.count(SKETCH)} val sketches | unseen {format_metrics(metrics)}')
 
 
 def format_losses(losses):
@@ -513,7 +542,7 @@ def checkpoint_record(model, args, epoch, metrics, run):
             'data': run.data, 'skipped_images': run.skipped}
 
 
-def save_epoch(files, model, optimizers, args, epoch, metrics, vectors, rows, best, run, rt):
+def save_epoch(files, model, optimizers, args, epoch, metrics, vectors, rows, best, run, rt, latest=None):
     """This epoch's files, written so that a failure (a full disk) changes none of them.
 
     _last.pth is renamed first: if the process dies before the best-epoch files follow, they lag
@@ -522,6 +551,8 @@ def save_epoch(files, model, optimizers, args, epoch, metrics, vectors, rows, be
     record = checkpoint_record(model, args, epoch, metrics, run)
     last = {**record, 'rows': rows, 'best': best, 'world_size': rt.world,
             'optimizers': {name: o.state_dict() for name, o in optimizers.items()}}
+    if latest is not None:  # (epoch, weights): the best epoch's files, with _last.pth at the latest epoch
+        last.update(epoch=latest[0], model=latest[1])
     writes = [(files.last, lambda tmp: torch.save(last, tmp)), (files.results, csv_writer(rows))]
     if best['epoch'] == epoch:
         vectors_file = vectors_record(vectors, run.val_split, args, epoch, run.run_id, run.skipped['val'])
@@ -622,10 +653,16 @@ def fit(args, files, rt, log, train_split, val_split):
         log(describe_split(heldout_split, 'held out (seen classes, for model selection)'))
         evals['heldout'] = SimpleNamespace(split=heldout_split, loader=make_eval_loader(
             args, heldout_split, 'train', rt.rank, rt.world))
-    evals['val'] = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val', rt.rank, rt.world))
+    full_val = SimpleNamespace(split=val_split, loader=make_eval_loader(args, val_split, 'val', rt.rank, rt.world))
+    evals['val'], sampled = full_val, 0 < args.eval_queries < val_split.count(SKETCH)
+    if sampled:
+        part = sample_queries(val_split, args.eval_queries, args.seed)
+        evals['val'] = SimpleNamespace(split=part, loader=make_eval_loader(args, part, 'val', rt.rank, rt.world))
+        log(f'each epoch: {args.eval_queries} of the {val_split.count(SKETCH)} val sketches (seed {args.seed}) against '
+            f'all {val_split.count(PHOTO)} photos; the selected epoch: all of them')
     train_loader = make_train_loader(args, train_split, rt.rank, rt.world)
     run = SimpleNamespace(prefix=run_prefix(args), run_id=uuid.uuid4().hex, train_classes=train_split.classes,
-                          val_split=val_split, skipped=skipped,
+                          val_split=evals['val'].split, skipped=skipped,
                           data={'train': split_fingerprint(train_split), 'val': split_fingerprint(val_split)})
     model, optimizers = prepare_model(args, len(train_split.classes), rt.device)
     source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
@@ -637,6 +674,8 @@ def fit(args, files, rt, log, train_split, val_split):
 
     if args.resume:
         rows, best, first_epoch = resume_state(files, model, optimizers, args, rt, run)
+        if first_epoch <= args.epochs:  # more epochs: an earlier full evaluation no longer holds
+            rows = [row for row in rows if str(row.get('eval_queries', 'all')) != 'all' or not sampled]
         if best_files_lag(files, best) and best['epoch'] == first_epoch - 1:
             # the last save was cut short between its renames: _last.pth holds the best epoch's weights
             log(f'rewriting the best-epoch files of epoch {best["epoch"]}, which the last save did not finish')
@@ -663,7 +702,7 @@ def fit(args, files, rt, log, train_split, val_split):
         train_loader.sampler.set_epoch(epoch)
         losses = train_epoch(nets, optimizers, train_loader, step, rt, f'epoch {epoch}/{args.epochs}')
         metrics, vectors = evaluate(model, evals, rt)
-        rows.append(results_row(epoch, losses, metrics, args.select_on))
+        rows.append(results_row(epoch, losses, metrics, args.select_on, args.eval_queries if sampled else 'all'))
         improved = best is None or metrics[key] > best[key]
         if improved:
             best = {'epoch': epoch, **metrics}
@@ -672,6 +711,9 @@ def fit(args, files, rt, log, train_split, val_split):
         heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in evals else ''
         log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
             f'{time.time() - start:.0f}s{" *best" if improved else ""}')
+    if sampled and not any(str(row['eval_queries']) == 'all' for row in rows):
+        evaluate_selected_epoch_fully(files, model, optimizers, args, rows, best, run, evals, full_val, rt, log)
+        best = {**best, **rows[-1]}
     log(f'best epoch {best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen {format_metrics(best)}')
     log(f'saved {Path(args.save_root) / run.prefix}_{{results.csv,model.pth,vectors.pth,last.pth}}')
     return best

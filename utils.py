@@ -749,7 +749,13 @@ def read_results(path):
     if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
         raise UserError(f"'{path}' is not a results CSV of train.py: it has no rows, or not the columns "
                         f"epoch, {', '.join(METRIC_NAMES)} and {SELECT_KEY.get(select_on, 'precise')}")
-    return frame, frame.loc[frame[SELECT_KEY[select_on]].idxmax()]
+    # With --eval_queries the epochs were scored on a sample of the queries (eval_queries = its size) and
+    # the selected epoch again on all of them, in a last row with eval_queries 'all': that row is reported.
+    full = frame['eval_queries'].astype(str) == 'all' if 'eval_queries' in frame else pd.Series(True, frame.index)
+    epochs = frame if full.all() else frame[~full]
+    best = epochs.loc[epochs[SELECT_KEY[select_on]].idxmax()]
+    final = frame[full & (frame['epoch'] == best['epoch'])] if not full.all() else epochs.loc[[best.name]]
+    return epochs, (final.iloc[-1] if len(final) else best)
 
 
 def csv_writer(rows):

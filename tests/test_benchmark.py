@@ -30,7 +30,7 @@ def test_table_has_the_seed_layout_and_published_numbers(tmp_path):
     fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.501, 0.517])
     fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.577])
     fake_run(tmp_path, 'sketchy_msedge_vgg16_64', [0.3])
-    table = benchmark.build_table(benchmark.best_rows(tmp_path)).splitlines()
+    table = benchmark.build_table(benchmark.best_rows(tmp_path), all_metrics=True).splitlines()
     assert table[0] == ('| method | backbone | dim | selected on | Sketchy Extended mAP@200 | Sketchy Extended mAP@all | '
                         'Sketchy Extended P@100 | Sketchy Extended P@200 | TU-Berlin Extended mAP@200 | '
                         'TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 | TU-Berlin Extended P@200 |')
@@ -57,3 +57,17 @@ def test_no_published_rows_for_the_generated_dataset(tmp_path):
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.25])
     table = benchmark.build_table(benchmark.best_rows(tmp_path))
     assert '(published)' not in table and '| acnet (ours) | resnet50 | 512 | test | 25.0 |' in table
+
+
+def test_tables_show_the_metrics_papers_compare_per_dataset(tmp_path):
+    """TU-Berlin and Sketchy-25: mAP@all, P@100; Sketchy-21: mAP@200, P@200; QuickDraw: mAP@all, P@200."""
+    for dataset in ('sketchy21', 'sketchy25', 'tuberlin', 'quickdraw'):
+        fake_run(tmp_path, f'{dataset}_acnet_resnet50_512', [0.1, 0.2])
+    table = benchmark.build_table(benchmark.best_rows(tmp_path)).splitlines()
+    assert table[0] == ('| method | backbone | dim | selected on | QuickDraw Extended mAP@all | QuickDraw Extended P@200 | '
+                        'Sketchy Ext (21) mAP@200 | Sketchy Ext (21) P@200 | Sketchy Ext (25) mAP@all | '
+                        'Sketchy Ext (25) P@100 | TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 |')
+    assert table[2] == '| acnet (ours) | resnet50 | 512 | test | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |'
+    assert table[3] == '| acnet (published) | resnet50 | 512 | test |  |  |  |  |  |  | 57.7 | 65.8 |'
+    assert '| ZSE-SBIR (published, another method) |  |  |  | 14.5 | 21.6 |  |  |  |  |  |  |' in table
+    assert '| Doodle2Search (published, another method) |  |  |  | 7.5 | 6.8 |  |  |  |  |  |  |' in table

@@ -99,3 +99,56 @@ def test_summary_compares_with_the_published_test_set(capsys):
     summary['val']['photo'] = 29601
     print_split_summary(summary)
     assert 'differs: found 15229 and 29601' in capsys.readouterr().out
+
+
+def raw_quickdraw(root, classes, sketches=2, photos=2, sketch_top='QuickDraw_sketches_final',
+                  photo_top='QuickDraw_images_final'):
+    """The raw QuickDraw-Extended layout: <top>/<class>/*.png sketches and *.jpg photos."""
+    for c, name in enumerate(classes):
+        for i in range(sketches):
+            image(root / sketch_top / name / f'{4000000000 + 10 * c + i}.png', 2000 + 10 * c + i)
+        for i in range(photos):
+            image(root / photo_top / name / f'image_{i:05d}.jpg', 9000 + 10 * c + i)
+    return root
+
+
+def test_quickdraw_lists_are_the_published_split():
+    train, test = read_class_list('quickdraw_zeroshot30_train'), read_class_list('quickdraw_zeroshot30_test')
+    assert len(train) == 80 and len(test) == 30 and not set(train) & set(test)
+    assert sorted(train + test) == read_class_list('quickdraw_all') and 'class_labels.txt' not in train + test
+    assert {'bat', 'zebra', 'fan', 'palm tree', 'fire_hydrant', 'megaphone'} <= set(test)
+    assert {'pear', 'sword', 'bed'}.isdisjoint(train + test)  # from an older, wrong zero-shot list
+
+
+@pytest.mark.parametrize('tops', [('QuickDraw_sketches_final', 'QuickDraw_images_final'), ('sketches', 'images')])
+def test_quickdraw_builds_from_the_raw_download(tmp_path, tops):
+    classes = read_class_list('quickdraw_all')
+    spelled = [c.replace(' ', '_') if c == 'palm tree' else c for c in classes]  # doodle2search's spelling
+    raw = raw_quickdraw(tmp_path / 'raw', spelled, sketch_top=tops[0], photo_top=tops[1])
+    summary = build_real_split('quickdraw', '30', [raw], [raw], tmp_path / 'data')  # the download's root works
+    assert (summary['train']['classes'], summary['val']['classes']) == (80, 30)
+    assert (summary['val']['sketch'], summary['val']['photo']) == (60, 60)
+    assert (summary['train']['sketch'], summary['train']['photo']) == (160, 160)
+    val = scan_split(tmp_path / 'data', 'quickdraw', 'val')
+    assert val.classes == sorted(read_class_list('quickdraw_zeroshot30_test'))
+    link = tmp_path / 'data' / 'quickdraw' / 'val' / 'photo' / 'palm tree' / 'image_00000.jpg'
+    assert link.is_symlink() and link.resolve() == (raw / tops[1] / 'palm_tree' / 'image_00000.jpg').resolve()
+    assert not list((tmp_path / 'data').glob('.*partial'))
+    assert val.count(SKETCH) == 60 and val.count(PHOTO) == 60
+
+
+def test_quickdraw_errors_name_the_classes(tmp_path, capsys):
+    classes = read_class_list('quickdraw_all')
+    raw = raw_quickdraw(tmp_path / 'raw', [c for c in classes if c != 'zebra'])
+    with pytest.raises(DataError, match="1 quickdraw classes have no sketch folder: zebra"):
+        build_real_split('quickdraw', '30', [raw], [raw], tmp_path / 'data')
+    image(raw / 'QuickDraw_sketches_final' / 'zebra' / '1.png', 1)
+    image(raw / 'QuickDraw_images_final' / 'zebra' / 'image_1.jpg', 2)
+    image(raw / 'QuickDraw_sketches_final' / 'unicorn' / '1.png', 3)
+    with pytest.raises(DataError, match="has folders that are not classes of this dataset: unicorn"):
+        build_real_split('quickdraw', '30', [raw], [raw], tmp_path / 'data')
+    assert not (tmp_path / 'data' / 'quickdraw').exists()
+    print_split_summary({'out': tmp_path, 'split': 'quickdraw_zeroshot30', 'train': {'classes': 80, 'sketch': 1,
+                         'photo': 1, 'duplicates': 0}, 'val': {'classes': 30, 'sketch': 92291, 'photo': 54151,
+                                                              'duplicates': 0}})
+    assert 'published test set of this split: 92291 sketches, 54151 photos (matches)' in capsys.readouterr().out

@@ -25,7 +25,9 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
 
     rows = read_csv(f'{prefix}_results.csv')
     assert [r['epoch'] for r in rows] == ['1', '2']
-    assert list(rows[0]) == ['epoch', *LOSSES[method], 'P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise', 'select_on']
+    assert list(rows[0]) == ['epoch', *LOSSES[method], 'P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise',
+                             'eval_queries', 'select_on']
+    assert {r['eval_queries'] for r in rows} == {'all'}
     assert {r['select_on'] for r in rows} == {'test'}
     for row in rows:
         values = [float(row[m]) for m in ('P@100', 'P@200', 'mAP@200', 'mAP@all')]
@@ -116,3 +118,42 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith('error: data root not found') and 'Traceback' not in err
+
+
+def test_eval_queries_scores_epochs_on_a_sample_and_the_selected_epoch_on_all(tiny_data, tmp_path):
+    import test as retrieval
+    from train import sample_queries
+    from utils import PHOTO, read_results, scan_split
+    args = tiny_args(tiny_data, tmp_path, '--epochs', '2', '--emb_dim', '8', '--eval_queries', '3', '--device', 'cpu')
+    best = train(args)
+    prefix = tmp_path / 'synthetic_acnet_resnet50_8'
+    rows = read_csv(f'{prefix}_results.csv')
+    assert [(r['epoch'], r['eval_queries']) for r in rows] == [('1', '3'), ('2', '3'), (str(best['epoch']), 'all')]
+    checkpoint = load_torch(f'{prefix}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    vectors = load_torch(f'{prefix}_vectors.pth', VECTORS_FORMAT, 'vectors file')
+    val = scan_split(tiny_data, 'synthetic', 'val')
+    assert sorted(vectors['paths']) == sorted(val.paths)  # the full val set, not the sample
+    v, labels, sketch = vectors['vectors'], vectors['labels'], vectors['domains'] == SKETCH
+    full = retrieval_metrics(v[sketch], labels[sketch], v[~sketch], labels[~sketch])
+    assert float(rows[-1]['precise']) == pytest.approx(full['precise'], abs=1e-6)
+    assert checkpoint['metrics']['precise'] == pytest.approx(full['precise'], abs=1e-6)
+    # the selected epoch's row is the metric of the seeded sample: 3 sketches, every photo
+    sample = sample_queries(val, 3, args.seed)
+    assert sample.count(SKETCH) == 3 and sample.count(PHOTO) == val.count(PHOTO)
+    model = model_from_checkpoint(checkpoint)
+    with torch.no_grad():
+        images = torch.stack([load_image(val.root / p, 32, 'bilinear') for p in sample.paths])
+        e = model.embed(images, torch.tensor(sample.domains))
+    s, lab = torch.tensor(sample.domains) == SKETCH, torch.tensor(sample.labels)
+    on_sample = retrieval_metrics(e[s], lab[s], e[~s], lab[~s])
+    assert float(rows[best['epoch'] - 1]['precise']) == pytest.approx(on_sample['precise'], abs=1e-5)
+    # reports, test.py and resume take the full row of the selected epoch
+    _, reported = read_results(f'{prefix}_results.csv')
+    assert reported['eval_queries'] == 'all' and reported['precise'] == pytest.approx(full['precise'], abs=1e-6)
+    assert load_torch(f'{prefix}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 2
+    metrics = retrieval.main(['--data_base', f'{prefix}_model.pth', '--evaluate', '--workers', '0', '--device', 'cpu'])
+    assert metrics['precise'] == pytest.approx(full['precise'], abs=1e-6)
+    train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--eval_queries', '3', '--device', 'cpu',
+                    '--resume'))
+    rows = read_csv(f'{prefix}_results.csv')
+    assert [r['eval_queries'] for r in rows] == ['3', '3', '3', 'all']  # the earlier full row is gone

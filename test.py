@@ -19,18 +19,13 @@ import argparse
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageOps
 
 from model import edge_mask, model_from_checkpoint
 from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, load_checkpoint_vectors,
-                   atomic_write, check_device, check_replaceable, check_writable_dir, heatmap, is_image_file,
-                   load_image, load_torch, make_output_folder, rank_gallery, read_rgb, run_cli, save_png, scan_split,
-                   to_pil)
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, atomic_write, check_device, check_replaceable, check_writable_dir, draw_retrieval,
+                   fit_tile, heatmap, is_image_file, load_checkpoint_vectors, load_image, load_torch,
+                   make_output_folder, rank_gallery, read_rgb, run_cli, save_png, scan_split)
 
-TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
-
-COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
 
 
 def parse_args(argv=None):
@@ -175,24 +170,6 @@ def top_k(query_vector, gallery, k):
     return rows[order].tolist(), similarity[order].tolist()
 
 
-def _tile(image):
-    return ImageOps.fit(to_pil(image).convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
-
-
-def draw_retrieval(query, extras, results):
-    """One row: the query (blue frame), extra pictures (grey), then (image, caption, match) results,
-    framed green for a match, red for a miss, grey when the query's class is unknown."""
-    tiles = [(query, 'query', 'query')] + [(img, name, None) for name, img in extras] + results
-    canvas = Image.new('RGB', (GAP + len(tiles) * (TILE + GAP), 2 * GAP + TILE + CAPTION), 'white')
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, caption, match) in enumerate(tiles):
-        x, y = GAP + i * (TILE + GAP), GAP
-        draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=COLOURS[match])
-        canvas.paste(_tile(image), (x + FRAME, y + FRAME))
-        draw.multiline_text((x, y + TILE + 2), caption, fill='black', spacing=2)
-    return canvas
-
-
 def plan_outputs(files, save_root, dataset):
     """(query, picture path, loose-files folder) per query, every target checked before anything is written."""
     save_root = Path(save_root)
@@ -233,7 +210,7 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
         image = load_image(path, img_size, RESIZE[method])
         embedding, extras = describe_query(model, image, args.device)
         query_class = path.parent.name if path.parent.name in classes else None
-        shown = [(name, heatmap(value, _tile(image)) if name.startswith('attention') else value)
+        shown = [(name, heatmap(value, fit_tile(image)) if name.startswith('attention') else value)
                  for name, value in extras.items() if method == 'msedge' or args.show_generated]
         results, lines = [], []
         for rank, (index, similarity) in enumerate(zip(*top_k(embedding, gallery, args.num)), 1):

@@ -843,6 +843,30 @@ def to_pil(image):
     return image
 
 
+# The retrieval picture of test.py and search.py: tile size, gaps, caption height, frame width, frame colours
+TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
+COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
+
+
+def fit_tile(image):
+    return ImageOps.fit(to_pil(image).convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
+
+
+def draw_retrieval(query, extras, results):
+    """One row: the query (blue frame), extra (name, picture)s (grey), then (image, caption, match) results,
+    framed green for a match, red for a miss, grey when the query's class is unknown."""
+    from PIL import ImageDraw
+    tiles = [(query, 'query', 'query')] + [(img, name, None) for name, img in extras] + results
+    canvas = Image.new('RGB', (GAP + len(tiles) * (TILE + GAP), 2 * GAP + TILE + CAPTION), 'white')
+    draw = ImageDraw.Draw(canvas)
+    for i, (image, caption, match) in enumerate(tiles):
+        x, y = GAP + i * (TILE + GAP), GAP
+        draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=COLOURS[match])
+        canvas.paste(fit_tile(image), (x + FRAME, y + FRAME))
+        draw.multiline_text((x, y + TILE + 2), caption, fill='black', spacing=2)
+    return canvas
+
+
 def heatmap(attention, base):
     """An attention map (h, w) laid over a picture, stretched to its own min-max range."""
     stretched = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-6)

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 import test as retrieval
+import utils
 from conftest import write_image
 from model import model_from_checkpoint
 from train import parse_args as train_args, train
@@ -41,7 +42,7 @@ def check_error(capsys, *argv, match):
 
 def frame_colours(picture, num_tiles):
     """The colour of each tile's frame (its top-left pixel)."""
-    return [picture.getpixel((retrieval.GAP + i * (retrieval.TILE + retrieval.GAP) + 1, retrieval.GAP + 1))
+    return [picture.getpixel((utils.GAP + i * (utils.TILE + utils.GAP) + 1, utils.GAP + 1))
             for i in range(num_tiles)]
 
 
@@ -56,8 +57,8 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
 
     picture = Image.open(tmp_path / f'{query.stem}.png')
     tiles = 1 + extra_tiles + K
-    assert picture.size == (retrieval.GAP + tiles * (retrieval.TILE + retrieval.GAP),
-                            2 * retrieval.GAP + retrieval.TILE + retrieval.CAPTION)
+    assert picture.size == (utils.GAP + tiles * (utils.TILE + utils.GAP),
+                            2 * utils.GAP + utils.TILE + utils.CAPTION)
 
     # the expected top K, computed independently from the saved gallery embeddings
     model = model_from_checkpoint(checkpoint)
@@ -68,8 +69,8 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
     sims = vectors['vectors'][photos] @ q
     top = photos[torch.sort(sims, descending=True, stable=True).indices[:K]]
     matches = [vectors['classes'][vectors['labels'][i]] == query.parent.name for i in top]
-    expected = [retrieval.COLOURS['query']] + [retrieval.COLOURS[None]] * extra_tiles + \
-        [retrieval.COLOURS[m] for m in matches]
+    expected = [utils.COLOURS['query']] + [utils.COLOURS[None]] * extra_tiles + \
+        [utils.COLOURS[m] for m in matches]
     assert frame_colours(picture, tiles) == expected
 
     loose = sorted(p.name for p in (tmp_path / query.stem).iterdir() if p.name != FOLDER_MARK)
@@ -82,8 +83,8 @@ def test_draw_retrieval_frames_on_a_constructed_case():
     white = Image.new('RGB', (20, 20), 'white')
     results = [(white, '0.9\ncat', True), (white, '0.8\ndog', False), (white, '0.7\ncat', True),
                (white, '0.1\n?', None)]
-    picture = retrieval.draw_retrieval(white, [('generated', white)], results)
-    green, red, grey, blue = (retrieval.COLOURS[k] for k in (True, False, None, 'query'))
+    picture = utils.draw_retrieval(white, [('generated', white)], results)
+    green, red, grey, blue = (utils.COLOURS[k] for k in (True, False, None, 'query'))
     assert frame_colours(picture, 6) == [blue, grey, green, red, green, grey]
 
 
@@ -93,7 +94,7 @@ def test_any_image_from_outside_the_val_set(runs, tmp_path):
     run('--query_name', tmp_path / 'mine', '--data_base', runs['acnet'], '--num', K, '--save_root', tmp_path / 'out')
     for stem in ('doodle', 'other'):
         picture = Image.open(tmp_path / 'out' / f'{stem}.png')
-        assert frame_colours(picture, K + 1)[1:] == [retrieval.COLOURS[None]] * K  # class unknown: grey
+        assert frame_colours(picture, K + 1)[1:] == [utils.COLOURS[None]] * K  # class unknown: grey
 
 
 def test_defaults_take_one_sketch_per_val_class(runs, tmp_path, capsys):

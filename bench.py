@@ -244,7 +244,7 @@ def bench_train(args):
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
-                   num_val_photos=args.batch_size, img_size=args.img_size)
+                   num_val_photos=args.batch_size, img_size=args.img_size, workers=max(1, args.workers))
     train_split, val_split = scan_split(root, 'synthetic', 'train'), scan_split(root, 'synthetic', 'val')
     for method in ('acnet', 'msedge'):
         build_cache(root, 'synthetic', args.img_size, method, workers=args.workers)

@@ -245,12 +245,13 @@ def synthetic_classes(num_classes, num_val_classes, seed):
 
 
 def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40, num_photos=40,
-                   num_val_photos=200, img_size=64, seed=0, overwrite=False):
+                   num_val_photos=200, img_size=64, seed=0, overwrite=False, workers=1):
     """Write <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ and return its path.
 
     Every image has its own random stream derived from (seed, family, domain, index), so the files
     do not depend on the order in which they are drawn. An existing dataset is replaced only with
-    `overwrite`, and only once the new one is complete.
+    `overwrite`, and only once the new one is complete. `workers` processes draw class folders in
+    parallel; the files are the same for any number.
     """
     counts = dict(num_sketches=num_sketches, num_photos=num_photos, num_val_photos=num_val_photos)
     problems = [f'--{name} must be at least 1, got {value}' for name, value in counts.items() if value < 1]
@@ -258,6 +259,8 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         problems.append(f'--img_size must be at least 8, got {img_size}')
     if seed < 0:
         problems.append(f'--seed must be at least 0, got {seed}')
+    if workers < 1:
+        problems.append(f'--workers must be at least 1, got {workers}')
     if problems:
         raise UserError('; '.join(problems))
     train, val = synthetic_classes(num_classes, num_val_classes, seed)
@@ -267,22 +270,29 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         raise DataError(f"'{out}' already exists: pass --overwrite to replace it, or choose another --data_root")
     tmp = out.with_name('.synthetic.partial')
     shutil.rmtree(tmp, ignore_errors=True)
-    family_ids = {name: i for i, name in enumerate(FAMILIES)}
-    for split, classes, photos in (('train', train, num_photos), ('val', val, num_val_photos)):
-        for name in classes:
-            for domain, count in (('sketch', num_sketches), ('photo', photos)):
-                folder = tmp / split / domain / name
-                folder.mkdir(parents=True)
-                for i in range(count):
-                    rng = np.random.default_rng([seed, family_ids[name], domain == 'sketch', i])
-                    parts = random_shape(name, rng)
-                    if domain == 'sketch':
-                        render_sketch(parts, rng, img_size).save(folder / f'{name}_{i:04d}.png')
-                    else:
-                        render_photo(parts, rng, img_size).save(folder / f'{name}_{i:04d}.jpg', quality=92)
+    folders = [(tmp / split / domain / name, name, domain, count, img_size, seed)
+               for split, classes, photos in (('train', train, num_photos), ('val', val, num_val_photos))
+               for name in classes for domain, count in (('sketch', num_sketches), ('photo', photos))]
+    if workers > 1:
+        with Pool(min(workers, len(folders))) as pool:
+            pool.starmap(_draw_folder, folders)
+    else:
+        for job in folders:
+            _draw_folder(*job)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)  # only a complete dataset ever appears under its real name
     return out
+
+
+def _draw_folder(folder, name, domain, count, img_size, seed):
+    folder.mkdir(parents=True)
+    for i in range(count):
+        rng = np.random.default_rng([seed, list(FAMILIES).index(name), domain == 'sketch', i])
+        parts = random_shape(name, rng)
+        if domain == 'sketch':
+            render_sketch(parts, rng, img_size).save(folder / f'{name}_{i:04d}.png')
+        else:
+            render_photo(parts, rng, img_size).save(folder / f'{name}_{i:04d}.jpg', quality=92)
 
 
 def preview(data_dir, out_path, per_class=1, size=64):
@@ -496,6 +506,7 @@ def parse_args(argv=None):
     syn.add_argument('--seed', type=int, default=0)
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
     syn.add_argument('--overwrite', action='store_true', help='replace an existing <data_root>/synthetic')
+    syn.add_argument('--workers', type=int, default=1, help='drawing processes (same files for any number)')
     for dataset, splits in SPLITS.items():
         real = commands.add_parser(dataset, help=f'build data_root/{dataset} from the raw {dataset} download')
         real.add_argument('--sketch_dir', nargs='+', required=True, help='folders of class folders of sketches')
@@ -530,7 +541,8 @@ def run(args):
             raise UserError(f"--preview '{args.preview}' must name a .png file")
     if args.command == 'synthetic':
         out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
-                             args.num_photos, args.num_val_photos, args.img_size, args.seed, args.overwrite)
+                             args.num_photos, args.num_val_photos, args.img_size, args.seed, args.overwrite,
+                             args.workers)
         print(f'wrote {out}')
         if args.preview:
             preview(out, args.preview, size=args.img_size)

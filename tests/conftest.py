@@ -1,4 +1,5 @@
 """Shared fixtures: tiny image trees and a tiny generated dataset (32 px, a few images per class)."""
+import os
 import sys
 from pathlib import Path
 
@@ -10,6 +11,9 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(2)
+# ZS_SBIR_TEST_DEVICE=cuda runs the tests that name a device on the GPU (the rest follow train.py's default,
+# which is cuda wherever one is visible).
+DEVICE = os.environ.get('ZS_SBIR_TEST_DEVICE', 'cpu')
 
 from prepare import make_synthetic  # noqa: E402
 

@@ -8,7 +8,7 @@ import timm
 import torch
 
 import model as model_module
-from conftest import rng_images
+from conftest import DEVICE, rng_images
 from model import ACNet, MSEdge, backbone_tag, create_timm, input_normalisation, model_from_checkpoint
 from train import acnet_step, msedge_step, parse_args, train, training_nets
 from utils import CHECKPOINT_FORMAT, PHOTO, SKETCH, UserError, VECTORS_FORMAT, load_image, load_torch, read_csv
@@ -24,7 +24,7 @@ def test_a_tiny_run_trains_saves_and_reloads(tiny_data, tmp_path, backbone, meth
     best = train(parse_args(['--method', method, '--backbone_type', backbone, '--data_root', str(tiny_data),
                              '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32', '--batch_size', '8',
                              '--epochs', '2', '--warmup', '1', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8',
-                             '--device', 'cpu', '--save_root', str(tmp_path)]))
+                             '--device', DEVICE, '--save_root', str(tmp_path)]))
     prefix = tmp_path / f'synthetic_{method}_{backbone}_8'
     rows = read_csv(f'{prefix}_results.csv')
     assert len(rows) == 2 and all(0 <= float(r['precise']) <= 1 for r in rows)
@@ -182,7 +182,7 @@ def test_bench_backbones_reports_speed_memory_and_sizes(method, backbone):
     whole = timm.create_model(backbone, pretrained=False, num_classes=512, global_pool='max')
     features = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
     for checkpointing in (False, True):
-        out = bench.measure_backbone(method, backbone, 32, 4, 1, checkpointing, 'cpu')
+        out = bench.measure_backbone(method, backbone, 32, 4, 1, checkpointing, DEVICE)
         assert out['images_per_s'] > 0 and out['memory_mb'] >= 0 and out['tag'] == backbone_tag(method, backbone)
         if method == 'msedge':
             assert out['features'] == features.feature_info.channels()

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 import convert
 import test as retrieval
-from conftest import rng_images
+from conftest import DEVICE, rng_images
 from model import model_from_checkpoint
 from utils import CHECKPOINT_FORMAT, PHOTO, SKETCH, load_image, load_torch, retrieval_metrics, scan_split
 
@@ -100,7 +100,7 @@ def test_test_py_evaluates_and_queries_a_converted_release(tmp_path, tiny_data, 
     assert 'next: python test.py --evaluate' in capsys.readouterr().out
 
     # --evaluate: exact metrics of the original networks on the val split
-    metrics = retrieval.main(['--evaluate', '--data_base', str(save), '--workers', '0', '--device', 'cpu'])
+    metrics = retrieval.main(['--evaluate', '--data_base', str(save), '--workers', '0', '--device', DEVICE])
     split = scan_split(tiny_data, 'synthetic', 'val')
     images = torch.stack([load_image(split.root / p, 32, 'bilinear') for p in split.paths])
     domains, labels = torch.tensor(split.domains), torch.tensor(split.labels)
@@ -114,7 +114,7 @@ def test_test_py_evaluates_and_queries_a_converted_release(tmp_path, tiny_data, 
     # pictures: the gallery is embedded on the fly and ranked as the original networks rank it
     query = split.root / split.paths[split.domains.index(SKETCH)]
     retrieval.main(['--data_base', str(save), '--query_name', str(query), '--num', '3', '--save_root',
-                    str(tmp_path / 'pictures'), '--workers', '0', '--device', 'cpu'])
+                    str(tmp_path / 'pictures'), '--workers', '0', '--device', DEVICE])
     out = capsys.readouterr().out
     assert 'has no saved gallery: embedding the' in out and (tmp_path / 'pictures' / f'{query.stem}.png').is_file()
     photos = domains == PHOTO

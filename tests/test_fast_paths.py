@@ -3,7 +3,7 @@ augmentations, bf16 autocast and torch.compile, each against the plain path."""
 import pytest
 import torch
 
-from conftest import rng_images
+from conftest import DEVICE, rng_images
 from model import ACNet, MSEdge, compile_model
 from prepare import build_cache
 from train import parse_args, train
@@ -30,12 +30,14 @@ def test_channels_last_gives_the_same_embeddings():
 
 
 @torch.no_grad()
-def test_bf16_autocast_stays_close():
-    images = rng_images(4, 64)
+@pytest.mark.parametrize('device', sorted({'cpu', DEVICE}))
+def test_bf16_autocast_stays_close(device):
+    images, domains = rng_images(4, 64).to(device), DOMAINS.to(device)
     for model in models():
-        plain = model.embed(images, DOMAINS)
-        with torch.autocast('cpu', torch.bfloat16):
-            fast = model.embed(images, DOMAINS).float()
+        model.to(device)
+        plain = model.embed(images, domains)
+        with torch.autocast(torch.device(device).type, torch.bfloat16):
+            fast = model.embed(images, domains).float()
         assert torch.nn.functional.cosine_similarity(plain, fast).min() > 0.98, model.method
 
 

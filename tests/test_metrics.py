@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import DEVICE
 from utils import rank_gallery, retrieval_metrics
 
 
@@ -94,6 +95,18 @@ def test_matches_reference(sizes, memory_mb):
     for name, value in expected.items():
         assert ours[name] == pytest.approx(value, abs=1e-12), name
     assert 0 < ours['mAP@all'] < 1
+
+
+@pytest.mark.parametrize('dtype', [torch.float32, torch.float64])
+def test_matches_reference_on_the_test_device(dtype):
+    # ZS_SBIR_TEST_DEVICE=cuda: the GPU path (its own sort) must give the reference's numbers too
+    q, ql, g, gl = clustered(60, 400, 7, 16, 1.0, seed=11)
+    ours = retrieval_metrics(torch.from_numpy(q).to(dtype), ql, torch.from_numpy(g).to(dtype), gl, device=DEVICE,
+                             max_memory_mb=0.05)
+    expected = reference_metrics(q.astype(np.float32).astype(float) if dtype == torch.float32 else q, ql,
+                                 g.astype(np.float32).astype(float) if dtype == torch.float32 else g, gl)
+    for name, value in expected.items():
+        assert ours[name] == pytest.approx(value, abs=1e-6 if dtype == torch.float32 else 1e-12), name
 
 
 def test_heavy_ties_rank_lower_gallery_index_first():

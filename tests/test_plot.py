@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 import plot
+from conftest import DEVICE
 from model import model_from_checkpoint
 from test_benchmark import fake_run
 from train import parse_args, train
@@ -23,7 +24,7 @@ def runs(tiny_data, tmp_path_factory):
     for method, epochs in (('acnet', '3'), ('msedge', '2')):
         train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
                           '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', epochs, '--warmup',
-                          '0', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', 'cpu',
+                          '0', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
                           '--save_root', str(out)]))
     return {m: out / f'synthetic_{m}_resnet50_8_model.pth' for m in ('acnet', 'msedge')}
 
@@ -118,7 +119,7 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
     sketches = tiny_data / 'synthetic' / 'val' / 'sketch'
     folder = sorted(sketches.iterdir())[0]
     outputs = plot.main(['generated', '--data_base', str(runs['acnet']), '--sketches', str(folder), '--save_root',
-                         str(tmp_path), '--device', 'cpu', '--limit', '2'])
+                         str(tmp_path), '--device', DEVICE, '--limit', '2'])
     files = sorted(folder.glob('*.png'))
     assert sorted(outputs) == [f.stem for f in files]
     model = model_from_checkpoint(load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'))
@@ -135,7 +136,7 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
 def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):
     photos = sorted((tiny_data / 'synthetic' / 'val' / 'photo').iterdir())[0]
     maps = plot.main(['attention', '--data_base', str(runs['msedge']), '--images', str(photos), '--save_root',
-                      str(tmp_path), '--device', 'cpu', '--limit', '3'])
+                      str(tmp_path), '--device', DEVICE, '--limit', '3'])
     files = sorted(photos.glob('*.jpg'))[:3]
     model = model_from_checkpoint(load_torch(runs['msedge'], CHECKPOINT_FORMAT, 'checkpoint'))
     with torch.no_grad():

@@ -20,7 +20,7 @@ import convert
 import prepare
 import test as retrieval
 import train as train_module
-from conftest import ROOT
+from conftest import DEVICE, ROOT
 from prepare import build_cache
 from test_benchmark import fake_run
 from train import main as train_main, parse_args, train
@@ -31,7 +31,7 @@ PREFIX = 'synthetic_acnet_resnet50_8'
 
 def tiny(data_root, save_root, *extra):
     return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
-            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', 'cpu',
+            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
             '--save_root', str(save_root), *extra]
 
 
@@ -172,7 +172,7 @@ def test_best_files_cut_off_by_a_kill_are_rebuilt_on_resume(run, tiny_data, tmp_
     assert all(torch.equal(model['model'][k], last['model'][k]) for k in last['model'])
     assert not [p for p in out.iterdir() if p.name.startswith('.')]
     retrieval.main(['--data_base', str(out / f'{PREFIX}_model.pth'), '--save_root', str(tmp_path / 'pictures'),
-                    '--device', 'cpu'])  # the rebuilt pair is accepted
+                    '--device', DEVICE])  # the rebuilt pair is accepted
 
 
 def test_msedge_trains_when_the_last_batch_holds_one_image(tiny_data, tmp_path):
@@ -223,8 +223,8 @@ def test_a_run_with_skipped_images_works_in_test_py(tiny_data, tmp_path, capsys)
     sorted((data / 'synthetic' / 'val' / 'photo').rglob('*.jpg'))[0].write_bytes(b'junk')
     train(parse_args(tiny(data, tmp_path / 'out', '--epochs', '1', '--skip_bad_images')))
     checkpoint = tmp_path / 'out' / f'{PREFIX}_model.pth'
-    retrieval.main(['--data_base', str(checkpoint), '--save_root', str(tmp_path / 'pictures'), '--device', 'cpu'])
-    metrics = retrieval.main(['--data_base', str(checkpoint), '--evaluate', '--workers', '0', '--device', 'cpu'])
+    retrieval.main(['--data_base', str(checkpoint), '--save_root', str(tmp_path / 'pictures'), '--device', DEVICE])
+    metrics = retrieval.main(['--data_base', str(checkpoint), '--evaluate', '--workers', '0', '--device', DEVICE])
     assert 'leaving out the 1 val images that training left out' in capsys.readouterr().out
     best = max(read_csv(tmp_path / 'out' / f'{PREFIX}_results.csv'), key=lambda r: float(r['precise']))
     assert metrics['precise'] == pytest.approx(float(best['precise']), abs=1e-6)
@@ -408,7 +408,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
         (train_main, train_base + ['--img_size', '100000'], '--img_size must be a multiple of 4 from 32 to 2048'),
         (train_main, train_base + ['--lr', 'inf'], '--lr must be a positive number, got inf'),
         (train_main, train_base + ['--loss_weights', 'nan', '1', '1'], '--loss_weights must be >= 0'),
-        (train_main, ['--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', '32', '--device', 'cpu',
+        (train_main, ['--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', '32', '--device', DEVICE,
                       '--save_root', tmp_path / 'out', '--weights', tmp_path],
          "--weights '.*' is a folder: name the weights file in it"),
         (retrieval.main, ['--data_base', checkpoint, '--query_name', ''], '--query_name must not be empty'),

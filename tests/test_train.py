@@ -2,6 +2,7 @@
 import pytest
 import torch
 
+from conftest import DEVICE
 from model import model_from_checkpoint
 from train import main, parse_args, train
 from utils import (CHECKPOINT_FORMAT, RESIZE, SKETCH, VECTORS_FORMAT, UserError, load_image, load_torch, read_csv,
@@ -124,7 +125,7 @@ def test_eval_queries_scores_epochs_on_a_sample_and_the_selected_epoch_on_all(ti
     import test as retrieval
     from train import sample_queries
     from utils import PHOTO, read_results, scan_split
-    args = tiny_args(tiny_data, tmp_path, '--epochs', '2', '--emb_dim', '8', '--eval_queries', '3', '--device', 'cpu')
+    args = tiny_args(tiny_data, tmp_path, '--epochs', '2', '--emb_dim', '8', '--eval_queries', '3', '--device', DEVICE)
     best = train(args)
     prefix = tmp_path / 'synthetic_acnet_resnet50_8'
     rows = read_csv(f'{prefix}_results.csv')
@@ -151,9 +152,9 @@ def test_eval_queries_scores_epochs_on_a_sample_and_the_selected_epoch_on_all(ti
     _, reported = read_results(f'{prefix}_results.csv')
     assert reported['eval_queries'] == 'all' and reported['precise'] == pytest.approx(full['precise'], abs=1e-6)
     assert load_torch(f'{prefix}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 2
-    metrics = retrieval.main(['--data_base', f'{prefix}_model.pth', '--evaluate', '--workers', '0', '--device', 'cpu'])
+    metrics = retrieval.main(['--data_base', f'{prefix}_model.pth', '--evaluate', '--workers', '0', '--device', DEVICE])
     assert metrics['precise'] == pytest.approx(full['precise'], abs=1e-6)
-    train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--eval_queries', '3', '--device', 'cpu',
+    train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--eval_queries', '3', '--device', DEVICE,
                     '--resume'))
     rows = read_csv(f'{prefix}_results.csv')
     assert [r['eval_queries'] for r in rows] == ['3', '3', '3', 'all']  # the earlier full row is gone

@@ -6,6 +6,8 @@
     python bench.py train --quick           # tiny sizes on the CPU, about a minute
     python bench.py backbones               # images/s and peak memory per backbone, +- gradient checkpointing
     python bench.py backbones --quick       # tiny backbones at 64 px on the CPU
+    python bench.py search                  # search.py: index build images/s; query latency at 10k-1M photos
+    python bench.py search --quick          # 10k and 20k vectors, seconds
 
 `train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
 the same run: with "seed settings" (fp32, deterministic cuDNN, NCHW, no compile, .item() after every
@@ -352,6 +354,87 @@ def run_backbone_child(method, backbone, img_size, batch_size, steps, checkpoint
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+# ----------------------------------------------------------------------------------------------
+# search.py: index build throughput, query latency, index memory and recall of the approximate indexes
+
+def clustered_unit_vectors(count, dim, clusters, seed, spread=1.0):
+    """Unit vectors around `clusters` random centres; spread 1 puts same-cluster cosines near 0.5, like a
+    trained model's same-class photos (uniform random vectors would have no neighbours worth finding)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=g)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        block = centres[torch.randint(clusters, (n,), generator=g)] + spread * torch.randn(n, dim, generator=g)
+        out[start:start + n] = torch.nn.functional.normalize(block, dim=1).numpy()
+    return out
+
+
+def embed_throughput(img_size, count, batch_size, workers, device):
+    """Images/s of search.py's index loop (decode, resize, embed) over generated photos, random init."""
+    from model import build_model
+    from prepare import make_synthetic
+    from torch.utils.data import DataLoader
+    from search import Photos, collate, embed
+    from utils import PHOTO
+    root = Path(tempfile.mkdtemp(prefix='bench-photos-'))
+    per_class = -(-count // 4)
+    make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=1, num_photos=per_class,
+                   num_val_photos=1, img_size=img_size, workers=max(1, workers))
+    photo_dir = root / 'synthetic' / 'train' / 'photo'
+    files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
+    model = build_model('msedge', 4, 'resnet50', 512, pretrained=False).to(device).eval()
+    loader = DataLoader(Photos(photo_dir, files, img_size, 'bicubic'), batch_size, num_workers=workers,
+                        collate_fn=collate)
+    embed(model, next(iter(loader))[1], PHOTO, device)  # warm-up
+    _sync(torch.device(device))
+    start = time.perf_counter()
+    done = sum(len(embed(model, images, PHOTO, device)) for _, images, _ in loader)
+    _sync(torch.device(device))
+    return done / (time.perf_counter() - start)
+
+
+def bench_search(args):
+    import faiss
+    from search import build_faiss, top_rows, tune
+    if args.quick:
+        args.sizes, args.embed_images, args.img_size = [10_000, 20_000], 16, 64
+    if min(args.sizes) < 1000 or args.queries < 1 or args.embed_images < 1:
+        raise UserError(f'--sizes must be at least 1000, --queries and --embed_images at least 1; got {args.sizes}, '
+                        f'{args.queries}, {args.embed_images}')
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, '
+          f'{faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}, torch {torch.__version__}')
+    for device in devices:
+        rate = embed_throughput(args.img_size, args.embed_images, 32, args.workers, device)
+        print(f'index build on {device}: {rate:.1f} images/s (MSEdge ResNet50, {args.img_size} px, decode + '
+              f'resize + embed, {args.embed_images} generated photos)')
+    print(f'\n{args.dim}-d unit vectors in {args.clusters} clusters; {args.queries} single queries (median latency, '
+          f'top 10); recall@10 against the exact top 10; ivf: nprobe 32, hnsw: M 32, efSearch 128\n')
+    print('| photos | index | build (s) | index memory (MB) | query latency (ms) | recall@10 |')
+    print('|---|---|---|---|---|---|')
+    for size in args.sizes:
+        vectors = clustered_unit_vectors(size, args.dim, args.clusters, seed=size)
+        queries = torch.from_numpy(clustered_unit_vectors(args.queries, args.dim, args.clusters, seed=size))
+        exact = torch.from_numpy(vectors)
+        truth = torch.cat([(block @ exact.T).topk(10).indices for block in queries.split(20)]).tolist()
+        for kind in args.kinds:
+            start = time.perf_counter()
+            index = None if kind == 'flat' else tune(build_faiss(vectors, kind))
+            build = time.perf_counter() - start
+            memory = vectors.nbytes if index is None else faiss.serialize_index(index).nbytes
+            times, found = [], []
+            for query in queries:
+                start = time.perf_counter()
+                rows, _ = top_rows(query, 10, exact if index is None else None, index)
+                times.append(time.perf_counter() - start)
+                found.append(rows)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+            print(f'| {size:,} | {kind} | {build:.1f} | {memory / 2 ** 20:.0f} | {1000 * statistics.median(times):.2f} '
+                  f'| {recall:.3f} |', flush=True)
+            del index
+
+
 def _forever(loader):
     epoch = 0
     while True:
@@ -394,8 +477,20 @@ def main(argv=None):
     backbones.add_argument('--batch_size', type=int, default=64)
     backbones.add_argument('--steps', type=int, default=10, help='timed steps per measurement (after warm-up)')
     backbones.add_argument('--cpu', action='store_true', help='measure on the CPU even when a GPU is present')
+    search = commands.add_parser('search', help='search.py: index build images/s, query latency, recall')
+    search.add_argument('--quick', action='store_true', help='10k and 20k vectors, 16 photos at 64 px: seconds')
+    search.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 1_000_000], help='gallery sizes')
+    search.add_argument('--kinds', nargs='+', default=['flat', 'ivf', 'hnsw'], choices=['flat', 'ivf', 'hnsw'],
+                        help='flat: exact (as search.py ranks without --approx); ivf, hnsw: approximate')
+    search.add_argument('--dim', type=int, default=512)
+    search.add_argument('--clusters', type=int, default=1000, help='clusters the vectors are drawn around')
+    search.add_argument('--queries', type=int, default=200)
+    search.add_argument('--embed_images', type=int, default=128, help='photos embedded for the build throughput')
+    search.add_argument('--img_size', type=int, default=224)
+    search.add_argument('--workers', type=int, default=2, help='data loader processes for the build throughput')
     args = parser.parse_args(argv)
-    run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones}[args.command], args)
+    run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones,
+             'search': bench_search}[args.command], args)
 
 
 if __name__ == '__main__':

@@ -568,8 +568,10 @@ def resume_state(files, model, optimizers, args, rt, run):
     last = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
     if 'optimizers' not in last:
         raise UserError(f"'{path}' is a best-epoch checkpoint without optimiser states: resume from a _last.pth")
-    changed = [f'--{k} {last["args"].get(k)} -> {getattr(args, k)}' for k in RUN_DEFINING
-               if last['args'].get(k) != getattr(args, k)]
+    # an option newer than the checkpoint counts as its default (what the run trained with)
+    defaults = vars(parse_args(['--method', args.method]))
+    before = {k: last['args'].get(k, defaults[k]) for k in RUN_DEFINING}
+    changed = [f'--{k} {before[k]} -> {getattr(args, k)}' for k in RUN_DEFINING if before[k] != getattr(args, k)]
     if last.get('world_size', 1) != rt.world:
         changed.append(f'{last.get("world_size", 1)} -> {rt.world} processes (the effective batch size)')
     if changed:

@@ -125,6 +125,18 @@ def test_resume_epoch_counts(run, tiny_data, tmp_path, capsys):
     assert 'already has all 2 epochs: nothing to do' in capsys.readouterr().out and digests(out) == before
 
 
+def test_resume_of_a_run_older_than_an_option_takes_its_default(run, tiny_data, tmp_path, capsys):
+    # a _last.pth written before --eval_queries existed has no such key: it ran with the default (all)
+    out = copy_run(run, tmp_path)
+    last = load_torch(out / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    del last['args']['eval_queries']
+    save_torch(last, out / f'{PREFIX}_last.pth')
+    check_cli(capsys, train_main, tiny(tiny_data, out, '--epochs', '3', '--resume', '--eval_queries', '3'),
+              r'cannot resume .* with different run options: --eval_queries 0 -> 3', unchanged=[out])
+    train(parse_args(tiny(tiny_data, out, '--epochs', '3', '--resume')))
+    assert [row['epoch'] for row in read_csv(out / f'{PREFIX}_results.csv')] == ['1', '2', '3']
+
+
 def test_a_full_disk_while_saving_changes_nothing_and_resume_continues(tiny_data, tmp_path, capsys, monkeypatch):
     out = tmp_path / 'out'
     train(parse_args(tiny(tiny_data, out, '--epochs', '1')))

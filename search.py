@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from model import model_from_checkpoint
 from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, DataError, UserError, check_device,
-                   check_replaceable, check_writable_dir, draw_retrieval, load_image, load_torch, rank_gallery,
-                   read_rgb, run_cli, save_png)
+                   check_replaceable, check_writable_dir, draw_retrieval, load_image, load_torch, query_files,
+                   rank_gallery, read_rgb, run_cli, save_png)
 
 INDEX_FORMAT = 'zs-sbir-index-1'
 INDEX_KINDS = ('flat', 'ivf', 'hnsw')
@@ -331,31 +331,12 @@ class Searcher:
                 for row, sim in zip(rows, sims)]
 
 
-def query_files(names):
-    files = []
-    for name in names:
-        path = Path(name)
-        if not name:
-            raise UserError('--query must not be empty')
-        if path.is_dir():
-            found = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in
-                           {s.lower() for s in Image.registered_extensions()})
-            if not found:
-                raise UserError(f"query folder '{path}' holds no image")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"query image not found: '{path}'")
-    return files
-
-
 def run_query(args):
     check_device(args.device)
     if args.num < 1:
         raise UserError(f'--num must be at least 1, got {args.num}')
     searcher = Searcher(args.index, args.data_base, args.device)
-    files = query_files(args.query)
+    files = query_files(args.query, {s.lower() for s in Image.registered_extensions()})
     save_root = Path(args.save_root)
     check_writable_dir(save_root, '--save_root')
     pictures = [save_root / f'{path.stem}.png' for path in files]
@@ -417,7 +398,7 @@ def make_app(searcher, k=8):
         return [(str(photo), f'{similarity:.3f} {name}') for photo, similarity, name in results]
 
     with gr.Blocks(title='Sketch search') as app:
-        gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos of `{searcher.folder}` are searched '
+        gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos under `{searcher.photos}` are searched '
                     f'with `{Path(searcher.meta["checkpoint"]).name}`')
         # one column: beside another column the sketchpad's canvas is laid out wider than its box
         pad = gr.Sketchpad(label='sketch (pick the brush, then draw)', type='pil', canvas_size=(384, 384),
@@ -481,7 +462,7 @@ def parse_args(argv=None):
 
 
 def run(args):
-    empty = [f'--{k}' for k, v in vars(args).items() if v == '']
+    empty = [f'--{k}' for k, v in vars(args).items() if v == '' or (isinstance(v, list) and '' in v)]
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
     if args.command == 'index' and (args.batch_size < 1 or args.workers < 0):

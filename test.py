@@ -22,9 +22,10 @@ import torch
 
 from model import edge_mask, model_from_checkpoint
 from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, atomic_write, check_device, check_replaceable, check_writable_dir, draw_retrieval,
-                   fit_tile, heatmap, is_image_file, load_checkpoint_vectors, load_image, load_torch,
-                   make_output_folder, rank_gallery, read_rgb, run_cli, save_png, scan_split)
+from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, atomic_write, check_device,
+                   check_replaceable, check_writable_dir, draw_retrieval, fit_tile, heatmap, load_checkpoint_vectors,
+                   load_image, load_torch, make_output_folder, query_files, rank_gallery, read_rgb, run_cli, save_png,
+                   scan_split)
 
 
 
@@ -106,23 +107,6 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
     vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
     run = argparse.Namespace(method=checkpoint['method'], data_name=data_name, data_root=data_root)
     return vectors_record(vectors, split, run, checkpoint['epoch'], checkpoint.get('run_id'))
-
-
-def query_files(names):
-    """Expand files and folders (recursively) into image files; a missing path is an error."""
-    files = []
-    for name in names:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob('*') if p.is_file() and is_image_file(p))
-            if not found:
-                raise UserError(f"query folder '{path}' holds no .jpg/.jpeg/.png image")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"query image not found: '{path}'")
-    return files
 
 
 def default_queries(data_root, data_name):

@@ -905,6 +905,27 @@ def run_cli(command, args):
         sys.exit(130)
 
 
+def query_files(names, suffixes=None):
+    """Expand files and folders (recursively) into image files (.jpg/.jpeg/.png, or any of `suffixes`);
+    a missing path, an empty name or a folder without images is a UserError."""
+    wanted = (lambda p: p.suffix.lower() in suffixes) if suffixes else is_image_file
+    files = []
+    for name in names:
+        path = Path(name)
+        if not name:
+            raise UserError('a query name must not be empty')
+        if path.is_dir():
+            found = sorted(p for p in path.rglob('*') if p.is_file() and wanted(p))
+            if not found:
+                raise UserError(f"query folder '{path}' holds no {'' if suffixes else '.jpg/.jpeg/.png '}image")
+            files += found
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise UserError(f"query image not found: '{path}'")
+    return files
+
+
 def check_device(device):
     """A --device that torch can use here, or a UserError saying what this machine has."""
     try:

@@ -235,7 +235,17 @@ def image_files(folder, option):
     files = sorted(p for p in folder.rglob('*') if p.is_file() and is_image_file(p))
     if not files:
         raise UserError(f"{option} folder '{folder}' holds no .jpg/.jpeg/.png image")
-    return files
+    return across_folders(files)
+
+
+def across_folders(files):
+    """Sorted files dealt out folder by folder (the first of each, then the second, ...), so that the
+    first few on a sheet show every class of a dataset folder, not only the first one."""
+    groups = {}
+    for path in files:
+        groups.setdefault(path.parent, []).append(path)
+    rank = {path: (i, folder) for folder, members in groups.items() for i, path in enumerate(members)}
+    return sorted(files, key=lambda path: (rank[path][0], str(rank[path][1])))
 
 
 def load_model(args, method, alternative):
@@ -351,11 +361,11 @@ def parse_args(argv=None):
     parsers['tsne'].add_argument('--seed', type=int, default=0)
     parsers['generated'].add_argument('--sketches', required=True, help='a folder of sketches (searched recursively)')
     parsers['generated'].add_argument('--columns', type=int, default=4, help='sketch/generated pairs per sheet row')
-    parsers['generated'].add_argument('--limit', type=int, default=24, help='pairs on the sheet (every sketch is saved)')
+    parsers['generated'].add_argument('--limit', type=int, default=24, help='pairs on the sheet, taken across class folders (every sketch is saved)')
     parsers['attention'].add_argument('--images', required=True, help='a folder of sketches or photos')
     parsers['attention'].add_argument('--domain', default='auto', choices=['auto', 'sketch', 'photo'],
                                       help='what the images are (auto: from a sketch/ or photo/ folder in the path)')
-    parsers['attention'].add_argument('--limit', type=int, default=12, help='images on the sheet (the first, by name)')
+    parsers['attention'].add_argument('--limit', type=int, default=12, help='images on the sheet (the first of each folder, then the second, ...)')
     for name in ('generated', 'attention'):
         parsers[name].add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     for parser in parsers.values():

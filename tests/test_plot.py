@@ -176,3 +176,9 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
     check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--max_points', '2'], '--max_points must be at least 10')
     check_error(capsys, ['generated', '--data_base', runs['acnet'], '--sketches', tiny_data, '--limit', '0'],
                 '--limit must be at least 1')
+
+
+def test_sheets_deal_files_out_across_class_folders(tmp_path):
+    files = [tmp_path / c / f'{c}_{i}.png' for c in ('b', 'a', 'c') for i in range(3 if c != 'c' else 1)]
+    order = [p.stem for p in plot.across_folders(sorted(files))]
+    assert order == ['a_0', 'b_0', 'c_0', 'a_1', 'b_1', 'a_2', 'b_2']

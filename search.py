@@ -335,7 +335,7 @@ def run_query(args):
     check_device(args.device)
     if args.num < 1:
         raise UserError(f'--num must be at least 1, got {args.num}')
-    searcher = Searcher(args.index, args.data_base, args.device)
+    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
     files = query_files(args.query, {s.lower() for s in Image.registered_extensions()})
     save_root = Path(args.save_root)
     check_writable_dir(save_root, '--save_root')
@@ -417,7 +417,7 @@ def make_app(searcher, k=8):
 
 def serve(args):
     check_device(args.device)
-    searcher = Searcher(args.index, args.data_base, args.device)
+    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
     app = make_app(searcher, args.num)
     print(f'serving {searcher.folder} ({len(searcher.table)} photos) on http://{args.host}:{args.port}')
     app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(searcher.photos)],
@@ -456,6 +456,10 @@ def parse_args(argv=None):
     for sub in (query, web):
         sub.add_argument('--data_base', default=None, help='the checkpoint (default: the one the index was built '
                                                            'with); it must be the same model')
+        sub.add_argument('--nprobe', type=int, default=32, help='ivf index: lists searched per query (more: '
+                                                              'slower, higher recall)')
+        sub.add_argument('--ef_search', type=int, default=128, help='hnsw index: candidates kept per query '
+                                                                   '(more: slower, higher recall)')
     for sub in (index, query, web):
         sub.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
     return p.parse_args(argv)
@@ -465,6 +469,8 @@ def run(args):
     empty = [f'--{k}' for k, v in vars(args).items() if v == '' or (isinstance(v, list) and '' in v)]
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
+    if args.command in ('query', 'serve') and (args.nprobe < 1 or args.ef_search < 1):
+        raise UserError(f'--nprobe and --ef_search must be at least 1, got {args.nprobe} and {args.ef_search}')
     if args.command == 'index' and (args.batch_size < 1 or args.workers < 0):
         raise UserError(f'--batch_size must be at least 1 and --workers at least 0, got {args.batch_size} and '
                         f'{args.workers}')

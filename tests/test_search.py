@@ -139,14 +139,16 @@ def test_approximate_indexes_find_the_exact_neighbours(kind):
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
     approximate = search.build_faiss(vectors, kind)
     assert type(approximate).__name__ == {'ivf': 'IndexIVFFlat', 'hnsw': 'IndexHNSWFlat'}[kind]
-    if kind == 'ivf':
-        approximate.nprobe = 32
-    else:
-        approximate.hnsw.efSearch = 128
-    _, found = approximate.search(queries, 10)
     exact = np.argsort(-(queries @ vectors.T), axis=1, kind='stable')[:, :10]
-    recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
-    assert recall >= 0.95, recall
+
+    def recall(**settings):
+        _, found = search.tune(approximate, **settings).search(queries, 10)
+        return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
+    assert recall() >= 0.95  # the defaults search.py uses (nprobe 32, efSearch 128)
+    if kind == 'ivf':  # probing every list is exhaustive; one list misses neighbours across borders
+        assert recall(nprobe=approximate.nlist) == 1.0 and recall(nprobe=1) < recall()
+    else:
+        assert recall(ef_search=512) >= recall(ef_search=10) and recall(ef_search=10) < 1.0
 
 
 def test_the_page_function_finds_drawings_for_a_drawing(checkpoints, gallery, tmp_path):
@@ -249,6 +251,9 @@ def test_bad_inputs_are_one_line_and_write_nothing(checkpoints, gallery, tmp_pat
                 r"cannot read image '.*note.txt'")
     check_error(capsys, ['query', '--index', tmp_path / 'mine', '--query', gallery], 'is not an index of search.py')
     check_error(capsys, ['query', '--index', index, '--query', tmp_path / 'nope.png'], 'query image not found')
+    check_error(capsys, ['query', '--index', index, '--query', gallery, '--nprobe', 0],
+                '--nprobe and --ef_search must be at least 1')
+    check_error(capsys, ['query', '--index', index, '--query', ''], '--query must not be empty')
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before
     meta = build(checkpoints[1], gallery, index, '--rebuild')
     assert json.loads((index / 'meta.json').read_text())['model'] == meta['model']

@@ -31,8 +31,8 @@ from tqdm import tqdm
 
 from model import model_from_checkpoint
 from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, DataError, UserError, check_device,
-                   check_replaceable, check_writable_dir, draw_retrieval, load_image, load_torch, query_files,
-                   rank_gallery, read_rgb, run_cli, save_png)
+                   check_replaceable, check_writable_dir, draw_retrieval, image_tensor, load_image, load_torch,
+                   on_white, query_files, rank_gallery, read_rgb, run_cli, save_png)
 
 INDEX_FORMAT = 'zs-sbir-index-1'
 INDEX_KINDS = ('flat', 'ivf', 'hnsw')
@@ -311,12 +311,8 @@ class Searcher:
     def embed_sketch(self, image):
         """A query's embedding from a PIL image or an image file."""
         size, interpolation = self.meta['model']['img_size'], RESIZE[self.meta['model']['method']]
-        if isinstance(image, (str, Path)):
-            tensor = load_image(image, size, interpolation)
-        else:
-            rgb = image.convert('RGB').resize((size, size), Image.BILINEAR if interpolation == 'bilinear'
-                                              else Image.BICUBIC)
-            tensor = torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1)
+        tensor = (load_image(image, size, interpolation) if isinstance(image, (str, Path))
+                  else image_tensor(on_white(image), size, interpolation))
         return embed(self.model, tensor[None], SKETCH, self.device)[0]
 
     def top_k(self, query, k):
@@ -377,12 +373,7 @@ def sketch_image(value):
         value = value.get('composite')
         if value is None:
             return None
-    image = value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value))
-    if image.mode in ('RGBA', 'LA'):
-        white = Image.new('RGB', image.size, 'white')
-        white.paste(image.convert('RGBA'), mask=image.convert('RGBA').getchannel('A'))
-        image = white
-    image = image.convert('RGB')
+    image = on_white(value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value)))
     return None if np.asarray(image).min() == 255 else image  # an empty canvas
 
 

@@ -243,19 +243,29 @@ def read_rgb(path):
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
-                rgba = img.convert('RGBA')
-                img = Image.new('RGB', rgba.size, (255, 255, 255))
-                img.paste(rgba, mask=rgba.getchannel('A'))
-            return img.convert('RGB')
+            return on_white(img)
     except (OSError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"cannot read image '{path}': {_first_line(error)}") from error
 
 
+def on_white(img):
+    """A PIL image of any mode as RGB, its transparent pixels white."""
+    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
+        rgba = img.convert('RGBA')
+        img = Image.new('RGB', rgba.size, (255, 255, 255))
+        img.paste(rgba, mask=rgba.getchannel('A'))
+    return img.convert('RGB')
+
+
+def image_tensor(img, size, interpolation='bilinear'):
+    """An RGB PIL image resized to a uint8 tensor of shape (3, size, size)."""
+    img = img.resize((size, size), INTERPOLATION[interpolation])
+    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+
+
 def load_image(path, size, interpolation='bilinear'):
     """Read any .jpg/.jpeg/.png (any mode) as a uint8 RGB tensor of shape (3, size, size)."""
-    img = read_rgb(path).resize((size, size), INTERPOLATION[interpolation])
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+    return image_tensor(read_rgb(path), size, interpolation)
 
 
 # Resize filter of each method's input transform.

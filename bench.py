@@ -36,42 +36,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils import ArgumentParser, UserError, retrieval_metrics, run_cli
+from cli import ArgumentParser, UserError, run_cli
+from evaluation import embed_images, make_eval_loader, split_images, to_device
+from model import backbone_tag, build_model, compile_model
+from reference_metrics import reference_metrics
+from search_index import build_faiss, embed, photo_batches, top_rows, tune
+from synthetic import make_synthetic
+from training import STEPS, make_train_loader, training_nets
+from utils import PHOTO, build_cache, retrieval_metrics, scan_split
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
 SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quickdraw': (92291, 54151, 30),
          'quick': (1500, 2000, 10)}
 MAIN = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
-
-
-def seed_style_metrics(queries, query_labels, gallery, gallery_labels):
-    """Per-query metrics the way the seeds compute them: a loop over queries and over ranks."""
-    from scipy.spatial.distance import cdist
-    distances = cdist(queries, gallery, 'cosine')
-    per_query = {name: [] for name in MAIN}
-    for i in range(len(queries)):
-        order = np.argsort(distances[i], kind='stable')
-        relevance = (gallery_labels[order] == query_labels[i]).astype(np.float64)
-        num_relevant = relevance.sum()
-        per_query['mAP@200'].append(_envelope_ap(relevance[:200], min(200, num_relevant)))
-        per_query['mAP@all'].append(_envelope_ap(relevance, num_relevant))
-        per_query['P@100'].append(relevance[:100].mean())
-        per_query['P@200'].append(relevance[:200].mean())
-    return {name: np.array(values) for name, values in per_query.items()}
-
-
-def _envelope_ap(relevance, denominator):
-    hits = np.cumsum(relevance)
-    precision = hits / np.arange(1, len(relevance) + 1)
-    recall = hits / denominator
-    for i in range(len(precision) - 2, -1, -1):
-        precision[i] = max(precision[i], precision[i + 1])
-    ap, previous = 0.0, 0.0
-    for i in range(len(relevance)):
-        if recall[i] != previous:
-            ap += (recall[i] - previous) * precision[i]
-            previous = recall[i]
-    return ap
 
 
 def embeddings(num_queries, num_gallery, num_classes, dim=512, seed=0):
@@ -111,10 +88,10 @@ def measure(kind, size, device, repeats, slow_queries):
         return dict(seconds=statistics.median(times), memory_mb=memory, means={n: result[n].mean().item() for n in MAIN},
                     per_query=per_query)
     start = time.perf_counter()
-    result = seed_style_metrics(q[:slow_queries].double().numpy(), ql[:slow_queries].numpy(),
-                                g.double().numpy(), gl.numpy())
+    result = reference_metrics(q[:slow_queries].double().numpy(), ql[:slow_queries].numpy(),
+                               g.double().numpy(), gl.numpy(), scipy_cosine=True)
     seconds = (time.perf_counter() - start) * len(q) / slow_queries
-    return dict(seconds=seconds, per_query={name: values.tolist() for name, values in result.items()})
+    return dict(seconds=seconds, per_query={name: result[name].tolist() for name in MAIN})
 
 
 def run_child(kind, size, device, repeats, slow_queries):
@@ -165,7 +142,6 @@ def settings(name, device, compile_ours):
 
 
 def prepared_model(method, backbone, num_classes, device, s):
-    from model import build_model, compile_model
     torch.backends.cudnn.benchmark = not s['deterministic']
     torch.backends.cudnn.deterministic = s['deterministic']
     torch.manual_seed(0)
@@ -185,7 +161,6 @@ def prepared_model(method, backbone, num_classes, device, s):
 
 def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
     """Images/s of training steps over an iterable of CPU batches."""
-    from train import STEPS, to_device, training_nets
     nets, step = training_nets(model, s['amp']), STEPS[model.method]
     model.set_warmup(False)
     model.train()
@@ -204,7 +179,6 @@ def time_training(model, optimizers, batches, images_per_batch, device, s, warmu
 
 def time_embedding(model, batches, device, s, warmup=1):
     """Images/s of embedding (inference mode, autocast for ours) over an iterable of CPU batches."""
-    from train import to_device
     model.eval()
     count, start = 0, None
     with torch.inference_mode():
@@ -213,8 +187,7 @@ def time_embedding(model, batches, device, s, warmup=1):
                 _sync(device)
                 start, count = time.perf_counter(), 0
             images, _, domains, _ = to_device(batch, device, s['channels_last'])
-            with torch.autocast(device.type, torch.bfloat16, enabled=s['amp']):
-                model.embed(images, domains)
+            embed_images(model, images, domains, s['amp'])
             count += len(images)
     _sync(device)
     return count / (time.perf_counter() - start)
@@ -234,9 +207,6 @@ def memory_batches(method, batch_size, size, num_classes, count):
 
 
 def bench_train(args):
-    from prepare import build_cache, make_synthetic
-    from train import make_eval_loader, make_train_loader, parse_args as train_args
-    from utils import scan_split
     device = torch.device('cuda' if torch.cuda.is_available() and not args.cpu else 'cpu')
     if args.quick:
         args.img_size, args.batch_size, args.steps = 32, 8, 3
@@ -263,12 +233,11 @@ def bench_train(args):
                 model, optimizers = prepared_model(method, backbone, len(train_split.classes), device, s)
                 train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
                                                      len(train_split.classes), args.steps + 2)
-                loader_args = train_args(['--method', method, '--data_root', str(root), '--data_name', 'synthetic',
-                                          '--img_size', str(args.img_size), '--batch_size', str(args.batch_size),
-                                          '--workers', str(args.workers), '--device', device.type] +
-                                         (['--cache'] if s['cache'] else []))
-                train_loader = make_train_loader(loader_args, train_split)
-                eval_loader = make_eval_loader(loader_args, val_split)
+                images = {name: split_images(split, method, args.img_size, (root, 'synthetic', name) if s['cache'] else None)
+                          for name, split in (('train', train_split), ('val', val_split))}
+                train_loader = make_train_loader(method, train_split, images['train'], args.batch_size, 1, args.workers,
+                                                 device.type)
+                eval_loader = make_eval_loader(val_split, images['val'], 2 * args.batch_size, args.workers, device.type)
                 row = [time_training(model, optimizers, train_mem, args.batch_size, device, s),
                        time_embedding(model, eval_mem, device, s),
                        time_training(model, optimizers, islice(_forever(train_loader), args.steps + 2),
@@ -323,7 +292,6 @@ def bench_backbones(args):
     if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
                         f'{args.batch_size}, {args.steps}, {args.img_size}')
-    from model import backbone_tag
     for backbone in backbones:
         backbone_tag('acnet', backbone)  # an unknown name: one line, before any measurement
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
@@ -372,11 +340,6 @@ def clustered_unit_vectors(count, dim, clusters, seed, spread=1.0):
 
 def embed_throughput(img_size, count, batch_size, workers, device):
     """Images/s of search.py's index loop (decode, resize, embed) over generated photos, random init."""
-    from model import build_model
-    from prepare import make_synthetic
-    from torch.utils.data import DataLoader
-    from search import Photos, collate, embed
-    from utils import PHOTO
     root = Path(tempfile.mkdtemp(prefix='bench-photos-'))
     per_class = -(-count // 4)
     make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=1, num_photos=per_class,
@@ -384,24 +347,25 @@ def embed_throughput(img_size, count, batch_size, workers, device):
     photo_dir = root / 'synthetic' / 'train' / 'photo'
     files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
     model = build_model('msedge', 4, 'resnet50', 512, pretrained=False).to(device).eval()
-    loader = DataLoader(Photos(photo_dir, files, img_size, 'bicubic'), batch_size, num_workers=workers,
-                        collate_fn=collate)
-    embed(model, next(iter(loader))[1], PHOTO, device)  # warm-up
+    batches = photo_batches(files, photo_dir, img_size, 'bicubic', batch_size, workers, device)
+    embed(model, next(batches)[1], PHOTO, device)  # warm-up
     _sync(torch.device(device))
     start = time.perf_counter()
-    done = sum(len(embed(model, images, PHOTO, device)) for _, images, _ in loader)
+    done = sum(len(embed(model, images, PHOTO, device)) for _, images, _ in batches)
     _sync(torch.device(device))
     return done / (time.perf_counter() - start)
 
 
 def bench_search(args):
     import faiss
-    from search import build_faiss, top_rows, tune
     if args.quick:
         args.sizes, args.embed_images, args.img_size = [10_000, 20_000], 16, 64
-    if min(args.sizes) < 1000 or args.queries < 1 or args.embed_images < 1:
-        raise UserError(f'--sizes must be at least 1000, --queries and --embed_images at least 1; got {args.sizes}, '
-                        f'{args.queries}, {args.embed_images}')
+    small = [f'--{name} {getattr(args, name)}' for name in ('queries', 'embed_images', 'dim', 'clusters', 'workers')
+             if getattr(args, name) < (0 if name == 'workers' else 1)]
+    if min(args.sizes) < 1000 or small or not 32 <= args.img_size <= 2048:
+        raise UserError(f'--sizes must be at least 1000, --workers at least 0, --img_size from 32 to 2048 and '
+                        f'--queries, --embed_images, --dim and --clusters at least 1; got --sizes '
+                        f'{" ".join(map(str, args.sizes))}{", " if small else ""}{", ".join(small)}')
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, '
           f'{faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}, torch {torch.__version__}')

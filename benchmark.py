@@ -23,9 +23,11 @@ from pathlib import Path
 
 import pandas as pd
 
+from cli import ArgumentParser, UserError, run_cli
+from config import parse_args as train_args, run_prefix
 from model import backbone_tag
-from train import parse_args as train_args, run_prefix
-from utils import SELECT_KEY, ArgumentParser, UserError, atomic_write, read_results, run_cli
+from safe_files import atomic_write
+from utils import SELECT_KEY, read_results
 
 METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 # {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them

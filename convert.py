@@ -14,11 +14,12 @@ two networks that retrieval needs and can be evaluated and queried, not resumed.
 import argparse
 from pathlib import Path
 
-import torch
 
+from checkpoint import checkpoint_record, read_pth
+from cli import ArgumentParser, UserError, run_cli
+from config import parse_args as train_args
 from model import acnet_from_released
-from train import parse_args as train_args
-from utils import CHECKPOINT_FORMAT, ArgumentParser, UserError, check_writable_dir, run_cli, save_torch, torch_file_problem
+from safe_files import check_writable_dir, save_torch
 
 
 def parse_args(argv=None):
@@ -36,35 +37,29 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def read_released(path):
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"released checkpoint not found: '{path}'")
-    try:
-        return torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise UserError(f"'{path}' cannot be read as a state dict: {torch_file_problem(path, error)}") from error
-
-
 def convert(args):
     save = Path(args.save)
     check_writable_dir(save.parent, '--save folder')
     if save.is_dir():
         raise UserError(f"--save '{save}' is a folder: name the checkpoint file to write")
+    for option, path in (('--extractor', args.extractor), ('--generator', args.generator)):
+        if save.exists() and Path(path).exists() and save.resolve() == Path(path).resolve():
+            raise UserError(f"--save '{save}' is the {option} file: converting never replaces a released file; "
+                            f"choose another --save (nothing was written)")
     if save.exists() and not args.overwrite:
         raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
     if args.emb_dim < 1:
         raise UserError(f'--emb_dim must be at least 1, got {args.emb_dim}')
+    if not 32 <= args.img_size <= 2048 or args.img_size % 4:
+        raise UserError(f'--img_size must be a multiple of 4 from 32 to 2048 (as train.py takes), got {args.img_size}')
     data_name = args.data_name or Path(args.extractor).name.split('_')[0]
-    model = acnet_from_released(read_released(args.extractor), read_released(args.generator), args.backbone_type,
-                                args.emb_dim, paths=(args.extractor, args.generator))
+    extractor, generator = (read_pth(path, 'released checkpoint') for path in (args.extractor, args.generator))
+    model = acnet_from_released(extractor, generator, args.backbone_type, args.emb_dim,
+                                paths=(args.extractor, args.generator))
     run_args = train_args(['--method', 'acnet', '--backbone_type', args.backbone_type, '--emb_dim', str(args.emb_dim),
                            '--data_root', args.data_root, '--data_name', data_name, '--img_size', str(args.img_size)])
-    parts = ('generator', 'extractor')
-    checkpoint = {'format': CHECKPOINT_FORMAT, 'method': 'acnet', 'args': vars(run_args), 'epoch': None,
-                  'metrics': {}, 'train_classes': [], 'backbone_tag': model.backbone_tag, 'vectors_file': None,
-                  'parts': list(parts), 'converted_from': [str(args.extractor), str(args.generator)],
-                  'model': {k: v for k, v in model.state_dict().items() if k.split('.')[0] in parts}}
+    checkpoint = checkpoint_record(model, run_args, parts=('generator', 'extractor'),
+                                   converted_from=[str(args.extractor), str(args.generator)])
     save_torch(checkpoint, save)
     print(f'saved {save}: ACNet {model.backbone_tag}, {args.emb_dim}-d, from {args.extractor} and {args.generator}')
     print(f'next: python test.py --evaluate --data_base {save} --data_root {args.data_root} --data_name {data_name}')

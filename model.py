@@ -27,7 +27,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pytorch_metric_learning import losses
 
-from utils import PHOTO, SKETCH, UserError, torch_file_problem
+from checkpoint import CHECKPOINT_FORMAT, load_torch, read_pth
+from cli import UserError, first_line
+from utils import PHOTO, SKETCH
 
 # ----------------------------------------------------------------------------------------------
 # Backbones
@@ -120,12 +122,9 @@ def check_pretrained_available(tag):
 
 
 def read_state_dict(path):
-    """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors file, unwrapped and de-prefixed."""
-    if str(path).endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state = load_file(path)
-    else:
-        state = torch.load(path, map_location='cpu', weights_only=True)
+    """A state dict from a .pth/.pt/.bin (weights_only) or .safetensors --weights file, unwrapped and
+    de-prefixed; a ValueError when it holds something else."""
+    state = read_pth(path, '--weights file')
     for key in ('state_dict', 'model', 'module'):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -168,14 +167,11 @@ def _load_strictly(model, path, tag):
         state = read_state_dict(path)
     except ValueError as error:  # a readable file that holds something else
         raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: {error}") from error
-    except Exception as error:  # not a torch/safetensors file, or damaged
-        raise UserError(f"--weights '{path}' cannot be read: {torch_file_problem(path, error)}") from error
     try:
         state = _timm_checkpoint_filter(tag, model, state)
     except Exception as error:
         raise UserError(f"--weights '{path}' is not a {tag} ImageNet checkpoint: timm cannot convert it "
-                        f"({str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__})") \
-            from error
+                        f"({first_line(error)})") from error
     classifier = _classifier_prefixes(tag)
     loaded, missing, wrong = {}, [], []
     for key, current in model.state_dict().items():
@@ -581,6 +577,17 @@ def model_from_checkpoint(checkpoint, device='cpu'):
         raise RuntimeError(f'{len(missing)} missing and {len(result.unexpected_keys)} unexpected tensors, '
                            f'e.g. {(missing + result.unexpected_keys)[0]}')
     return model.to(device).eval()
+
+
+def load_trained(path, device='cpu'):
+    """(model in eval mode, checkpoint) of a checkpoint written by train.py or convert.py: what every command
+    that uses a trained model loads it with."""
+    checkpoint = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
+    try:
+        return model_from_checkpoint(checkpoint, device), checkpoint
+    except RuntimeError as error:
+        raise UserError(f"'{path}' does not hold a {checkpoint['method']} model matching its own arguments: "
+                        f"{first_line(error)}") from error
 
 
 # ----------------------------------------------------------------------------------------------

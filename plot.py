@@ -21,15 +21,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageDraw, ImageOps
 
-from model import model_from_checkpoint
-from utils import (CHECKPOINT_FORMAT, METRIC_NAMES, OUTPUT_MARK, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError,
-                   atomic_write, check_device, check_replaceable, check_writable_dir, heatmap, is_image_file,
-                   load_checkpoint_vectors, load_image, load_torch, make_output_folder, read_results,
-                   retrieval_metrics, run_cli, save_png, to_pil)
-
-TILE = 96
+from checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
+from cli import ArgumentParser, UserError, check_device, run_cli
+from images import RESIZE, load_image, walk_image_files
+from model import load_trained
+from pictures import heatmap, save_png, sheet, to_pil
+from safe_files import (OUTPUT_MARK, atomic_write, check_replaceable, check_writable_dir, make_output_folder, unique_stems,
+                        writing_into)
+from utils import METRIC_NAMES, PHOTO, SKETCH, read_results, retrieval_metrics
 
 
 def pyplot():
@@ -48,13 +48,14 @@ def save_figure(figure, path):
 def check_replaceable_csv(path, columns):
     """A CSV output is replaced only when it is one of ours: the same header."""
     path = Path(path)
-    if path.exists() and path.read_text().split('\n', 1)[0].strip() != ','.join(columns):
+    if path.exists() and path.read_text(errors='replace').split('\n', 1)[0].strip() != ','.join(columns):
         raise UserError(f"file '{path}' exists and was not written by this repo: choose another --save_root "
                         f"(nothing was written)")
 
 
 def write_table(frame, path):
-    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format='%.6f'))
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False, float_format='%.6f', encoding='utf-8',
+                                                errors='surrogateescape'))  # any file name
 
 
 # ----------------------------------------------------------------------------------------------- curves
@@ -187,6 +188,8 @@ def plot_tsne(data, title):
 def tsne(args):
     if args.max_points < 10:
         raise UserError(f'--max_points must be at least 10, got {args.max_points}')
+    if not 0 <= args.seed < 2 ** 32:
+        raise UserError(f'--seed must be from 0 to 2**32 - 1, got {args.seed}')
     data = tsne_data(saved_embeddings(args), args.max_points, args.seed)
     stem = run_stem(args.data_base)
     return write_outputs(args, f'{stem}_tsne', plot_tsne(data, stem), data, TSNE_COLUMNS)
@@ -232,10 +235,12 @@ def image_files(folder, option):
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{option} folder not found: '{folder}'")
-    files = sorted(p for p in folder.rglob('*') if p.is_file() and is_image_file(p))
+    files, skipped = walk_image_files(folder)
+    if skipped:
+        raise UserError(f"{option} folder '{folder}': '{skipped[0][0]}' {skipped[0][1]}")
     if not files:
         raise UserError(f"{option} folder '{folder}' holds no .jpg/.jpeg/.png image")
-    return across_folders(files)
+    return across_folders([folder / p for p in files])
 
 
 def across_folders(files):
@@ -249,40 +254,17 @@ def across_folders(files):
 
 
 def load_model(args, method, alternative):
-    checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
+    model, checkpoint = load_trained(args.data_base, args.device)
     if checkpoint['method'] != method:
         raise UserError(f"'{args.data_base}' is a {checkpoint['method']} model: {args.command} needs a {method} "
                         f"one (for {checkpoint['method']}, see `plot.py {alternative}`)")
-    return model_from_checkpoint(checkpoint, args.device), checkpoint['args']['img_size']
+    return model, checkpoint['args']['img_size']
 
 
 def batches(files, size, interpolation, batch_size=32):
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
         yield chunk, torch.stack([load_image(p, size, interpolation) for p in chunk])
-
-
-def unique_stems(files):
-    used, stems = set(), []
-    for path in files:
-        stem = path.stem
-        while stem in used:
-            stem += '_'
-        used.add(stem)
-        stems.append(stem)
-    return stems
-
-
-def sheet(rows, header):
-    """A grid of equal tiles: rows of PIL images under a line of column titles."""
-    canvas = Image.new('RGB', (len(header) * (TILE + 4) + 4, 18 + len(rows) * (TILE + 4) + 4), 'white')
-    draw = ImageDraw.Draw(canvas)
-    for j, title in enumerate(header):
-        draw.text((4 + j * (TILE + 4), 3), title, fill='black')
-    for i, row in enumerate(rows):
-        for j, image in enumerate(row):
-            canvas.paste(ImageOps.fit(image.convert('RGB'), (TILE, TILE)), (4 + j * (TILE + 4), 18 + i * (TILE + 4)))
-    return canvas
 
 
 @torch.inference_mode()
@@ -383,8 +365,9 @@ def run(args):
         raise UserError(f'{", ".join(small)} must be at least 1')
     if getattr(args, 'device', None):
         check_device(args.device)
-    return {'curves': curves, 'tsne': tsne, 'per_class': per_class, 'generated': generated,
-            'attention': attention}[args.command](args)
+    with writing_into(args.save_root):  # one plot.py writing into a folder at a time
+        return {'curves': curves, 'tsne': tsne, 'per_class': per_class, 'generated': generated,
+                'attention': attention}[args.command](args)
 
 
 def main(argv=None):

@@ -6,227 +6,139 @@ or draw them in the browser.
     python search.py serve --index OUT                      # a sketchpad at http://127.0.0.1:7860
     python search.py merge --parts OUT_A OUT_B --index OUT  # shards indexed by several jobs, as one
 
-`index` embeds every image under DIR (recursively; any format Pillow reads) with the checkpoint's photo
-branch (ACNet: E(photo); MSEdge: as its --edge_mode treats photos) and writes OUT/: a FAISS index
-(exact IndexFlatIP by default, --approx ivf or hnsw for millions of photos), the embeddings, the file of
-each row and what identifies the model, all at once. Run again on the same folder, it embeds only new or
-changed files and drops deleted ones. Files that do not decode are skipped and listed, never fatal.
-`query` and `serve` embed sketches with the same model (refusing any other) and print or show the
-top k photos; an exact index ranks them exactly as test.py does.
+`index` embeds every image under DIR (recursively, following links; any format Pillow reads; hidden files
+and folders left out) with the checkpoint's photo branch (ACNet: E(photo); MSEdge: as its --edge_mode treats
+photos) and writes its files into OUT/ (docs/search.md): the embeddings, the file of each row, what
+identifies the model and, with --approx ivf or hnsw, a FAISS index for millions of photos. Run again on the
+same folder, it embeds only new or changed files and drops deleted ones; an interrupted run keeps what it
+embedded, and the next run goes on from there. Files that do not decode and folders that cannot be read
+are skipped and listed, never fatal. `query` and `serve` embed sketches with the same model (refusing any
+other) and print or show the top k photos; an exact index ranks them exactly as test.py does. `serve`
+hands out the result pictures and nothing else.
 """
 import argparse
-import csv
-import hashlib
-import json
 import os
-import shutil
+import socket
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from PIL import Image, ImageOps
 
-from model import model_from_checkpoint
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, DataError, UserError, check_device,
-                   check_replaceable, check_writable_dir, draw_retrieval, image_tensor, load_image, load_torch,
-                   on_white, query_files, rank_gallery, read_rgb, run_cli, save_png)
-
-INDEX_FORMAT = 'zs-sbir-index-1'
-INDEX_KINDS = ('flat', 'ivf', 'hnsw')
-
-
-# ----------------------------------------------------------------------------------------------- the model
-
-def model_identity(checkpoint):
-    """What a query model must share with the index's: the run, the epoch and a digest of the weights."""
-    digest = hashlib.sha256()
-    for key in sorted(checkpoint['model']):
-        digest.update(key.encode())
-        digest.update(checkpoint['model'][key].cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    args = checkpoint['args']
-    return {'method': checkpoint['method'], 'run_id': checkpoint.get('run_id'), 'epoch': checkpoint['epoch'],
-            'backbone_tag': checkpoint.get('backbone_tag'), 'emb_dim': args['emb_dim'], 'img_size': args['img_size'],
-            'weights_sha256': digest.hexdigest()}
-
-
-def load_model(data_base, device):
-    checkpoint = load_torch(data_base, CHECKPOINT_FORMAT, 'checkpoint')
-    try:
-        model = model_from_checkpoint(checkpoint, device)
-    except RuntimeError as error:
-        raise UserError(f"'{data_base}' does not hold a {checkpoint['method']} model matching its own arguments: "
-                        f"{str(error).splitlines()[0][:200]}") from error
-    return model, model_identity(checkpoint)
-
-
-@torch.inference_mode()
-def embed(model, images, domain, device):
-    """L2-normalised float32 embeddings of uint8 images (B, 3, H, W) taken as `domain`."""
-    images = images.to(device)
-    domains = torch.full((len(images),), domain, device=device)
-    return torch.nn.functional.normalize(model.embed(images, domains).float(), dim=1).cpu()
+from cli import ArgumentParser, UserError, check_device, first_line, run_cli
+from images import RESIZE, pillow_suffixes, query_files, read_rgb, to_rgb8
+from pictures import draw_retrieval, save_png
+from safe_files import plan_outputs, writing_into
+from search_index import (INDEX_KINDS, INDEX_FORMAT, LOCK, Searcher, build_faiss, embed, file_key, is_index, load_model,
+                          photo_batches, photo_files, read_index, write_index)
+from utils import PHOTO
 
 
 # ----------------------------------------------------------------------------------------------- index
 
-def photo_files(root):
-    """Every file under `root` that Pillow recognises as an image, by its extension, sorted."""
-    root = Path(root)
-    if not root.is_dir():
-        raise UserError(f"--photos folder not found: '{root}'")
-    suffixes = {s.lower() for s in Image.registered_extensions()}
-    files = sorted(str(p.relative_to(root)) for p in root.rglob('*')
-                   if p.is_file() and p.suffix.lower() in suffixes and not p.name.startswith('.'))
-    if not files:
-        raise UserError(f"--photos folder '{root}' holds no image file")
-    return files
+def claimed(out):
+    """Hold the index folder `out` (created if need be) for this process: a second writer is refused."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--index '{out}' is a file, not a folder")
+    if out.is_dir() and not is_index(out) and any(p.name != LOCK for p in out.iterdir()):
+        raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
+                        f"written)")
+    return writing_into(out, '--index', LOCK)
 
 
-def file_key(root, path):
-    info = os.stat(Path(root) / path)
-    return info.st_size, info.st_mtime_ns
+def index_kind(args, previous):
+    """The kind of index to write: --approx, else the kind of the index being updated (else exact)."""
+    before = previous[0].get('approx', previous[0]['kind']) if previous else None
+    kind = args.approx or before or 'flat'
+    if before and kind != before:
+        print(f'index kind: {before} -> {kind} (as --approx asks)')
+    return kind
 
 
-class Photos(Dataset):
-    """(row, uint8 image) for each file, or (row, None) for a file that does not decode."""
-
-    def __init__(self, root, paths, size, interpolation):
-        self.root, self.paths, self.size, self.interpolation = Path(root), paths, size, interpolation
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, row):
-        try:
-            return row, load_image(self.root / self.paths[row], self.size, self.interpolation)
-        except DataError:
-            return row, None
+def check_replaceable_index(previous, out, identity, photos, rebuild):
+    """An existing index is updated only with the same model and photos folder; anything else needs --rebuild."""
+    if previous is None or rebuild:
+        return
+    meta = previous[0]
+    if meta['model'] != identity:
+        raise UserError(f"index '{out}' was built with another model ({meta['checkpoint']}): pass --rebuild to "
+                        f"replace it, or choose another --index (nothing was written)")
+    if meta['photos'] != str(photos):
+        raise UserError(f"index '{out}' holds the photos of '{meta['photos']}', not of '{photos}': pass --rebuild to "
+                        f"replace it (every photo is embedded again), or choose another --index (nothing was written)")
 
 
-def collate(items):
-    good = [(row, image) for row, image in items if image is not None]
-    bad = [row for row, image in items if image is None]
-    rows = torch.tensor([row for row, _ in good], dtype=torch.long)
-    return rows, (torch.stack([image for _, image in good]) if good else None), bad
-
-
-def read_index(folder):
-    """An index folder's metadata, file table and embeddings; UserError when it is not one."""
-    folder = Path(folder)
-    meta_path = folder / 'meta.json'
-    if not meta_path.is_file():
-        raise UserError(f"'{folder}' is not an index of search.py (no meta.json): build it with `search.py index`")
-    try:
-        meta = json.loads(meta_path.read_text())
-        with open(folder / 'files.csv', newline='') as f:
-            table = list(csv.DictReader(f))
-        vectors = np.load(folder / 'vectors.npy')
-    except (OSError, ValueError) as error:
-        raise UserError(f"index '{folder}' is incomplete or damaged ({error}): build it again") from error
-    if meta.get('format') != INDEX_FORMAT or len(table) != len(vectors):
-        raise UserError(f"index '{folder}' is not of this version or is damaged: build it again")
-    return meta, table, vectors
-
-
-def build_faiss(vectors, kind):
-    """A FAISS inner-product index over unit vectors: exact, or IVF / HNSW for large collections."""
-    import faiss
-    dim = vectors.shape[1]
-    if kind == 'flat' or len(vectors) < 1000:  # too few vectors to train an approximate index
-        index = faiss.IndexFlatIP(dim)
-    elif kind == 'ivf':
-        # sqrt(N) lists, trained on 64 vectors a list: minutes, not hours, at 1M on a laptop
-        lists = int(min(np.sqrt(len(vectors)), len(vectors) // 39))
-        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
-        sample = vectors[np.random.default_rng(0).choice(len(vectors), min(len(vectors), 64 * lists), replace=False)]
-        index.train(sample)
-    else:
-        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
-        index.hnsw.efConstruction = 80
-    index.add(vectors)
-    return index
-
-
-def write_index(folder, meta, table, vectors, index):
-    """Write the index folder at once: in full beside it, then swapped in (a crash leaves the old one)."""
-    import faiss
-    folder = Path(folder)
-    partial, old = folder.with_name(f'.{folder.name}.partial'), folder.with_name(f'.{folder.name}.old')
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        faiss.write_index(index, str(partial / 'index.faiss'))
-        np.save(partial / 'vectors.npy', vectors)
-        with open(partial / 'files.csv', 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=['row', 'path', 'size', 'mtime_ns'])
-            writer.writeheader()
-            writer.writerows({'row': i, **row} for i, row in enumerate(table))
-        (partial / 'meta.json').write_text(json.dumps(meta, indent=1))
-    except (OSError, RuntimeError) as error:
-        shutil.rmtree(partial, ignore_errors=True)
-        raise UserError(f"could not write the index '{folder}' ({error}): the old one, if any, is unchanged") from error
-    if folder.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        folder.rename(old)
-    partial.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
+def commit(out, meta, rows, vectors, kind, complete):
+    """Write the index: exact or approximate (`kind`) when complete, else exact (an interrupted build)."""
+    index = build_faiss(vectors, kind) if complete else None
+    meta = {**meta, 'approx': kind, 'kind': kind if index is not None else 'flat', 'count': len(rows),
+            'complete': complete}
+    write_index(out, meta, rows, vectors, index)
+    return meta
 
 
 def build_index(args):
     """Embed the photos under --photos (only those new or changed since the last run) and write the index."""
     check_device(args.device)
     photos = Path(args.photos).resolve()
-    files = photo_files(photos)
     out = Path(args.index)
-    check_writable_dir(out.parent, '--index folder')
-    previous = None
-    if out.exists():
-        if not (out / 'meta.json').is_file():
-            raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
-                            f"written)")
-        previous = read_index(out)
+    files, skipped = photo_files(photos)
     model, identity = load_model(args.data_base, args.device)
-    reuse = {}
-    if previous is not None and not args.rebuild:
-        meta, table, vectors = previous
-        if meta['model'] != identity:
-            raise UserError(f"index '{out}' was built with another model ({meta['checkpoint']}): pass --rebuild to "
-                            f"replace it, or choose another --index")
-        if meta['photos'] == str(photos):
+    with claimed(out):
+        previous = read_index(out) if is_index(out) else None
+        check_replaceable_index(previous, out, identity, photos, args.rebuild)
+        kind = index_kind(args, previous)
+        reuse = {}
+        if previous is not None and not args.rebuild:
+            _, table, vectors = previous
             reuse = {(row['path'], int(row['size']), int(row['mtime_ns'])): vectors[i] for i, row in enumerate(table)}
-    keys = [(path, *file_key(photos, path)) for path in files]
-    todo = [i for i, key in enumerate(keys) if key not in reuse]
-    print(f'{len(files)} images under {photos}: {len(files) - len(todo)} unchanged, {len(todo)} to embed')
-    embedded, failed, start = {}, [], time.perf_counter()
-    if todo:
-        dataset = Photos(photos, [files[i] for i in todo], identity['img_size'], RESIZE[identity['method']])
-        loader = DataLoader(dataset, args.batch_size, num_workers=args.workers, collate_fn=collate,
-                            pin_memory=args.device.startswith('cuda'))
-        for rows, images, bad in tqdm(loader, desc='embed photos', disable=None):
-            failed += [todo[row] for row in bad]
-            if images is not None:
-                for row, vector in zip(rows.tolist(), embed(model, images, PHOTO, args.device).numpy()):
-                    embedded[todo[row]] = vector
-    seconds = time.perf_counter() - start
-    kept = [i for i, key in enumerate(keys) if key in reuse or i in embedded]
-    if not kept:
+        keys = [file_key(photos, path) for path in files]
+        todo = [i for i, key in enumerate(keys) if key not in reuse]
+        print(f'{len(files)} images under {photos}: {len(files) - len(todo)} unchanged, {len(todo)} to embed')
+        meta = {'format': INDEX_FORMAT, 'checkpoint': str(Path(args.data_base).resolve()), 'model': identity,
+                'photos': str(photos), 'skipped': [f"'{path}' {why}" for path, why in skipped]}
+        embedded, failed = {}, []
+
+        def save(complete):
+            kept = [i for i, key in enumerate(keys) if key in reuse or i in embedded]
+            if not kept:
+                return None
+            vectors = np.stack([reuse[keys[i]] if keys[i] in reuse else embedded[i] for i in kept]).astype(np.float32)
+            rows = [dict(zip(('path', 'size', 'mtime_ns'), keys[i])) for i in kept]
+            return commit(out, {**meta, 'unreadable': [files[i] for i in failed]}, rows, vectors, kind, complete)
+
+        start, saved = time.perf_counter(), time.monotonic()
+        try:
+            for positions, images, bad in photo_batches([files[i] for i in todo], photos, identity['img_size'],
+                                                        RESIZE[identity['method']], args.batch_size, args.workers,
+                                                        args.device):
+                failed += [todo[i] for i in bad]
+                if images is not None:
+                    for i, vector in zip(positions, embed(model, images, PHOTO, args.device).numpy()):
+                        embedded[todo[i]] = vector
+                if time.monotonic() - saved > args.save_every:
+                    save(complete=False)
+                    saved = time.monotonic()
+        except BaseException:
+            if embedded:  # interrupted or failed: keep what was embedded, for the next run to go on from
+                save(complete=False)
+                print(f'kept the {len(embedded)} photos embedded so far in {out}: run the same command again to go on')
+            raise
+        seconds = time.perf_counter() - start
+        meta = save(complete=True)
+    if meta is None:
         raise UserError(f"no image under '{photos}' could be read: nothing was written")
-    vectors = np.stack([reuse[keys[i]] if keys[i] in reuse else embedded[i] for i in kept]).astype(np.float32)
-    table = [{'path': keys[i][0], 'size': keys[i][1], 'mtime_ns': keys[i][2]} for i in kept]
-    index = build_faiss(vectors, args.approx)
-    meta = {'format': INDEX_FORMAT, 'checkpoint': str(Path(args.data_base).resolve()), 'model': identity,
-            'photos': str(photos), 'kind': args.approx if type(index).__name__ != 'IndexFlatIP' else 'flat',
-            'count': len(table), 'unreadable': [files[i] for i in failed]}
-    write_index(out, meta, table, vectors, index)
     rate = f', {len(embedded) / seconds:.1f} images/s' if embedded else ''
-    print(f'wrote {out}: {len(table)} photos ({meta["kind"]} index), {len(embedded)} embedded now{rate}, '
-          f'{len(kept) - len(embedded)} reused')
+    exact = ' (fewer than 1000 photos: searched exactly)' if meta['kind'] != kind else ''
+    print(f'wrote {out}: {meta["count"]} photos ({meta["kind"]} index{exact}), {len(embedded)} embedded now{rate}, '
+          f'{meta["count"] - len(embedded)} reused')
     if failed:
         print(f'skipped {len(failed)} files that do not decode, e.g. {photos / files[failed[0]]} (listed in '
               f'{out / "meta.json"})')
+    for path, why in skipped[:5]:
+        print(f"skipped '{path}': it {why}")
     return meta
 
 
@@ -240,127 +152,74 @@ def merge_indexes(args):
         raise UserError(f"--parts '{args.parts[0]}' and '{other}' were built with different models: index every "
                         f"shard with the same checkpoint")
     out = Path(args.index)
-    if out.exists() and not (out / 'meta.json').is_file():
-        raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
-                        f"written)")
-    check_writable_dir(out.parent, '--index folder')
     root = Path(os.path.commonpath([meta['photos'] for meta, _, _ in parts]))
-    table, rows, seen, unreadable = [], [], set(), []
+    table, rows, seen, unreadable, skipped = [], [], set(), [], []
     for meta, part_table, vectors in parts:
         shift = Path(meta['photos']).relative_to(root)
-        unreadable += [str(shift / path) for path in meta['unreadable']]
+        unreadable += [str(shift / path) for path in meta.get('unreadable', [])]
+        skipped += meta.get('skipped', [])
         for row, entry in enumerate(part_table):
             path = str(shift / entry['path'])
             if path not in seen:  # a folder indexed by two shards counts once
                 seen.add(path)
                 table.append({'path': path, 'size': entry['size'], 'mtime_ns': entry['mtime_ns']})
                 rows.append(vectors[row])
-    vectors = np.stack(rows).astype(np.float32)
-    index = build_faiss(vectors, args.approx)
-    meta = {**parts[0][0], 'photos': str(root), 'count': len(table), 'unreadable': unreadable,
-            'kind': args.approx if type(index).__name__ != 'IndexFlatIP' else 'flat',
-            'merged_from': [str(Path(part).resolve()) for part in args.parts]}
-    write_index(out, meta, table, vectors, index)
+    with claimed(out):
+        previous = read_index(out) if is_index(out) else None
+        check_replaceable_index(previous, out, models[0], root, args.rebuild)
+        kind = index_kind(args, previous)
+        meta = {key: parts[0][0][key] for key in ('format', 'checkpoint', 'model')}
+        meta = commit(out, {**meta, 'format': INDEX_FORMAT, 'photos': str(root), 'unreadable': unreadable,
+                            'skipped': skipped, 'merged_from': [str(Path(part).resolve()) for part in args.parts]},
+                      table, np.stack(rows).astype(np.float32), kind, complete=all(
+                          meta.get('complete', True) for meta, _, _ in parts))
     print(f'wrote {out}: {len(table)} photos under {root} from {len(parts)} shards ({meta["kind"]} index)')
     return meta
 
 
 # ----------------------------------------------------------------------------------------------- query
 
-def top_rows(query, k, exact=None, index=None):
-    """(rows, similarities) of the k best gallery rows for one query vector: exactly over the float32
-    tensor `exact` (test.py's products and tie rule), or through the FAISS `index`."""
-    if exact is not None:
-        similarity = exact @ query
-        order = rank_gallery(similarity.unsqueeze(0))[0, :k]
-        return order.tolist(), similarity[order].tolist()
-    scores, rows = index.search(query.numpy()[None], k)
-    keep = rows[0] >= 0
-    return rows[0][keep].tolist(), scores[0][keep].tolist()
-
-
-def tune(index, nprobe=32, ef_search=128):
-    """The search-time settings of an approximate index (more: slower, higher recall)."""
-    if hasattr(index, 'nprobe'):
-        index.nprobe = nprobe
-    elif hasattr(index, 'hnsw'):
-        index.hnsw.efSearch = ef_search
-    return index
-
-
-class Searcher:
-    """An index with the model it was built with: top-k photos for a sketch image."""
-
-    def __init__(self, index, data_base=None, device='cpu', nprobe=32, ef_search=128):
-        import faiss
-        self.folder = Path(index)
-        self.meta, self.table, self.vectors = read_index(self.folder)
-        data_base = data_base or self.meta['checkpoint']
-        self.model, identity = load_model(data_base, device)
-        if identity != self.meta['model']:
-            raise UserError(f"'{data_base}' is not the model index '{self.folder}' was built with "
-                            f"({self.meta['checkpoint']}): query it with that model, or build the index again")
-        self.device, self.photos = device, Path(self.meta['photos'])
-        self.classes = {Path(row['path']).parent.name for row in self.table}
-        self.embed_sketch(Image.new('RGB', (8, 8), 'white'))  # warm up, so that timings are of steady state
-        if self.meta['kind'] == 'flat':
-            self.index, self.exact = None, torch.from_numpy(self.vectors)
-        else:
-            self.index, self.exact = tune(faiss.read_index(str(self.folder / 'index.faiss')), nprobe, ef_search), None
-
-    def embed_sketch(self, image):
-        """A query's embedding from a PIL image or an image file."""
-        size, interpolation = self.meta['model']['img_size'], RESIZE[self.meta['model']['method']]
-        tensor = (load_image(image, size, interpolation) if isinstance(image, (str, Path))
-                  else image_tensor(on_white(image), size, interpolation))
-        return embed(self.model, tensor[None], SKETCH, self.device)[0]
-
-    def top_k(self, query, k):
-        """(rows, similarities) of the k best photos, best first. The exact index ranks with the same
-        float32 products and tie rule (lower row first) as test.py."""
-        return top_rows(query, min(k, len(self.table)), self.exact, self.index)
-
-    def results(self, query, k):
-        """[(path, similarity, class)] for the top k: the class is the photo's folder name."""
-        rows, sims = self.top_k(query, k)
-        return [(self.photos / self.table[row]['path'], sim, Path(self.table[row]['path']).parent.name)
-                for row, sim in zip(rows, sims)]
-
-
 def run_query(args):
     check_device(args.device)
     if args.num < 1:
         raise UserError(f'--num must be at least 1, got {args.num}')
     searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
-    files = query_files(args.query, {s.lower() for s in Image.registered_extensions()})
-    save_root = Path(args.save_root)
-    check_writable_dir(save_root, '--save_root')
-    pictures = [save_root / f'{path.stem}.png' for path in files]
-    for picture in pictures:
-        check_replaceable(picture)
-    answers = []
-    for path, picture in zip(files, pictures):
-        start = time.perf_counter()
-        query = searcher.embed_sketch(path)
-        embedded = time.perf_counter()
-        results = searcher.results(query, args.num)
-        searched = time.perf_counter()
-        query_class = path.parent.name if path.parent.name in searcher.classes else None
-        tiles = []
-        for photo, similarity, name in results:
-            try:
-                tiles.append((read_rgb(photo), f'{similarity:.3f}\n{name}', None if query_class is None
-                              else name == query_class))
-            except UserError as error:
-                raise UserError(f'indexed photo unreadable (changed since indexing? run `search.py index` '
-                                f'again): {error}') from error
-        save_png(draw_retrieval(read_rgb(path), [], tiles), picture)
-        print(f'{path} -> {picture} (embed {1000 * (embedded - start):.1f} ms, search '
-              f'{1000 * (searched - embedded):.2f} ms over {len(searcher.table)} photos)')
-        for rank, (photo, similarity, name) in enumerate(results, 1):
-            print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo}')
-        answers.append(results)
-    return answers
+    note_incomplete(searcher)
+    files = query_files(args.query, pillow_suffixes())
+    with writing_into(args.save_root):
+        plan = plan_outputs(files, args.save_root, {'the photos folder of the index': searcher.photos},
+                            lambda root, stem: [root / f'{stem}.png'])
+        return [answer(searcher, path, picture, args.num) for path, (picture,) in plan]
+
+
+def answer(searcher, path, picture, num):
+    """The top `num` photos for the sketch at `path`, printed and drawn into `picture`."""
+    start = time.perf_counter()
+    query = searcher.embed_sketch(path)
+    embedded = time.perf_counter()
+    results = searcher.results(query, num)
+    searched = time.perf_counter()
+    query_class = path.parent.name if path.parent.name in searcher.classes else None
+    tiles = []
+    for photo, similarity, name in results:
+        try:
+            tiles.append((read_rgb(photo), f'{similarity:.3f}\n{name}', None if query_class is None
+                          else name == query_class))
+        except UserError as error:
+            raise UserError(f'indexed photo unreadable (changed since indexing? run `search.py index` '
+                            f'again): {error}') from error
+    save_png(draw_retrieval(read_rgb(path), [], tiles), picture)
+    print(f'{path} -> {picture} (embed {1000 * (embedded - start):.1f} ms, search '
+          f'{1000 * (searched - embedded):.2f} ms over {len(searcher.table)} photos)')
+    for rank, (photo, similarity, name) in enumerate(results, 1):
+        print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo}')
+    return results
+
+
+def note_incomplete(searcher):
+    if not searcher.meta.get('complete', True):
+        print(f"note: index '{searcher.folder}' is incomplete (its build was interrupted): {len(searcher.table)} "
+              f"photos are searched; run `search.py index` again to add the rest")
 
 
 # ----------------------------------------------------------------------------------------------- serve
@@ -373,12 +232,14 @@ def sketch_image(value):
         value = value.get('composite')
         if value is None:
             return None
-    image = on_white(value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value)))
+    image = to_rgb8(value if isinstance(value, Image.Image) else Image.fromarray(np.asarray(value)))
     return None if np.asarray(image).min() == 255 else image  # an empty canvas
 
 
 def make_app(searcher, k=8):
-    """The Gradio page: a sketchpad and an upload box; every stroke or upload shows the top k photos."""
+    """The Gradio page: a sketchpad and an upload box; every stroke or upload shows the top k photos. The
+    gallery gets pictures, not paths: the server hands out copies of the result photos and no file."""
+    os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # Gradio sends usage data out unless told not to
     import gradio as gr
 
     def search(value, count):
@@ -386,7 +247,8 @@ def make_app(searcher, k=8):
         if image is None:
             return []
         results = searcher.results(searcher.embed_sketch(image), int(count))
-        return [(str(photo), f'{similarity:.3f} {name}') for photo, similarity, name in results]
+        return [(ImageOps.contain(read_rgb(photo), (256, 256)), f'{similarity:.3f} {name}')
+                for photo, similarity, name in results]
 
     with gr.Blocks(title='Sketch search') as app:
         gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos under `{searcher.photos}` are searched '
@@ -395,7 +257,7 @@ def make_app(searcher, k=8):
         pad = gr.Sketchpad(label='sketch (pick the brush, then draw)', type='pil', canvas_size=(384, 384),
                            fixed_canvas=True, layers=False, transforms=(), height=460, elem_id='sketchpad',
                            brush=gr.Brush(default_size=4, colors=['#000000'], color_mode='fixed'))
-        gallery = gr.Gallery(label='top photos', columns=8, height='auto', elem_id='results')
+        gallery = gr.Gallery(label='top photos', columns=8, height='auto', elem_id='results', format='jpeg')
         with gr.Row():
             upload = gr.Image(label='or upload a sketch', type='pil', sources=['upload'], height=200)
             count = gr.Slider(1, 32, value=k, step=1, label='photos shown')
@@ -406,13 +268,50 @@ def make_app(searcher, k=8):
     return app
 
 
+# Routes through which Gradio fetches other URLs for a client: not wanted from a page that shows photos.
+FETCHING = ('/file=http', '/file=//', '/proxy=')
+
+
+def web_server(app, host, port, blocked=()):
+    """A uvicorn server for the page (not started): Gradio without analytics, run history or monitoring, the
+    folders in `blocked` refused on every file route, and no fetching of other URLs."""
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.responses import PlainTextResponse
+    from urllib.parse import unquote
+    web = FastAPI()
+
+    @web.middleware('http')
+    async def no_fetching(request, call_next):
+        if any(route in unquote(request.url.path) for route in FETCHING):
+            return PlainTextResponse('not found', status_code=404)
+        return await call_next(request)
+    gr.mount_gradio_app(web, app, path='', run_history=False, ssr_mode=False, enable_monitoring=False,
+                        mcp_server=False, allowed_paths=[], blocked_paths=[str(Path(b).resolve()) for b in blocked])
+    return uvicorn.Server(uvicorn.Config(web, host=host, port=port, log_level='warning'))
+
+
+def check_port(host, port):
+    if not 1 <= port <= 65535:
+        raise UserError(f'--port must be from 1 to 65535, got {port}')
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as error:
+        why = os.strerror(error.errno) if error.errno else first_line(error)
+        raise UserError(f'cannot serve on {host}:{port} ({why}): is another server there? '
+                        f'choose another --port (or --host)') from error
+
+
 def serve(args):
     check_device(args.device)
+    check_port(args.host, args.port)
     searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
-    app = make_app(searcher, args.num)
+    note_incomplete(searcher)
+    server = web_server(make_app(searcher, args.num), args.host, args.port, [searcher.photos, searcher.folder])
     print(f'serving {searcher.folder} ({len(searcher.table)} photos) on http://{args.host}:{args.port}')
-    app.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(searcher.photos)],
-               show_error=True)
+    server.run()
 
 
 # -----------------------------------------------------------------------------------------------
@@ -424,16 +323,13 @@ def parse_args(argv=None):
     index.add_argument('--data_base', required=True, help='a checkpoint written by train.py or convert.py')
     index.add_argument('--photos', required=True, help='folder of photos (searched recursively)')
     index.add_argument('--index', required=True, help='the index folder to write (or update)')
-    index.add_argument('--approx', default='flat', choices=INDEX_KINDS,
-                       help='flat: exact; ivf or hnsw: approximate, for collections in the millions')
-    index.add_argument('--rebuild', action='store_true', help='embed everything again, replacing an index of '
-                                                              'another model')
     index.add_argument('--batch_size', type=int, default=64)
     index.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
+    index.add_argument('--save_every', type=float, default=600,
+                       help='seconds between saves of what is embedded so far (a killed run loses at most this)')
     merge = commands.add_parser('merge', help='one index from shards built with the same model')
     merge.add_argument('--parts', nargs='+', required=True, help='index folders written by `index`')
     merge.add_argument('--index', required=True, help='the merged index folder to write')
-    merge.add_argument('--approx', default='flat', choices=INDEX_KINDS)
     query = commands.add_parser('query', help='the top photos of the index for each sketch')
     query.add_argument('--index', required=True)
     query.add_argument('--query', nargs='+', required=True, help='sketch image files or folders')
@@ -444,6 +340,13 @@ def parse_args(argv=None):
     web.add_argument('--num', type=int, default=8, help='photos shown at first')
     web.add_argument('--host', default='127.0.0.1', help='127.0.0.1: this machine only; 0.0.0.0: the network')
     web.add_argument('--port', type=int, default=7860)
+    for sub in (index, merge):
+        sub.add_argument('--approx', default=None, choices=INDEX_KINDS,
+                         help='flat: exact; ivf or hnsw: approximate, for collections in the millions (default: the '
+                              "kind of the index being updated, else flat)")
+        sub.add_argument('--rebuild', action='store_true',
+                         help='replace an index of another model or another photos folder (index: embed everything '
+                              'again)')
     for sub in (query, web):
         sub.add_argument('--data_base', default=None, help='the checkpoint (default: the one the index was built '
                                                            'with); it must be the same model')
@@ -462,9 +365,9 @@ def run(args):
         raise UserError(f'{", ".join(empty)} must not be empty')
     if args.command in ('query', 'serve') and (args.nprobe < 1 or args.ef_search < 1):
         raise UserError(f'--nprobe and --ef_search must be at least 1, got {args.nprobe} and {args.ef_search}')
-    if args.command == 'index' and (args.batch_size < 1 or args.workers < 0):
-        raise UserError(f'--batch_size must be at least 1 and --workers at least 0, got {args.batch_size} and '
-                        f'{args.workers}')
+    if args.command == 'index' and (args.batch_size < 1 or args.workers < 0 or not args.save_every >= 0):
+        raise UserError(f'--batch_size must be at least 1, --workers and --save_every at least 0, got '
+                        f'{args.batch_size}, {args.workers} and {args.save_every}')
     return {'index': build_index, 'merge': merge_indexes, 'query': run_query, 'serve': serve}[args.command](args)
 
 

@@ -20,13 +20,15 @@ from pathlib import Path
 
 import torch
 
-from model import edge_mask, model_from_checkpoint
-from train import embed_split, format_metrics, make_eval_loader, split_metrics, vectors_record
-from utils import (CHECKPOINT_FORMAT, PHOTO, RESIZE, SKETCH, ArgumentParser, UserError, atomic_write, check_device,
-                   check_replaceable, check_writable_dir, draw_retrieval, fit_tile, heatmap, load_checkpoint_vectors,
-                   load_image, load_torch, make_output_folder, query_files, rank_gallery, read_rgb, run_cli, save_png,
-                   scan_split)
-
+from checkpoint import load_checkpoint_vectors, vectors_record
+from cli import ArgumentParser, UserError, check_device, run_cli
+from evaluation import embed_split, format_metrics, make_eval_loader, split_images, split_metrics
+from images import RESIZE, load_image, query_files, read_rgb
+from model import edge_mask, load_trained
+from pictures import draw_retrieval, fit_tile, heatmap, save_png
+import safe_files
+from safe_files import atomic_write, make_output_folder
+from utils import PHOTO, SKETCH, scan_split, top_k
 
 
 def parse_args(argv=None):
@@ -52,12 +54,7 @@ def parse_args(argv=None):
 
 def load_run(args):
     """The model, its training arguments and (unless evaluating) the gallery embeddings, all checked."""
-    checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
-    try:
-        model = model_from_checkpoint(checkpoint, args.device)
-    except RuntimeError as error:
-        raise UserError(f"'{args.data_base}' does not hold a {checkpoint['method']} model matching its own "
-                        f"arguments: {str(error).splitlines()[0][:200]}") from error
+    model, checkpoint = load_trained(args.data_base, args.device)
     train_args = checkpoint['args']
     data_root = Path(args.data_root or train_args['data_root'])
     data_name = args.data_name or train_args['data_name']
@@ -94,9 +91,9 @@ def check_gallery(vectors, vectors_path, data_root, data_name):
 
 
 def _val_loader(args, checkpoint, split):
-    loader_args = argparse.Namespace(**{**checkpoint['args'], 'workers': args.workers, 'device': args.device,
-                                        'cache': False})
-    return make_eval_loader(loader_args, split)
+    trained = checkpoint['args']
+    images = split_images(split, checkpoint['method'], trained['img_size'])
+    return make_eval_loader(split, images, trained.get('eval_batch_size', 128), args.workers, args.device)
 
 
 def embed_gallery(args, model, checkpoint, data_root, data_name):
@@ -105,8 +102,8 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
     split = split.subset(split.indices(PHOTO))
     print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
     vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
-    run = argparse.Namespace(method=checkpoint['method'], data_name=data_name, data_root=data_root)
-    return vectors_record(vectors, split, run, checkpoint['epoch'], checkpoint.get('run_id'))
+    return vectors_record(vectors, split, checkpoint['method'], data_root, data_name, checkpoint['epoch'],
+                          checkpoint.get('run_id'))
 
 
 def default_queries(data_root, data_name):
@@ -140,41 +137,28 @@ def describe_query(model, image, device):
     return embedding.float(), extras
 
 
-def photo_gallery(vectors):
-    """(rows of the vectors file that are photos, their L2-normalised embeddings), computed once."""
-    rows = (vectors['domains'] == PHOTO).nonzero()[:, 0]
-    return rows, torch.nn.functional.normalize(vectors['vectors'][rows].float(), dim=1)
+class Gallery:
+    """The val photos a query is ranked against: their rows in the vectors file and L2-normalised embeddings
+    (computed once), their folder and class names."""
 
+    def __init__(self, vectors, root):
+        self.vectors, self.root, self.classes = vectors, Path(root), vectors['classes']
+        self.rows = (vectors['domains'] == PHOTO).nonzero()[:, 0]
+        self.embeddings = torch.nn.functional.normalize(vectors['vectors'][self.rows].float(), dim=1)
 
-def top_k(query_vector, gallery, k):
-    """Indices (into the vectors file) and cosine similarities of the k most similar gallery photos."""
-    rows, embeddings = gallery
-    similarity = embeddings @ torch.nn.functional.normalize(query_vector.cpu(), dim=0)
-    order = rank_gallery(similarity.unsqueeze(0))[0, :k]
-    return rows[order].tolist(), similarity[order].tolist()
+    def top(self, embedding, k):
+        """[(photo path, cosine similarity, class name)] of the k photos most similar to a query embedding."""
+        order, similarities = top_k(torch.nn.functional.normalize(embedding.cpu(), dim=0), self.embeddings, k)
+        rows = self.rows[order].tolist()
+        return [(self.root / self.vectors['paths'][row], similarity, self.classes[self.vectors['labels'][row]])
+                for row, similarity in zip(rows, similarities)]
 
 
 def plan_outputs(files, save_root, dataset):
     """(query, picture path, loose-files folder) per query, every target checked before anything is written."""
-    save_root = Path(save_root)
-    check_writable_dir(save_root, '--save_root')
-    if save_root.resolve().is_relative_to(Path(dataset).resolve()):
-        raise UserError(f"--save_root '{save_root}' is inside the dataset '{dataset}': pictures written there would "
-                        f"become dataset images; choose another --save_root")
-    queries, plan, used = [p.resolve() for p in files], [], set()
-    for path in files:
-        stem = path.stem
-        while stem in used:
-            stem += '_'
-        used.add(stem)
-        picture, folder = save_root / f'{stem}.png', save_root / stem
-        if any(q == picture.resolve() or q.is_relative_to(folder.resolve()) for q in queries):
-            raise UserError(f"'{picture}' or '{folder}' is (or holds) a query image, which test.py would overwrite: "
-                            f"choose another --save_root")
-        check_replaceable(picture)
-        check_replaceable(folder)
-        plan.append((path, picture, folder))
-    return plan
+    plan = safe_files.plan_outputs(files, save_root, {'the dataset': dataset},
+                                   lambda root, stem: [root / f'{stem}.png', root / stem])
+    return [(path, picture, folder) for path, (picture, folder) in plan]
 
 
 def gallery_photo(path):
@@ -185,41 +169,44 @@ def gallery_photo(path):
 
 
 def retrieve(args, model, checkpoint, vectors, data_root, data_name):
-    method, img_size = checkpoint['method'], checkpoint['args']['img_size']
-    root = Path(data_root) / data_name / 'val'
-    classes = vectors['classes']
+    img_size = checkpoint['args']['img_size']
+    gallery = Gallery(vectors, Path(data_root) / data_name / 'val')
     files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name)
-    gallery = photo_gallery(vectors)
-    for path, picture_path, folder in plan_outputs(files, args.save_root, Path(data_root) / data_name):
-        image = load_image(path, img_size, RESIZE[method])
-        embedding, extras = describe_query(model, image, args.device)
-        query_class = path.parent.name if path.parent.name in classes else None
-        shown = [(name, heatmap(value, fit_tile(image)) if name.startswith('attention') else value)
-                 for name, value in extras.items() if method == 'msedge' or args.show_generated]
-        results, lines = [], []
-        for rank, (index, similarity) in enumerate(zip(*top_k(embedding, gallery, args.num)), 1):
-            name = classes[vectors['labels'][index]]
-            match = None if query_class is None else name == query_class
-            photo = gallery_photo(root / vectors['paths'][index])
-            results.append((photo, f'{similarity:.3f}\n{name}', match))
-            lines.append((rank, similarity, name, root / vectors['paths'][index], photo))
-        query = read_rgb(path)
-        save_png(draw_retrieval(query, shown, results), picture_path)
-        write_loose_files(folder, query, lines)
-        hits = '' if query_class is None else f', {sum(r[2] for r in results)}/{len(results)} of class {query_class}'
-        print(f'{path} -> {picture_path}{hits}')
-        for rank, similarity, name, photo_path, _ in lines:
-            print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo_path}')
+    with safe_files.writing_into(args.save_root):
+        for path, picture_path, folder in plan_outputs(files, args.save_root, Path(data_root) / data_name):
+            query_class = path.parent.name if path.parent.name in gallery.classes else None
+            shown, results = retrieval(args, model, img_size, gallery, path, query_class)
+            query = read_rgb(path)
+            save_png(draw_retrieval(query, shown, [(photo, f'{similarity:.3f}\n{name}', match)
+                                                   for _, similarity, name, photo, match in results]), picture_path)
+            write_loose_files(folder, query, results)
+            matches = sum(match for *_, match in results) if query_class else 0
+            print(f'{path} -> {picture_path}' + (f', {matches}/{len(results)} of class {query_class}' if query_class
+                                                 else ''))
+            for rank, (photo_path, similarity, name, _, _) in enumerate(results, 1):
+                print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo_path}')
 
 
-def write_loose_files(folder, query, lines):
+def retrieval(args, model, img_size, gallery, path, query_class):
+    """The pictures of what the model made of one query, and its top --num photos: [(path, similarity, class,
+    picture, same class as the query (None when that is unknown))]."""
+    image = load_image(path, img_size, RESIZE[model.method])
+    embedding, extras = describe_query(model, image, args.device)
+    shown = [(name, heatmap(value, fit_tile(image)) if name.startswith('attention') else value)
+             for name, value in extras.items() if model.method == 'msedge' or args.show_generated]
+    results = [(photo, similarity, name, gallery_photo(photo), None if query_class is None else name == query_class)
+               for photo, similarity, name in gallery.top(embedding, args.num)]
+    return shown, results
+
+
+def write_loose_files(folder, query, results):
     """The seed's layout: query.jpg and retrieval_{rank}_{similarity}.jpg in one folder per query. Only the
     files of an earlier test.py run are replaced."""
     make_output_folder(folder)
     for old in [folder / 'query.jpg', *folder.glob('retrieval_*_*.jpg')]:
         old.unlink(missing_ok=True)
     atomic_write(folder / 'query.jpg', lambda tmp: query.save(tmp, format='JPEG'))
-    for rank, similarity, _, _, photo in lines:
+    for rank, (_, similarity, _, photo, _) in enumerate(results, 1):
         atomic_write(folder / f'retrieval_{rank}_{similarity:.4f}.jpg', lambda tmp, p=photo: p.save(tmp, format='JPEG'))
 
 

@@ -1,43 +1,35 @@
-"""Data folders, image loading, retrieval metrics and safe file I/O shared by every script.
+"""Dataset folders and retrieval metrics, shared by every script.
 
-Dataset layout (see README):  <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>
+Dataset layout (docs/data.md):  <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>
 Domain codes: photo = 0, sketch = 1. Labels: class index in sorted class-name order.
 """
-import argparse
-import csv
 import hashlib
 import json
 import os
 import random
-import shutil
-import socket
-import sys
 import tempfile
-import time
 from dataclasses import dataclass, field
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from cli import DataError, UserError, first_line
+from images import IMAGE_SUFFIXES, RESIZE, is_image_file, load_image, read_rgb
+from safe_files import acquire_lock, atomic_write, check_writable_dir, remove_stale_temporaries
 
 PHOTO, SKETCH = 0, 1
 DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
-IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 # Both seeds drop the TU-Berlin test classes that have fewer photos than this.
 TUBERLIN_MIN_VAL_PHOTOS = 400
+
 
 LAYOUT_HELP = ('expected <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>; '
                '`python prepare.py synthetic --data_root DIR` writes a small dataset of this shape')
 
-
-class UserError(Exception):
-    """A problem a user can fix (data, options, files): scripts print it as one line and exit 2."""
-
-
-class DataError(UserError):
-    """A problem with the dataset folders or an image file."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -70,10 +62,6 @@ class Split:
         """A split with only the items at positions `keep` (same classes and labels)."""
         return Split(self.root, self.classes, [self.paths[i] for i in keep],
                      [self.labels[i] for i in keep], [self.domains[i] for i in keep])
-
-
-def is_image_file(path):
-    return path.suffix.lower() in IMAGE_SUFFIXES
 
 
 def _list_class_folders(folder):
@@ -193,10 +181,9 @@ def hold_out(split, fraction, seed):
 
 def _is_readable(path):
     try:
-        with Image.open(path) as img:
-            img.load()  # a full decode: catches truncated files too
+        read_rgb(path)  # a full decode: catches truncated files too
         return True
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except DataError:
         return False
 
 
@@ -231,46 +218,9 @@ def describe_split(split, name):
     return '\n'.join(lines)
 
 
+
 # ----------------------------------------------------------------------------------------------
-# Images and datasets
-
-INTERPOLATION = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
-
-
-def read_rgb(path):
-    """Any .jpg/.jpeg/.png (any mode) as an RGB PIL image; transparent pixels become white, so an RGBA
-    sketch stays dark strokes on white. A file that does not decode is a DataError naming it."""
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return on_white(img)
-    except (OSError, ValueError, Image.DecompressionBombError) as error:
-        raise DataError(f"cannot read image '{path}': {_first_line(error)}") from error
-
-
-def on_white(img):
-    """A PIL image of any mode as RGB, its transparent pixels white."""
-    if img.mode in ('RGBA', 'LA') or (img.mode == 'P' and 'transparency' in img.info):
-        rgba = img.convert('RGBA')
-        img = Image.new('RGB', rgba.size, (255, 255, 255))
-        img.paste(rgba, mask=rgba.getchannel('A'))
-    return img.convert('RGB')
-
-
-def image_tensor(img, size, interpolation='bilinear'):
-    """An RGB PIL image resized to a uint8 tensor of shape (3, size, size)."""
-    img = img.resize((size, size), INTERPOLATION[interpolation])
-    return torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
-
-
-def load_image(path, size, interpolation='bilinear'):
-    """Read any .jpg/.jpeg/.png (any mode) as a uint8 RGB tensor of shape (3, size, size)."""
-    return image_tensor(read_rgb(path), size, interpolation)
-
-
-# Resize filter of each method's input transform.
-RESIZE = {'acnet': 'bilinear', 'msedge': 'bicubic'}
-
+# Image datasets: decoded files, or the pre-resized cache of prepare.py cache
 
 def train_transform(method, p=None):
     """Per-image training augmentation on uint8 tensors (the resize already happened at load time).
@@ -287,19 +237,6 @@ def train_transform(method, p=None):
         v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3),
                                         interpolation=v2.InterpolationMode.BILINEAR)],
                        p=0.5 if p is None else p)])
-
-
-class FileImages:
-    """Decodes and resizes image files on every access."""
-
-    def __init__(self, root, paths, size, interpolation):
-        self.root, self.paths, self.size, self.interpolation = Path(root), paths, size, interpolation
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, index):
-        return load_image(self.root / self.paths[index], self.size, self.interpolation)
 
 
 CACHE_FORMAT = 'zs-sbir-cache-2'  # -2: the index records each image's size and modification time
@@ -364,6 +301,64 @@ class CachedImages:
 
     def __getstate__(self):
         return {**self.__dict__, '_array': None}
+
+
+
+def _fill(task):
+    array_path, root, paths, start, size, interpolation = task
+    array = np.load(array_path, mmap_mode='r+')
+    for offset, path in enumerate(paths):
+        array[start + offset] = load_image(Path(root) / path, size, interpolation).numpy()
+    array.flush()
+    return len(paths)
+
+
+def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
+    """Write cache/<split>_<size>_<interpolation>.npy and .json for train and val; returns their paths.
+
+    The index records every image's path, size and modification time, so a changed image is noticed.
+    """
+    if size < 32 or size % 4:
+        raise UserError(f'--img_size must be a multiple of 4 and at least 32 (as train.py needs), got {size}')
+    if workers < 1:
+        raise UserError(f'--workers must be at least 1, got {workers}')
+    interpolation, written = RESIZE[method], []
+    folder = cache_path(data_root, data_name, 'train', size, interpolation).parent
+    splits = {name: scan_split(data_root, data_name, name) for name in ('train', 'val')}
+    check_writable_dir(folder, 'cache folder')
+    folder.mkdir(exist_ok=True)
+    release = acquire_lock(folder / f'.{size}_{interpolation}.lock', f"the {size}-px {interpolation} cache of "
+                           f"'{folder.parent}'", hint='wait for it to finish')
+    try:
+        for split_name, split in splits.items():
+            path = cache_path(data_root, data_name, split_name, size, interpolation)
+            written.append(_write_cache(split, split_name, path, size, interpolation, workers))
+    finally:
+        release()
+    return written
+
+
+def _write_cache(split, split_name, path, size, interpolation, workers):
+    stats = file_stats(split.root, split.paths)  # before decoding: a change during the build is noticed too
+    print(describe_split(split, split_name))
+    path.with_suffix('.json').unlink(missing_ok=True)  # no index: an old cache is never half-valid
+    remove_stale_temporaries(path)
+    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
+    os.close(fd)
+    np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
+    chunk = 256
+    tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
+             for i in range(0, len(split), chunk)]
+    with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
+        for done in pool.imap_unordered(_fill, tasks):
+            bar.update(done)
+    os.replace(partial, path)
+    index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths),
+             'stats': stats}
+    atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(index)))
+    print(f'wrote {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)')
+    return path
+
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -452,10 +447,13 @@ class SketchPhotoPairs(Dataset):
         return sketch, photo, label
 
 
+
 # ----------------------------------------------------------------------------------------------
 # Retrieval metrics
 
 METRIC_NAMES = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+
+
 # Bytes of working memory per (query, gallery) pair: similarity, sort keys, sorted keys, indices, relevance.
 _BYTES_PER_PAIR = 4 + 8 + 8 + 8 + 1
 
@@ -480,6 +478,14 @@ def rank_gallery(similarity):
     keys |= torch.arange(similarity.shape[1], dtype=torch.int64)
     keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))
     return keys & 0xFFFFFFFF
+
+
+def top_k(query, gallery, k):
+    """(gallery rows, similarities) of the k rows most similar to one query vector, best first: the float32
+    products of unit vectors that the metrics rank by, ties to the lower row."""
+    similarity = gallery @ query
+    order = rank_gallery(similarity.unsqueeze(0))[0, :k]
+    return order.tolist(), similarity[order].tolist()
 
 
 def _reverse_cummax(x):
@@ -575,172 +581,6 @@ def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labe
     return {name: values.mean().item() for name, values in per_query_values.items()}
 
 
-# ----------------------------------------------------------------------------------------------
-# Reproducibility and safe file writing
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-
-
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-def _first_line(error):
-    lines = str(error).strip().splitlines()
-    return lines[0][:200] if lines else type(error).__name__
-
-
-def save_together(writes):
-    """Write files so that a failure (a full disk, say) leaves every one of them as it was.
-
-    `writes` is a list of (path, write) with write(tmp_path) writing the file's content. Every file is
-    first written in full to a temporary file beside it; only when all are written are they renamed
-    onto their paths, in the given order (a rename needs no space).
-    """
-    staged = []
-    try:
-        for path, write in writes:
-            path = Path(path)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-            os.close(fd)
-            staged.append((tmp, path))
-            write(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.exists() else 0
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else _first_line(error)
-        raise UserError(f"could not write '{path}' ({reason}; {free:.0f} MB free there): the files being "
-                        f"saved were left as they were") from error
-    for tmp, path in staged:
-        os.replace(tmp, path)
-
-
-def atomic_write(path, write):
-    """Call write(tmp_path), then rename onto `path`: a crash never leaves a half-written file."""
-    save_together([(path, write)])
-
-
-def save_torch(obj, path):
-    atomic_write(path, lambda tmp: torch.save(obj, tmp))
-
-
-def remove_stale_temporaries(path):
-    """Temporary files that a killed process left beside `path` (call only while owning `path`)."""
-    for tmp in Path(path).parent.glob(f'.{Path(path).name}.*.tmp'):
-        tmp.unlink(missing_ok=True)
-
-
-def check_writable_dir(path, option):
-    """A folder that exists and is writable, or can be created: checked without creating anything."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UserError(f"{option} '{path}' is a file, not a folder")
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{option} '{path}' cannot be created: '{existing}' is a file")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"cannot write to {option} '{path}': '{existing}' is not writable (check its permissions)")
-
-
-def _lock_holder_alive(holder):
-    if holder.get('host') != socket.gethostname():
-        return True  # another machine: no way to tell, so respect the lock
-    try:
-        os.kill(int(holder['pid']), 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, KeyError, TypeError, ValueError):
-        return True
-    return True
-
-
-def acquire_lock(path, what):
-    """Own `what` through the lock file `path` while this process runs; returns the release function.
-
-    A second process is refused with a message naming the first. A lock whose process no longer runs
-    on this machine (killed, or the machine restarted) is taken over.
-    """
-    path = Path(path)
-    record = json.dumps({'pid': os.getpid(), 'host': socket.gethostname(),
-                         'started': time.strftime('%Y-%m-%d %H:%M:%S')})
-    for _ in range(3):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_UMASK)
-        except FileExistsError:
-            try:
-                holder = json.loads(path.read_text())
-            except (OSError, ValueError):
-                holder = {}  # empty or unreadable: its writer died before finishing it
-            if holder and _lock_holder_alive(holder):
-                raise UserError(f"{what} is being written by another process (pid {holder.get('pid')} on "
-                                f"{holder.get('host')}, since {holder.get('started')}): wait for it, or use "
-                                f"another --save_root; if that process is gone, delete '{path}'") from None
-            path.unlink(missing_ok=True)  # stale: its process is gone
-            continue
-        with os.fdopen(fd, 'w') as f:
-            f.write(record)
-        return lambda: path.unlink(missing_ok=True)
-    raise UserError(f"could not take the lock '{path}' for {what}: another process keeps taking it")
-
-
-# -2: the networks carry the original code's layer names and ACNet's extractor is the whole timm model;
-# checkpoints and vectors carry the run's id and the data's fingerprint.
-CHECKPOINT_FORMAT, VECTORS_FORMAT = 'zs-sbir-checkpoint-2', 'zs-sbir-vectors-2'
-REQUIRED_KEYS = {CHECKPOINT_FORMAT: ('method', 'args', 'epoch', 'metrics', 'train_classes', 'model', 'vectors_file'),
-                 VECTORS_FORMAT: ('method', 'data_name', 'data_root', 'classes', 'paths', 'labels', 'domains',
-                                  'vectors', 'epoch', 'run_id')}
-REQUIRED_ARGS = ('backbone_type', 'emb_dim', 'img_size', 'data_root', 'data_name')
-
-
-def torch_file_problem(path, error):
-    """Why torch.load(weights_only=True) refused a file, in words (never its advice to load it unsafely)."""
-    size = Path(path).stat().st_size
-    if size == 0:
-        return 'the file is empty (0 bytes)'
-    if str(path).endswith('.safetensors'):
-        return f'it is not a valid safetensors file ({_first_line(error)})'
-    with open(path, 'rb') as f:
-        head = f.read(2)
-    if head != b'PK' and head[:1] != b'\x80':
-        return 'it is not a file written by torch.save'
-    if 'weights_only' in str(error) or 'Unsupported global' in str(error):
-        return 'it holds Python objects other than tensors and plain containers, which are never loaded here'
-    return f'it is truncated or damaged ({_first_line(error)})'
-
-
-def load_torch(path, expected_format, what):
-    """Load a file this repo saved, with weights_only=True (a downloaded file cannot run code)."""
-    path = Path(path)
-    if path.is_dir():
-        raise UserError(f"'{path}' is a folder, not a {what}: name the file")
-    if not path.is_file():
-        raise UserError(f"{what} not found: '{path}'")
-    try:
-        obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as error:
-        raise UserError(f"'{path}' cannot be read as a {what}: {torch_file_problem(path, error)}") from error
-    found = obj.get('format') if isinstance(obj, dict) else None
-    if isinstance(found, str) and found != expected_format and found.startswith(expected_format.rsplit('-', 1)[0]):
-        raise UserError(f"'{path}' is a {what} of an earlier version of this repo (format {found!r}; this version "
-                        f"reads {expected_format!r}, see README 'Checkpoint files'): train it again")
-    if found != expected_format:
-        raise UserError(f"'{path}' is not a {what} of this repo (format {found!r}, expected {expected_format!r})")
-    missing = [key for key in REQUIRED_KEYS[expected_format] if key not in obj]
-    if expected_format == CHECKPOINT_FORMAT and not missing:
-        missing = [f'args.{key}' for key in REQUIRED_ARGS if not isinstance(obj['args'], dict) or key not in obj['args']]
-    if missing:
-        raise UserError(f"'{path}' is an incomplete {what}: it lacks {', '.join(missing)}")
-    return obj
-
 
 # How each --select_on rule picks the best epoch: the column it maximises.
 SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
@@ -753,12 +593,27 @@ def read_results(path):
     try:
         frame = pd.read_csv(path)
     except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
-        raise UserError(f"'{path}' is not a results CSV of train.py ({_first_line(error)})") from error
+        raise UserError(f"'{path}' is not a results CSV of train.py ({first_line(error)})") from error
     select_on = frame['select_on'].iloc[-1] if 'select_on' in frame and len(frame) else 'test'
     needed = ['epoch', *METRIC_NAMES, SELECT_KEY.get(select_on, 'precise')]
     if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
         raise UserError(f"'{path}' is not a results CSV of train.py: it has no rows, or not the columns "
                         f"epoch, {', '.join(METRIC_NAMES)} and {SELECT_KEY.get(select_on, 'precise')}")
+    for column in frame:
+        if column in needed or column in METRIC_NAMES or column == 'precise' or column.startswith('heldout_') or \
+                column.endswith('_loss'):
+            values = pd.to_numeric(frame[column], errors='coerce')
+            # losses are empty in the row of a full evaluation (--eval_queries); nothing else may be
+            wrong = (values.isna() & frame[column].notna()) | (values.isna() & (column in needed)) | \
+                ~np.isfinite(values.fillna(0))
+            if wrong.any():
+                row = int(wrong.to_numpy().nonzero()[0][0])
+                raise UserError(f"'{path}' is not a results CSV of train.py: row {row + 2}, column {column} holds "
+                                f"{str(frame[column].iloc[row])!r}, not a number")
+            frame[column] = values
+    if (frame['epoch'] % 1 != 0).any() or (frame['epoch'] < 0).any():
+        raise UserError(f"'{path}' is not a results CSV of train.py: its epochs are not whole numbers")
+    frame['epoch'] = frame['epoch'].astype(int)
     # With --eval_queries the epochs were scored on a sample of the queries (eval_queries = its size) and
     # the selected epoch again on all of them, in a last row with eval_queries 'all': that row is reported.
     full = frame['eval_queries'].astype(str) == 'all' if 'eval_queries' in frame else pd.Series(True, frame.index)
@@ -768,186 +623,8 @@ def read_results(path):
     return epochs, (final.iloc[-1] if len(final) else best)
 
 
-def csv_writer(rows):
-    """write(path) for a list of dicts as CSV, columns in first-seen order (for atomic_write/save_together)."""
-    columns = list(dict.fromkeys(key for row in rows for key in row))
+def seed_everything(seed):
+    random.seed(seed)
+    np.random.seed(seed % 2 ** 32)
+    torch.manual_seed(seed)
 
-    def write(path):
-        with open(path, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-    return write
-
-
-def load_checkpoint_vectors(data_base, checkpoint, vectors=None):
-    """The val embeddings saved with a checkpoint (the _vectors.pth beside it, or `vectors`), refused
-    when they belong to another run or another epoch."""
-    if not (vectors or checkpoint['vectors_file']):
-        raise UserError(f"'{data_base}' has no saved val embeddings (a converted release?): pass --vectors")
-    path = Path(vectors) if vectors else Path(data_base).parent / checkpoint['vectors_file']
-    record = load_torch(path, VECTORS_FORMAT, 'vectors file')
-    if record['run_id'] != checkpoint.get('run_id'):
-        raise UserError(f"'{path}' holds the embeddings of another run than '{data_base}': pass the "
-                        f"_model.pth and _vectors.pth that train.py saved together")
-    if record['epoch'] != checkpoint['epoch']:
-        raise UserError(f"'{path}' holds the embeddings of epoch {record['epoch']}, but '{data_base}' is "
-                        f"epoch {checkpoint['epoch']} of that run: pass its _model.pth (the best epoch), or --evaluate")
-    return record, path
-
-
-def write_csv(rows, path):
-    """Write a list of dicts as CSV (columns in first-seen order), atomically."""
-    atomic_write(path, csv_writer(rows))
-
-
-def read_csv(path):
-    with open(path, newline='') as f:
-        return list(csv.DictReader(f))
-
-
-# ----------------------------------------------------------------------------------------------
-# Pictures and other outputs. What this repo writes is marked (a PNG text chunk, a file in a folder it
-# made), so that a command replaces its own earlier output and nothing else.
-
-OUTPUT_MARK, FOLDER_MARK = 'zs-sbir', '.written-by-zs-sbir'
-
-
-def written_by_this_repo(path):
-    """True for a PNG or a folder that a command of this repo wrote."""
-    path = Path(path)
-    if path.is_dir():
-        return (path / FOLDER_MARK).is_file()
-    try:
-        with Image.open(path) as image:
-            return image.info.get('Software') == OUTPUT_MARK
-    except (OSError, ValueError):
-        return False
-
-
-def check_replaceable(path, hint='choose another --save_root'):
-    """An output path that is free, or holds an earlier output of this repo; else a UserError."""
-    path = Path(path)
-    if path.exists() and not written_by_this_repo(path):
-        kind = 'folder' if path.is_dir() else 'file'
-        raise UserError(f"{kind} '{path}' exists and was not written by this repo: {hint} (nothing was written)")
-
-
-def save_png(image, path):
-    """Save a PIL image as a marked PNG, atomically."""
-    from PIL.PngImagePlugin import PngInfo
-    info = PngInfo()
-    info.add_text('Software', OUTPUT_MARK)
-    atomic_write(path, lambda tmp: image.save(tmp, format='PNG', pnginfo=info))
-
-
-def make_output_folder(folder):
-    Path(folder).mkdir(parents=True, exist_ok=True)
-    (Path(folder) / FOLDER_MARK).touch()
-
-
-def to_pil(image):
-    """A (3, H, W) uint8 tensor as a PIL image (PIL images pass through)."""
-    if isinstance(image, torch.Tensor):
-        return Image.fromarray(image.permute(1, 2, 0).cpu().numpy())
-    return image
-
-
-# The retrieval picture of test.py and search.py: tile size, gaps, caption height, frame width, frame colours
-TILE, GAP, CAPTION, FRAME = 128, 6, 30, 4
-COLOURS = {True: (40, 170, 60), False: (210, 40, 40), None: (150, 150, 150), 'query': (40, 90, 200)}
-
-
-def fit_tile(image):
-    return ImageOps.fit(to_pil(image).convert('RGB'), (TILE - 2 * FRAME, TILE - 2 * FRAME))
-
-
-def draw_retrieval(query, extras, results):
-    """One row: the query (blue frame), extra (name, picture)s (grey), then (image, caption, match) results,
-    framed green for a match, red for a miss, grey when the query's class is unknown."""
-    from PIL import ImageDraw
-    tiles = [(query, 'query', 'query')] + [(img, name, None) for name, img in extras] + results
-    canvas = Image.new('RGB', (GAP + len(tiles) * (TILE + GAP), 2 * GAP + TILE + CAPTION), 'white')
-    draw = ImageDraw.Draw(canvas)
-    for i, (image, caption, match) in enumerate(tiles):
-        x, y = GAP + i * (TILE + GAP), GAP
-        draw.rectangle([x, y, x + TILE - 1, y + TILE - 1], fill=COLOURS[match])
-        canvas.paste(fit_tile(image), (x + FRAME, y + FRAME))
-        draw.multiline_text((x, y + TILE + 2), caption, fill='black', spacing=2)
-    return canvas
-
-
-def heatmap(attention, base):
-    """An attention map (h, w) laid over a picture, stretched to its own min-max range."""
-    stretched = (attention - attention.min()) / (attention.max() - attention.min()).clamp_min(1e-6)
-    grey = Image.fromarray((stretched * 255).byte().cpu().numpy()).resize(base.size, Image.BILINEAR)
-    return Image.blend(base.convert('RGB'), ImageOps.colorize(grey, '#000060', '#ffe000'), 0.6)
-
-
-# ----------------------------------------------------------------------------------------------
-# Command lines: one line and exit code 2 for every problem a user can fix
-
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage block), exit code 2."""
-
-    def error(self, message):
-        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
-        sys.exit(2)
-
-
-def one_line(error):
-    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in a traceback."""
-    text = str(error).strip()
-    if 'Original Traceback' in text:
-        text = text.splitlines()[-1].split(': ', 1)[-1]
-    return ' '.join(text.split('\n'))
-
-
-def run_cli(command, args):
-    """Run command(args): a UserError becomes one line on stderr and exit code 2, Ctrl-C exit code 130."""
-    try:
-        return command(args)
-    except UserError as error:
-        print(f'error: {one_line(error)}', file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print('\ninterrupted', file=sys.stderr)
-        sys.exit(130)
-
-
-def query_files(names, suffixes=None):
-    """Expand files and folders (recursively) into image files (.jpg/.jpeg/.png, or any of `suffixes`);
-    a missing path, an empty name or a folder without images is a UserError."""
-    wanted = (lambda p: p.suffix.lower() in suffixes) if suffixes else is_image_file
-    files = []
-    for name in names:
-        path = Path(name)
-        if not name:
-            raise UserError('a query name must not be empty')
-        if path.is_dir():
-            found = sorted(p for p in path.rglob('*') if p.is_file() and wanted(p))
-            if not found:
-                raise UserError(f"query folder '{path}' holds no {'' if suffixes else '.jpg/.jpeg/.png '}image")
-            files += found
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UserError(f"query image not found: '{path}'")
-    return files
-
-
-def check_device(device):
-    """A --device that torch can use here, or a UserError saying what this machine has."""
-    try:
-        parsed = torch.device(device)
-    except (RuntimeError, ValueError) as error:
-        raise UserError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from error
-    if parsed.type == 'cuda':
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if not count:
-            raise UserError(f'--device {device}: no CUDA GPU is visible here; use --device cpu')
-        if parsed.index is not None and parsed.index >= count:
-            raise UserError(f'--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}')
-    elif parsed.type != 'cpu':
-        raise UserError(f'--device {device}: only cpu and cuda devices are supported')
-    return parsed

@@ -1,12 +1,18 @@
 """Shared fixtures: tiny image trees and a tiny generated dataset (32 px, a few images per class)."""
+import hashlib
 import os
+import re
+import shutil
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -15,7 +21,11 @@ torch.set_num_threads(2)
 # which is cuda wherever one is visible).
 DEVICE = os.environ.get('ZS_SBIR_TEST_DEVICE', 'cpu')
 
-from prepare import make_synthetic  # noqa: E402
+import search  # noqa: E402
+from safe_files import write_csv  # noqa: E402
+from config import parse_args  # noqa: E402
+from synthetic import make_synthetic  # noqa: E402
+from train import train  # noqa: E402
 
 TINY = dict(num_classes=6, num_val_classes=2, num_sketches=4, num_photos=4, num_val_photos=6, img_size=32, seed=3)
 
@@ -47,5 +57,110 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope='session')
+def checkpoints(tiny_data, tmp_path_factory):
+    """Two tiny MSEdge runs (seeds 1 and 2): the model an index is built with, and another one."""
+    out = tmp_path_factory.mktemp('search-runs')
+    paths = []
+    for seed in ('1', '2'):
+        train(parse_args(['--method', 'msedge', '--data_root', str(tiny_data), '--data_name', 'synthetic',
+                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup', '0',
+                          '--workers', '0', '--emb_dim', '8', '--device', DEVICE, '--seed', seed,
+                          '--save_root', str(out / seed)]))
+        paths.append(out / seed / 'synthetic_msedge_resnet50_8_model.pth')
+    return paths
+
+
+@pytest.fixture()
+def gallery(tiny_data, tmp_path):
+    """Photos in two class folders: line drawings (the dataset's sketches) and photos."""
+    root = tmp_path / 'gallery'
+    for side, name in (('sketch', 'drawing'), ('photo', 'photo')):
+        (root / name).mkdir(parents=True)
+        for path in sorted((tiny_data / 'synthetic' / 'train' / side).rglob('*.*'))[:10]:
+            shutil.copy(path, root / name / f'{path.parent.name}_{path.name}')
+    return root
+
+
 def rng_images(n, size=32, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
+
+
+def tiny(data_root, save_root, *extra):
+    """train.py options for a tiny, fast, repeatable run on the tiny dataset (random init, 32 px, 8-d);
+    options in `extra` come last, so they win."""
+    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
+            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
+            '--deterministic', '--save_root', str(save_root), *map(str, extra)]
+
+
+def digests(*folders):
+    """Every file under the folders (links followed) with the SHA-256 of its bytes."""
+    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
+            for folder in folders for p in sorted(Path(folder).rglob('*')) if p.is_file()}
+
+
+def check_cli(capsys, main, argv, match, unchanged=()):
+    """main(argv) exits 2 with one line on stderr matching the regex `match`, no traceback, and every file
+    under the `unchanged` folders byte-identical."""
+    before = digests(*unchanged)
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(a) for a in argv])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
+    assert re.search(match, err), err
+    assert digests(*unchanged) == before
+    return err
+
+
+def cli_checker(main, literal=False):
+    """check_cli for one command: check(capsys, argv, match, unchanged=()); `literal`: match is plain text."""
+    def check(capsys, argv, match, unchanged=()):
+        return check_cli(capsys, main, argv, re.escape(match) if literal else match, unchanged)
+    return check
+
+
+def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0):
+    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns)."""
+    rows = []
+    for epoch, value in enumerate(precise, 1):
+        row = {'epoch': epoch, 'class_loss': 1.0, **{m: value * metric_scale for m in ('mAP@200', 'mAP@all', 'P@100', 'P@200')},
+               'precise': value}
+        if heldout is not None:
+            row['heldout_precise'] = heldout[epoch - 1]
+        row['select_on'] = select_on
+        rows.append(row)
+    write_csv(rows, folder / f'{prefix}_results.csv')
+
+
+# ----------------------------------------------------------------------------------------------- search.py
+
+def build(checkpoint, gallery, index, *extra):
+    return search.main(['index', '--data_base', str(checkpoint), '--photos', str(gallery), '--index', str(index),
+                        '--workers', '0', '--device', DEVICE, *map(str, extra)])
+
+
+def drawn_x(size=384):
+    image = Image.new('RGB', (size, size), 'white')
+    draw = ImageDraw.Draw(image)
+    draw.line([(size * 0.4, size * 0.25), (size * 0.65, size * 0.75)], fill='black', width=4)
+    draw.line([(size * 0.65, size * 0.25), (size * 0.4, size * 0.75)], fill='black', width=4)
+    return image
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+def running(server):
+    """A uvicorn server started in a thread, once it accepts connections."""
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not server.started and time.time() < deadline:
+        time.sleep(0.1)
+    assert server.started
+    return server

@@ -9,9 +9,15 @@ import torch
 
 import model as model_module
 from conftest import DEVICE, rng_images
-from model import ACNet, MSEdge, backbone_tag, create_timm, input_normalisation, model_from_checkpoint
-from train import acnet_step, msedge_step, parse_args, train, training_nets
-from utils import CHECKPOINT_FORMAT, PHOTO, SKETCH, UserError, VECTORS_FORMAT, load_image, load_torch, read_csv
+from model import backbone_tag, create_timm, input_normalisation, model_from_checkpoint, ACNet, MSEdge
+from config import parse_args
+from train import train
+from training import acnet_step, msedge_step, training_nets
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from cli import UserError
+from images import load_image
+from safe_files import read_csv
+from utils import PHOTO, SKETCH
 
 TINY_BACKBONES = ['vit_tiny_patch16_224', 'convnext_atto', 'resnet18']
 HEADS = {'vit_tiny_patch16_224': 'head', 'convnext_atto': 'head.fc', 'resnet18': 'fc'}

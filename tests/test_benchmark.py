@@ -1,19 +1,6 @@
 """benchmark.py: the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
 import benchmark
-from utils import write_csv
-
-
-def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0):
-    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns)."""
-    rows = []
-    for epoch, value in enumerate(precise, 1):
-        row = {'epoch': epoch, 'class_loss': 1.0, **{m: value * metric_scale for m in benchmark.METRICS},
-               'precise': value}
-        if heldout is not None:
-            row['heldout_precise'] = heldout[epoch - 1]
-        row['select_on'] = select_on
-        rows.append(row)
-    write_csv(rows, folder / f'{prefix}_results.csv')
+from conftest import fake_run
 
 
 def test_best_rows_follow_each_runs_selection_rule(tmp_path):

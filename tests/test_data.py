@@ -7,9 +7,10 @@ import torch
 
 import prepare
 from conftest import TINY, make_tree, write_image
-from prepare import FAMILIES, make_synthetic, random_shape, render_photo, render_sketch, synthetic_classes
-from utils import (PHOTO, SKETCH, DataError, EpochSampler, FileImages, SketchPhotoPairs, SplitDataset,
-                   describe_split, hold_out, load_image, scan_split)
+from synthetic import FAMILIES, make_synthetic, random_shape, render_photo, render_sketch, synthetic_classes
+from cli import DataError
+from images import load_image, FileImages
+from utils import PHOTO, SKETCH, describe_split, hold_out, scan_split, EpochSampler, SketchPhotoPairs, SplitDataset
 
 
 def test_scan_labels_domains_and_formats(tmp_path):

@@ -4,11 +4,14 @@ import pytest
 import torch
 
 from conftest import DEVICE, rng_images
-from model import ACNet, MSEdge, compile_model
-from prepare import build_cache
-from train import parse_args, train
-from utils import (PHOTO, RESIZE, SKETCH, CachedImages, DataError, FileImages, cache_path, read_csv, scan_split,
-                   train_transform)
+from model import compile_model, ACNet, MSEdge
+from utils import build_cache
+from config import parse_args
+from train import train
+from cli import DataError
+from images import RESIZE, FileImages
+from safe_files import read_csv
+from utils import PHOTO, SKETCH, cache_path, scan_split, train_transform, CachedImages
 
 DOMAINS = torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
 

@@ -1,47 +1,12 @@
-"""retrieval_metrics against hand-worked examples and a slow per-query reference written from SPEC.md."""
+"""retrieval_metrics against hand-worked examples and the slow per-query reference (reference_metrics.py), written
+from the definitions in docs/metrics.md."""
 import numpy as np
 import pytest
 import torch
 
 from conftest import DEVICE
+from reference_metrics import reference_means as reference_metrics
 from utils import rank_gallery, retrieval_metrics
-
-
-def reference_ap(relevance, num_relevant, k):
-    """AP@k of one ranked relevance list, literally as SPEC.md words it (SAKE's definition)."""
-    top = relevance[:k]
-    hits = np.cumsum(top)
-    precision = hits / np.arange(1, len(top) + 1)
-    recall = hits / min(k, num_relevant)
-    envelope = precision.copy()
-    for i in range(len(envelope) - 2, -1, -1):
-        envelope[i] = max(envelope[i], envelope[i + 1])
-    ap, previous = 0.0, 0.0
-    for i in range(len(top)):
-        if recall[i] != previous:
-            ap += (recall[i] - previous) * envelope[i]
-            previous = recall[i]
-    return ap
-
-
-def reference_metrics(queries, query_labels, gallery, gallery_labels):
-    """Slow per-query loop: rank by dot product (ties: lower gallery index first), then AP and P@k."""
-    out = {'mAP@200': [], 'mAP@all': [], 'P@100': [], 'P@200': [], 'mAP@200_found': []}
-    n = len(gallery)
-    for q, label in zip(queries, query_labels):
-        order = np.argsort(-(gallery @ q), kind='stable')
-        relevance = (gallery_labels[order] == label).astype(float)
-        r = relevance.sum()
-        out['mAP@200'].append(reference_ap(relevance, r, 200))
-        out['mAP@all'].append(reference_ap(relevance, r, n))
-        out['P@100'].append(relevance[:100].mean())
-        out['P@200'].append(relevance[:200].mean())
-        top = relevance[:200]
-        precision = np.cumsum(top) / np.arange(1, len(top) + 1)
-        out['mAP@200_found'].append((precision * top).sum() / max(top.sum(), 1))
-    result = {name: float(np.mean(values)) for name, values in out.items()}
-    result['precise'] = np.mean([result[m] for m in ('mAP@200', 'mAP@all', 'P@100', 'P@200')])
-    return result
 
 
 def ranked_gallery(relevance):

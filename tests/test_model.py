@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from conftest import rng_images
 from conftest import ROOT
-from model import (ACNet, Discriminator, Generator, MSEdge, UserError, backbone_tag, create_timm, edge_mask,
+from cli import UserError
+from model import (ACNet, Discriminator, Generator, MSEdge, backbone_tag, create_timm, edge_mask,
                    model_from_checkpoint, sobel_edges)
-from train import acnet_step, msedge_step, training_nets
+from training import acnet_step, msedge_step, training_nets
 from utils import PHOTO, SKETCH
 
 
@@ -393,10 +394,10 @@ def test_bad_weights_and_offline_errors_are_clear(tmp_path, monkeypatch):
     with pytest.raises(UserError, match=r"resnet50.tv_in1k ImageNet checkpoint: it lacks .*e\.g\. layer1.0.conv3"):
         MSEdge(2, 'resnet50', 8, weights=tmp_path / 'r18.pth')
     (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
-    with pytest.raises(UserError, match="garbage.pth' cannot be read: it is not a file written by torch.save"):
+    with pytest.raises(UserError, match="garbage.pth' cannot be read as a --weights file: it is not a file written by torch.save"):
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'garbage.pth', **features)
     (tmp_path / 'notes.txt').write_text('weights, honestly')
-    with pytest.raises(UserError, match="notes.txt' cannot be read: it is not a file written by torch.save") as error:
+    with pytest.raises(UserError, match="notes.txt' cannot be read as a --weights file: it is not a file written by torch.save") as error:
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'notes.txt', **features)
     assert 'weights_only' not in str(error.value)  # never advise loading a file unsafely
     torch.save([torch.zeros(2)], tmp_path / 'list.pth')

@@ -1,6 +1,5 @@
 """plot.py: the data behind each figure, checked against the files it comes from or an independent
 computation; the figures themselves are written, marked as ours, and bad input is one line."""
-import re
 
 import numpy as np
 import pandas as pd
@@ -8,13 +7,16 @@ import pytest
 import torch
 from PIL import Image
 
+import pictures
 import plot
-from conftest import DEVICE
+from conftest import DEVICE, cli_checker, fake_run
 from model import model_from_checkpoint
-from test_benchmark import fake_run
-from train import parse_args, train
-from utils import (CHECKPOINT_FORMAT, PHOTO, SKETCH, VECTORS_FORMAT, load_image, load_torch, read_csv, save_torch,
-                   written_by_this_repo)
+from config import parse_args
+from train import train
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from images import load_image
+from safe_files import read_csv, save_torch, written_by_this_repo
+from utils import PHOTO, SKETCH
 
 
 @pytest.fixture(scope='module')
@@ -29,12 +31,7 @@ def runs(tiny_data, tmp_path_factory):
     return {m: out / f'synthetic_{m}_resnet50_8_model.pth' for m in ('acnet', 'msedge')}
 
 
-def check_error(capsys, argv, match):
-    with pytest.raises(SystemExit) as exit_info:
-        plot.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert re.search(match, err), err
+check_error = cli_checker(plot.main)
 
 
 def test_curve_data_is_the_csv_with_each_runs_selected_epoch(runs, tmp_path):
@@ -130,7 +127,7 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
         assert torch.equal(saved.permute(2, 0, 1), image)
     sheet = Image.open(tmp_path / 'synthetic_acnet_resnet50_8_generated.png')
     assert written_by_this_repo(tmp_path / 'synthetic_acnet_resnet50_8_generated.png')
-    assert sheet.size[1] == 18 + 1 * (plot.TILE + 4) + 4  # --limit 2: one row of two pairs
+    assert sheet.size[1] == 18 + 1 * (pictures.SHEET_TILE + 4) + 4  # --limit 2: one row of two pairs
 
 
 def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):

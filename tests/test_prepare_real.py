@@ -2,8 +2,9 @@
 import pytest
 from PIL import Image
 
-from prepare import (FOLDER_ALIASES, build_real_split, class_key, print_split_summary, read_class_list)
-from utils import PHOTO, SKETCH, DataError, scan_split
+from prepare import FOLDER_ALIASES, build_real_split, class_key, print_split_summary, read_class_list
+from cli import DataError, UserError
+from utils import PHOTO, SKETCH, scan_split
 
 
 def image(path, shade):
@@ -53,7 +54,7 @@ def test_copy_mode_and_refusing_to_overwrite(tmp_path):
     build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data', copy=True)
     split = scan_split(tmp_path / 'data', 'sketchy', 'val')
     assert len(split.classes) == 21 and not (split.root / split.paths[0]).is_symlink()
-    with pytest.raises(DataError, match="already exists: remove it, pass --overwrite"):
+    with pytest.raises(UserError, match="already exists: remove it, pass --overwrite"):
         build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data')
     build_real_split('sketchy', '21', [raw / 'sketch'], [raw / 'photo'], tmp_path / 'data', overwrite=True)
 

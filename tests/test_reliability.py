@@ -8,17 +8,15 @@ import pytest
 import torch
 
 import train as train_module
-from conftest import ROOT
-from train import main, parse_args, train
-from utils import CHECKPOINT_FORMAT, VECTORS_FORMAT, UserError, atomic_write, load_torch, read_csv, scan_split
+from conftest import ROOT, tiny
+from config import parse_args
+from train import main, train
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from cli import UserError
+from safe_files import atomic_write, read_csv
+from utils import scan_split
 
 PREFIX = 'synthetic_acnet_resnet50_8'
-
-
-def tiny(data_root, save_root, *extra):
-    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
-            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--deterministic',
-            '--save_root', str(save_root), *extra]
 
 
 def run_main(argv, capsys):

@@ -6,11 +6,15 @@ import torch
 from PIL import Image
 
 import test as retrieval
-import utils
-from conftest import write_image
+import pictures
+from conftest import cli_checker, write_image
 from model import model_from_checkpoint
-from train import parse_args as train_args, train
-from utils import CHECKPOINT_FORMAT, FOLDER_MARK, PHOTO, VECTORS_FORMAT, load_image, load_torch, read_csv
+from config import parse_args as train_args
+from train import train
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from images import load_image
+from safe_files import FOLDER_MARK, read_csv
+from utils import PHOTO
 
 K = 3
 
@@ -28,21 +32,16 @@ def runs(tiny_data, tmp_path_factory):
     return paths
 
 
+check_error = cli_checker(retrieval.main, literal=True)
+
+
 def run(*argv):
     return retrieval.main([str(a) for a in argv])
 
 
-def check_error(capsys, *argv, match):
-    with pytest.raises(SystemExit) as exit_info:
-        run(*argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1
-    assert match in err, err
-
-
 def frame_colours(picture, num_tiles):
     """The colour of each tile's frame (its top-left pixel)."""
-    return [picture.getpixel((utils.GAP + i * (utils.TILE + utils.GAP) + 1, utils.GAP + 1))
+    return [picture.getpixel((pictures.GAP + i * (pictures.TILE + pictures.GAP) + 1, pictures.GAP + 1))
             for i in range(num_tiles)]
 
 
@@ -57,8 +56,8 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
 
     picture = Image.open(tmp_path / f'{query.stem}.png')
     tiles = 1 + extra_tiles + K
-    assert picture.size == (utils.GAP + tiles * (utils.TILE + utils.GAP),
-                            2 * utils.GAP + utils.TILE + utils.CAPTION)
+    assert picture.size == (pictures.GAP + tiles * (pictures.TILE + pictures.GAP),
+                            2 * pictures.GAP + pictures.TILE + pictures.CAPTION)
 
     # the expected top K, computed independently from the saved gallery embeddings
     model = model_from_checkpoint(checkpoint)
@@ -69,8 +68,8 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
     sims = vectors['vectors'][photos] @ q
     top = photos[torch.sort(sims, descending=True, stable=True).indices[:K]]
     matches = [vectors['classes'][vectors['labels'][i]] == query.parent.name for i in top]
-    expected = [utils.COLOURS['query']] + [utils.COLOURS[None]] * extra_tiles + \
-        [utils.COLOURS[m] for m in matches]
+    expected = [pictures.COLOURS['query']] + [pictures.COLOURS[None]] * extra_tiles + \
+        [pictures.COLOURS[m] for m in matches]
     assert frame_colours(picture, tiles) == expected
 
     loose = sorted(p.name for p in (tmp_path / query.stem).iterdir() if p.name != FOLDER_MARK)
@@ -83,8 +82,8 @@ def test_draw_retrieval_frames_on_a_constructed_case():
     white = Image.new('RGB', (20, 20), 'white')
     results = [(white, '0.9\ncat', True), (white, '0.8\ndog', False), (white, '0.7\ncat', True),
                (white, '0.1\n?', None)]
-    picture = utils.draw_retrieval(white, [('generated', white)], results)
-    green, red, grey, blue = (utils.COLOURS[k] for k in (True, False, None, 'query'))
+    picture = pictures.draw_retrieval(white, [('generated', white)], results)
+    green, red, grey, blue = (pictures.COLOURS[k] for k in (True, False, None, 'query'))
     assert frame_colours(picture, 6) == [blue, grey, green, red, green, grey]
 
 
@@ -94,7 +93,7 @@ def test_any_image_from_outside_the_val_set(runs, tmp_path):
     run('--query_name', tmp_path / 'mine', '--data_base', runs['acnet'], '--num', K, '--save_root', tmp_path / 'out')
     for stem in ('doodle', 'other'):
         picture = Image.open(tmp_path / 'out' / f'{stem}.png')
-        assert frame_colours(picture, K + 1)[1:] == [utils.COLOURS[None]] * K  # class unknown: grey
+        assert frame_colours(picture, K + 1)[1:] == [pictures.COLOURS[None]] * K  # class unknown: grey
 
 
 def test_defaults_take_one_sketch_per_val_class(runs, tmp_path, capsys):
@@ -112,18 +111,15 @@ def test_evaluate_matches_the_training_log(runs):
 
 
 def test_errors(runs, tiny_data, tmp_path, capsys):
-    check_error(capsys, '--query_name', tmp_path / 'nope.png', '--data_base', runs['acnet'],
-                 match="query image not found: '")
-    check_error(capsys, '--data_base', tmp_path / 'missing.pth', match='checkpoint not found')
+    check_error(capsys, ['--query_name', tmp_path / 'nope.png', '--data_base', runs['acnet']], "query image not found: '")
+    check_error(capsys, ['--data_base', tmp_path / 'missing.pth'], 'checkpoint not found')
     vectors_file = str(runs['acnet']).replace('_model', '_vectors')
-    check_error(capsys, '--data_base', vectors_file, match="is not a checkpoint of this repo")
+    check_error(capsys, ['--data_base', vectors_file], "is not a checkpoint of this repo")
     msedge_vectors = str(runs['msedge']).replace('_model', '_vectors')
-    check_error(capsys, '--data_base', runs['acnet'], '--vectors', msedge_vectors,
-                 match='holds the embeddings of another run than')
+    check_error(capsys, ['--data_base', runs['acnet'], '--vectors', msedge_vectors], 'holds the embeddings of another run than')
     # a dataset that changed since training
     changed = tmp_path / 'changed'
     shutil.copytree(tiny_data, changed)
     next((changed / 'synthetic' / 'val' / 'photo').rglob('*.jpg')).unlink()
-    check_error(capsys, '--data_base', runs['acnet'], '--data_root', changed,
-                 match='do not match the dataset at')
-    check_error(capsys, '--data_base', runs['acnet'], '--num', 0, match='--num must be at least 1')
+    check_error(capsys, ['--data_base', runs['acnet'], '--data_root', changed], 'do not match the dataset at')
+    check_error(capsys, ['--data_base', runs['acnet'], '--num', 0], '--num must be at least 1')

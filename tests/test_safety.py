@@ -1,9 +1,7 @@
 """Bad input and accidents, command by command: each ends in one line naming the culprit, exit code 2 and
 no traceback, and leaves every file the user already had byte-identical (README "Bad inputs")."""
 import errno
-import hashlib
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -20,38 +18,15 @@ import convert
 import prepare
 import test as retrieval
 import train as train_module
-from conftest import DEVICE, ROOT
-from prepare import build_cache
-from test_benchmark import fake_run
-from train import main as train_main, parse_args, train
-from utils import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch, read_csv, save_torch
+import training
+from conftest import DEVICE, ROOT, check_cli, digests, fake_run, tiny
+from utils import build_cache
+from config import parse_args
+from train import main as train_main, train
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from safe_files import read_csv, save_torch
 
 PREFIX = 'synthetic_acnet_resnet50_8'
-
-
-def tiny(data_root, save_root, *extra):
-    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
-            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
-            '--save_root', str(save_root), *extra]
-
-
-def digests(*folders):
-    """Every file under the folders with the SHA-256 of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob('*')) if p.is_file()}
-
-
-def check_cli(capsys, main, argv, match, unchanged=()):
-    """main(argv) exits 2 with one line matching `match`, no traceback, and the folders unchanged."""
-    before = digests(*unchanged)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert re.search(match, err), err
-    assert digests(*unchanged) == before
-    return err
 
 
 @pytest.fixture(scope='module')
@@ -199,7 +174,7 @@ def test_a_failed_run_leaves_no_save_root(tiny_data, tmp_path, capsys, monkeypat
     assert not (tmp_path / 'out1').exists()
 
     def fail(*args, **kwargs):
-        raise train_module.NonFiniteLoss('epoch 1/1: a loss became NaN or infinite by step 1')
+        raise training.NonFiniteLoss('epoch 1/1: a loss became NaN or infinite by step 1')
     monkeypatch.setattr(train_module, 'train_epoch', fail)
     check_cli(capsys, train_main, tiny(tiny_data, tmp_path / 'out2', '--epochs', '1'), 'became NaN')
     assert not (tmp_path / 'out2').exists()
@@ -299,7 +274,7 @@ def test_test_py_never_deletes_or_overwrites_what_it_did_not_write(run, tiny_dat
     mine = results / 'my_sketch.png'
     shutil.copy(query, mine)
     check_cli(capsys, retrieval.main, ['--data_base', checkpoint, '--query_name', mine, '--save_root', results],
-              r"'.*result/my_sketch.png' or '.*result/my_sketch' is \(or holds\) a query image", unchanged=[results])
+              r"'.*result/my_sketch.png' is \(or holds\) a query image, which would be overwritten", unchanged=[results])
     # --save_root inside the dataset
     sketches = tiny_data / 'synthetic' / 'val' / 'sketch'
     class_folder = sorted(sketches.iterdir())[0]
@@ -372,8 +347,8 @@ def test_prepare_py_errors(tiny_data, tmp_path, capsys):
               r'--img_size must be a multiple of 4 and at least 32 \(as train.py needs\), got 0', unchanged=[tiny_data])
     (tmp_path / 'file').write_text('x')
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'file'], r"--data_root '.*file' is a file")
-    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tiny_data], r"synthetic' already exists: pass "
-              r"--overwrite", unchanged=[tiny_data])
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tiny_data], r"synthetic' already exists: remove it, "
+              r"pass --overwrite", unchanged=[tiny_data])
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--num_sketches', 0],
               '--num_sketches must be at least 1, got 0')
     check_cli(capsys, prepare.main, ['synthetic', '--num_classes', 99], r'--num_classes must be at most 34')
@@ -443,3 +418,52 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
     for main, argv, match in cases:
         check_cli(capsys, main, argv, match, unchanged=[tiny_data, run])
     assert sorted(p.name for p in tmp_path.iterdir()) == ['notes.txt']  # nothing was created
+
+
+def test_round_two_probe_one_line_each(run, tmp_path, capsys):
+    """The second hostile probe's inputs (issue: reliability round 2): one line, exit 2, nothing written."""
+    import bench
+    import plot
+    checkpoint = run / f'{PREFIX}_model.pth'
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_64', [0.2, 0.5])
+    good = (tmp_path / 'synthetic_acnet_resnet50_64_results.csv').read_text().splitlines()
+    for name, cell in (('text', 'abc'), ('empty', '')):
+        header, first, second = good[0].split(','), good[1].split(','), good[2]
+        first[header.index('mAP@all')] = cell
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / 'synthetic_acnet_resnet50_64_results.csv').write_text('\n'.join([good[0], ','.join(first), second]))
+        match = rf"results CSV of train.py: row 2, column mAP@all holds '{cell if cell else 'nan'}', not a number"
+        check_cli(capsys, plot.main, ['curves', '--results', folder / 'synthetic_acnet_resnet50_64_results.csv',
+                                      '--save_root', tmp_path / 'figures'], match, unchanged=[folder])
+        with pytest.raises(SystemExit):  # the table leaves that run out, and says why
+            benchmark.main(['--table_only', '--save_root', str(folder)])
+        assert f"skipped: '{folder / 'synthetic_acnet_resnet50_64_results.csv'}' is not a results CSV" in \
+            capsys.readouterr().out
+    cases = [
+        (bench.main, ['search', '--dim', '0'], r'--dim 0'),
+        (bench.main, ['search', '--clusters', '0'], r'--clusters 0'),
+        (convert.main, ['--extractor', 'e.pth', '--generator', 'g.pth', '--save', tmp_path / 'c.pth', '--img_size',
+                        '0'], r'--img_size must be a multiple of 4 from 32 to 2048 \(as train.py takes\), got 0'),
+        (plot.main, ['tsne', '--data_base', checkpoint, '--seed', '-1', '--save_root', tmp_path / 'figures'],
+         r'--seed must be from 0 to 2\*\*32 - 1, got -1'),
+    ]
+    for main, argv, match in cases:
+        check_cli(capsys, main, argv, match, unchanged=[run])
+    assert not (tmp_path / 'figures').exists() and not (tmp_path / 'c.pth').exists()
+
+
+def test_a_killed_loader_process_is_one_line_naming_workers(tiny_data, tmp_path, capsys, monkeypatch):
+    """What the out-of-memory killer does to a data-loader worker: one line that suggests the remedy."""
+    import signal
+    import images
+    from torch.utils.data import get_worker_info
+    read = images.FileImages.__getitem__
+
+    def killed(self, index):
+        if get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(self, index)
+    monkeypatch.setattr(images.FileImages, '__getitem__', killed)
+    check_cli(capsys, train_main, tiny(tiny_data, tmp_path / 'out', '--epochs', '1', '--workers', '1'),
+              r'a data loader process was killed \(.*\), most likely for lack of memory: lower --workers or --batch_size')

@@ -5,66 +5,34 @@ import json
 import os
 import re
 import shutil
-import socket
 import time
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageOps
 
 import search
+import search_index
 from model import model_from_checkpoint
-from train import parse_args, train
-from utils import CHECKPOINT_FORMAT, PHOTO, SKETCH, load_image, load_torch, written_by_this_repo
-from conftest import DEVICE
+from checkpoint import CHECKPOINT_FORMAT, load_torch
+from images import load_image
+from safe_files import written_by_this_repo
+from utils import PHOTO, SKETCH
+from conftest import DEVICE, build, cli_checker, drawn_x, free_port, running  # fixtures: checkpoints, gallery
 
 
-@pytest.fixture(scope='module')
-def checkpoints(tiny_data, tmp_path_factory):
-    """Two tiny MSEdge runs (seeds 1 and 2): the model an index is built with, and another one."""
-    out = tmp_path_factory.mktemp('search-runs')
-    paths = []
-    for seed in ('1', '2'):
-        train(parse_args(['--method', 'msedge', '--data_root', str(tiny_data), '--data_name', 'synthetic',
-                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup', '0',
-                          '--workers', '0', '--emb_dim', '8', '--device', DEVICE, '--seed', seed,
-                          '--save_root', str(out / seed)]))
-        paths.append(out / seed / 'synthetic_msedge_resnet50_8_model.pth')
-    return paths
-
-
-@pytest.fixture()
-def gallery(tiny_data, tmp_path):
-    """Photos in two class folders: line drawings (the dataset's sketches) and photos."""
-    root = tmp_path / 'gallery'
-    for side, name in (('sketch', 'drawing'), ('photo', 'photo')):
-        (root / name).mkdir(parents=True)
-        for path in sorted((tiny_data / 'synthetic' / 'train' / side).rglob('*.*'))[:10]:
-            shutil.copy(path, root / name / f'{path.parent.name}_{path.name}')
-    return root
-
-
-def build(checkpoint, gallery, index, *extra):
-    return search.main(['index', '--data_base', str(checkpoint), '--photos', str(gallery), '--index', str(index),
-                        '--workers', '0', '--device', DEVICE, *extra])
-
-
-def drawn_x(size=384):
-    image = Image.new('RGB', (size, size), 'white')
-    draw = ImageDraw.Draw(image)
-    draw.line([(size * 0.4, size * 0.25), (size * 0.65, size * 0.75)], fill='black', width=4)
-    draw.line([(size * 0.65, size * 0.25), (size * 0.4, size * 0.75)], fill='black', width=4)
-    return image
+check_error = cli_checker(search.main)
 
 
 def test_index_is_incremental_atomic_and_skips_unreadable_files(checkpoints, gallery, tmp_path, capsys):
     index = tmp_path / 'index'
     meta = build(checkpoints[0], gallery, index)
-    assert meta['count'] == 20 and meta['kind'] == 'flat' and meta['unreadable'] == []
+    assert meta['count'] == 20 and meta['kind'] == 'flat' and meta['unreadable'] == [] and meta['complete']
+    names = json.loads((index / 'meta.json').read_text())['files']
     assert 'to embed' in capsys.readouterr().out and sorted(p.name for p in index.iterdir()) == \
-        ['files.csv', 'index.faiss', 'meta.json', 'vectors.npy']
-    vectors = np.load(index / 'vectors.npy')
+        sorted(['meta.json', names['table'], names['vectors']])  # an exact index needs no FAISS file
+    vectors = np.load(index / names['vectors'])
     first = sorted(gallery.rglob('*.*'))[0]
     # the stored vectors are the model's photo embeddings, row by row
     model = model_from_checkpoint(load_torch(checkpoints[0], CHECKPOINT_FORMAT, 'checkpoint'))
@@ -83,7 +51,9 @@ def test_index_is_incremental_atomic_and_skips_unreadable_files(checkpoints, gal
     out = capsys.readouterr().out
     assert '21 images under' in out and '18 unchanged, 3 to embed' in out and 'skipped 1 files that do not decode' in out
     assert meta['count'] == 20 and meta['unreadable'] == ['photo/junk.jpg']
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # no partial folder left
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.')]  # nothing left beside the index
+    names = json.loads((index / 'meta.json').read_text())['files']
+    assert sorted(p.name for p in index.iterdir()) == sorted(['meta.json', *names.values()])  # old files gone
 
 
 def test_exact_queries_rank_as_test_py_and_draw_its_picture(checkpoints, gallery, tmp_path, capsys, tiny_data):
@@ -115,8 +85,8 @@ def test_shards_merge_into_the_index_of_the_whole_folder(checkpoints, gallery, t
     parts = [str(tmp_path / 'part-drawing'), str(tmp_path / 'part-photo'), str(tmp_path / 'part-photo')]
     merged = search.main(['merge', '--parts', *parts, '--index', str(tmp_path / 'merged')])
     assert merged['photos'] == whole['photos'] and merged['count'] == 20 and merged['model'] == whole['model']
-    _, whole_table, whole_vectors = search.read_index(tmp_path / 'whole')
-    _, table, vectors = search.read_index(tmp_path / 'merged')
+    _, whole_table, whole_vectors = search_index.read_index(tmp_path / 'whole')
+    _, table, vectors = search_index.read_index(tmp_path / 'merged')
     assert [row['path'] for row in table] == [row['path'] for row in whole_table]  # the repeated shard counts once
     assert np.allclose(vectors, whole_vectors, atol=1e-5)
     # the merged index is an ordinary one: updating it from the common folder embeds nothing
@@ -137,12 +107,12 @@ def test_approximate_indexes_find_the_exact_neighbours(kind):
     vectors = (vectors / np.linalg.norm(vectors, axis=1, keepdims=True)).astype(np.float32)
     queries = vectors[:100] + 0.05 * rng.normal(size=(100, 64)).astype(np.float32)
     queries /= np.linalg.norm(queries, axis=1, keepdims=True)
-    approximate = search.build_faiss(vectors, kind)
+    approximate = search_index.build_faiss(vectors, kind)
     assert type(approximate).__name__ == {'ivf': 'IndexIVFFlat', 'hnsw': 'IndexHNSWFlat'}[kind]
     exact = np.argsort(-(queries @ vectors.T), axis=1, kind='stable')[:, :10]
 
     def recall(**settings):
-        _, found = search.tune(approximate, **settings).search(queries, 10)
+        _, found = search_index.tune(approximate, **settings).search(queries, 10)
         return np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, exact)])
     assert recall() >= 0.95  # the defaults search.py uses (nprobe 32, efSearch 128)
     if kind == 'ivf':  # probing every list is exhaustive; one list misses neighbours across borders
@@ -153,17 +123,16 @@ def test_approximate_indexes_find_the_exact_neighbours(kind):
 
 def test_the_page_function_finds_drawings_for_a_drawing(checkpoints, gallery, tmp_path):
     build(checkpoints[0], gallery, tmp_path / 'index')
-    app = search.make_app(search.Searcher(tmp_path / 'index'), 5)
+    app = search.make_app(search_index.Searcher(tmp_path / 'index'), 5)
     shown = app.search({'background': None, 'layers': [], 'composite': drawn_x()}, 5)
     assert len(shown) == 5 and all(caption.endswith(' drawing') for _, caption in shown)
-    assert all(os.path.isfile(path) for path, _ in shown)
+    # pictures, not paths: the page hands out copies of the result photos, never a file of the machine
+    searcher = search_index.Searcher(tmp_path / 'index')
+    top = searcher.results(searcher.embed_sketch(drawn_x()), 5)
+    for (picture, _), (path, _, _) in zip(shown, top):
+        assert isinstance(picture, Image.Image) and np.array_equal(np.asarray(picture), np.asarray(
+            ImageOps.contain(Image.open(path).convert('RGB'), (256, 256))))
     assert app.search(None, 5) == [] and app.search({'composite': Image.new('RGBA', (9, 9), (0, 0, 0, 0))}, 5) == []
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
 
 
 def test_drawing_in_a_real_browser_shows_drawings(checkpoints, gallery, tmp_path):
@@ -173,15 +142,12 @@ def test_drawing_in_a_real_browser_shows_drawings(checkpoints, gallery, tmp_path
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    os.environ['GRADIO_ANALYTICS_ENABLED'] = 'False'
     build(checkpoints[0], gallery, tmp_path / 'index')
-    searcher = search.Searcher(tmp_path / 'index')
+    searcher = search_index.Searcher(tmp_path / 'index')
     received, embed = [], searcher.embed_sketch
     searcher.embed_sketch = lambda image: embed(received.append(image.copy()) or image)
-    app = search.make_app(searcher, 6)
     port = free_port()
-    app.launch(server_name='127.0.0.1', server_port=port, prevent_thread_lock=True, quiet=True,
-               allowed_paths=[str(searcher.photos)])
+    server = running(search.web_server(search.make_app(searcher, 6), '127.0.0.1', port, [searcher.photos]))
     options = webdriver.ChromeOptions()
     for flag in ('--headless=new', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
                  '--disable-background-networking', '--disable-component-update', '--disable-sync',
@@ -215,15 +181,7 @@ def test_drawing_in_a_real_browser_shows_drawings(checkpoints, gallery, tmp_path
             shutil.copy(tmp_path / 'page.png', os.environ['ZS_SBIR_SCREENSHOT'])
     finally:
         driver.quit()
-        app.close()
-
-
-def check_error(capsys, argv, match):
-    with pytest.raises(SystemExit) as exit_info:
-        search.main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2 and 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert re.search(match, err), err
+        server.should_exit = True
 
 
 def test_bad_inputs_are_one_line_and_write_nothing(checkpoints, gallery, tmp_path, capsys):

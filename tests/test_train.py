@@ -2,17 +2,19 @@
 import pytest
 import torch
 
-from conftest import DEVICE
+from conftest import DEVICE, tiny
 from model import model_from_checkpoint
-from train import main, parse_args, train
-from utils import (CHECKPOINT_FORMAT, RESIZE, SKETCH, VECTORS_FORMAT, UserError, load_image, load_torch, read_csv,
-                   retrieval_metrics)
+from config import parse_args
+from train import main, train
+from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from cli import UserError
+from images import RESIZE, load_image
+from safe_files import read_csv
+from utils import SKETCH, retrieval_metrics
 
 
 def tiny_args(data_root, save_root, *extra):
-    return parse_args(['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained',
-                       '--img_size', '32', '--batch_size', '8', '--epochs', '2', '--workers', '0',
-                       '--lr', '1e-3', '--save_root', str(save_root), *extra])
+    return parse_args(tiny(data_root, save_root, '--epochs', '2', '--emb_dim', '512', *extra))
 
 
 LOSSES = {'acnet': ['adv_loss', 'identity_loss', 'class_loss', 'dis_loss'], 'msedge': ['proxy_loss']}

@@ -1,0 +1,88 @@
+"""Command lines: the errors a user can fix, the argument parser every script uses, and run_cli, which
+turns any of those errors into one line on stderr and exit code 2 (never a traceback)."""
+import argparse
+import sys
+
+import torch
+
+
+class UserError(Exception):
+    """A problem a user can fix (data, options, files): scripts print it as one line and exit 2."""
+
+
+class DataError(UserError):
+    """A problem with the dataset folders or an image file."""
+
+
+def first_line(error):
+    """The first line of an exception's message (at most 200 characters), or its type's name."""
+    lines = str(error).strip().splitlines()
+    return lines[0][:200] if lines else type(error).__name__
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line on stderr (no usage block), exit code 2."""
+
+    def error(self, message):
+        print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)
+        sys.exit(2)
+
+
+def one_line(error):
+    """The message of a UserError; one raised in a DataLoader worker arrives wrapped in a traceback."""
+    text = str(error).strip()
+    if 'Original Traceback' in text:
+        text = text.splitlines()[-1].split(': ', 1)[-1]
+    return ' '.join(text.split('\n'))
+
+
+def run_cli(command, args, interrupted=None):
+    """Run command(args): a UserError becomes one line on stderr and exit code 2, and so do running out of
+    GPU memory and a data-loader worker killed (what the out-of-memory killer does); Ctrl-C exits 130 after
+    printing `interrupted()` (what was kept), if given."""
+    for stream in (sys.stdout, sys.stderr):  # a file name that is not UTF-8 prints escaped, not as a traceback
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
+    try:
+        return command(args)
+    except UserError as error:
+        fail(one_line(error))
+    except torch.OutOfMemoryError as error:
+        fail(f'out of GPU memory{batch_sizes(args)}, or add --amp ({first_line(error)[:120]})')
+    except RuntimeError as error:
+        if 'DataLoader worker' not in str(error) or not any(w in str(error) for w in ('killed', 'exited unexpectedly')):
+            raise
+        fail(f'a data loader process was killed ({first_line(error)}), most likely for lack of memory: lower '
+             f'--workers or --batch_size')
+    except KeyboardInterrupt:
+        print(f'\ninterrupted{": " + interrupted() if interrupted else ""}', file=sys.stderr)
+        sys.exit(130)
+
+
+def batch_sizes(args):
+    size, eval_size = getattr(args, 'batch_size', None), getattr(args, 'eval_batch_size', None)
+    if size is None:
+        return ': lower --batch_size'
+    return f' at --batch_size {size}' + (f' (--eval_batch_size {eval_size}): lower them' if eval_size else ': lower it')
+
+
+def fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def check_device(device):
+    """A --device that torch can use here, or a UserError saying what this machine has."""
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError) as error:
+        raise UserError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from error
+    if parsed.type == 'cuda':
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise UserError(f'--device {device}: no CUDA GPU is visible here; use --device cpu')
+        if parsed.index is not None and parsed.index >= count:
+            raise UserError(f'--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}')
+    elif parsed.type != 'cpu':
+        raise UserError(f'--device {device}: only cpu and cuda devices are supported')
+    return parsed

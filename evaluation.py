@@ -1,0 +1,95 @@
+"""Embedding a split and scoring it: the data loaders that feed a model its images, the one embedding loop every
+command uses (train.py each epoch, test.py --evaluate, search.py index, speed.py), and the unseen-class metrics."""
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from images import RESIZE, FileImages
+from utils import METRIC_NAMES, PHOTO, SKETCH, CachedImages, EpochSampler, SplitDataset, retrieval_metrics
+
+
+def loader_options(workers, device):
+    return dict(num_workers=workers, pin_memory=str(device).startswith('cuda'), persistent_workers=workers > 0)
+
+
+def split_images(split, method, img_size, cache=None):
+    """Where a split's uint8 images come from: decoded files, or with `cache` = (data_root, data_name,
+    split name) the pre-resized arrays of `prepare.py cache`."""
+    if cache:
+        return CachedImages(*cache, split, img_size, method)
+    return FileImages(split.root, split.paths, img_size, RESIZE[method])
+
+
+def make_eval_loader(split, images, batch_size, workers=0, device='cpu', rank=0, world=1):
+    """Every image of the split (this process's share, in split order), as the method's evaluation sees it."""
+    dataset = SplitDataset(split, images)
+    sampler = EpochSampler(len(dataset), 0, shuffle=False, rank=rank, num_replicas=world)
+    return DataLoader(dataset, batch_size, sampler=sampler, **loader_options(workers, device))
+
+
+def to_device(batch, device, channels_last=False):
+    """Non-blocking copies; image batches (4-d) optionally in channels_last."""
+    layout = torch.channels_last if channels_last else torch.preserve_format
+    return [b.to(device, non_blocking=True, memory_format=layout) if b.ndim == 4 else b.to(device, non_blocking=True)
+            for b in batch]
+
+
+def gather_rows(rows, index, total, world):
+    """Rows computed on every process's share of a split, assembled in split order on every process."""
+    if world > 1:
+        size = torch.tensor([len(rows)], device=rows.device)
+        sizes = [torch.zeros_like(size) for _ in range(world)]
+        dist.all_gather(sizes, size)
+        longest = int(max(sizes).item())
+        padded_rows = torch.zeros(longest, rows.shape[1], device=rows.device, dtype=rows.dtype)
+        padded_index = torch.full((longest,), -1, device=rows.device, dtype=index.dtype)
+        padded_rows[:len(rows)], padded_index[:len(index)] = rows, index
+        all_rows, all_index = [torch.zeros_like(padded_rows) for _ in range(world)], \
+            [torch.zeros_like(padded_index) for _ in range(world)]
+        dist.all_gather(all_rows, padded_rows)
+        dist.all_gather(all_index, padded_index)
+        rows, index = torch.cat(all_rows), torch.cat(all_index)
+        rows, index = rows[index >= 0], index[index >= 0]
+    return torch.zeros(total, rows.shape[1], device=rows.device, dtype=rows.dtype).index_copy_(0, index, rows)
+
+
+
+@torch.inference_mode()
+def embed_images(model, images, domains, amp=False):
+    """float32 embeddings of a batch of uint8 images (already on the model's device), each taken as its domain."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+        return model.embed(images, domains).float()
+
+
+@torch.inference_mode()
+def embed_split(model, loader, device, desc='embed val', amp=False, channels_last=False, world=1, show=True):
+    """Embeddings of every item of the loader's split, in split order (row i = split item i)."""
+    model.eval()
+    chunks, order = [], []
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show else True):
+        images, _, domains, index = to_device(batch, device, channels_last)
+        chunks.append(embed_images(model, images, domains, amp))
+        order.append(index)
+    return gather_rows(torch.cat(chunks), torch.cat(order), len(loader.dataset), world)
+
+
+def split_metrics(vectors, split):
+    """Unseen-class metrics: every sketch of the split queries all its photos."""
+    labels = torch.tensor(split.labels, device=vectors.device)
+    domains = torch.tensor(split.domains, device=vectors.device)
+    sketch, photo = domains == SKETCH, domains == PHOTO
+    return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
+
+
+def sample_queries(split, count, seed):
+    """The split with every photo and a fixed, seeded sample of `count` of its sketches."""
+    sketches = split.indices(SKETCH)
+    chosen = set(np.random.default_rng(seed).choice(sketches, size=count, replace=False).tolist())
+    return split.subset([i for i in range(len(split)) if split.domains[i] == PHOTO or i in chosen])
+
+
+def format_metrics(metrics):
+    return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
+

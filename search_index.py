@@ -1,0 +1,269 @@
+"""Photo indexes of search.py (docs/search.md): reading and writing an index folder, embedding photo folders into
+it, and answering queries (Searcher).
+
+An index folder holds meta.json (the format, the model's identity, the photos folder, the kind of index and the
+names of its data files) and the data files it names: the embeddings (vectors-<id>.npy), the file of each row
+(files-<id>.csv) and, for an approximate index, the FAISS index (index-<id>.faiss). A write puts new data files
+beside the old ones and then replaces meta.json, so a reader sees the old index or the new one, never a mix,
+and a crash loses nothing. Nothing else in the folder is ever touched.
+"""
+import csv
+import json
+import os
+import re
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from checkpoint import model_identity
+from cli import UserError, first_line
+from evaluation import embed_images
+from images import RESIZE, FileImages, image_tensor, load_image, pillow_suffixes, to_rgb8, walk_image_files
+from model import load_trained
+from safe_files import atomic_write, save_together
+from utils import SKETCH, top_k
+
+# -2: data files named per write (listed in meta.json); -1 (fixed names) is still read
+INDEX_FORMAT, READABLE_FORMATS = 'zs-sbir-index-2', ('zs-sbir-index-1', 'zs-sbir-index-2')
+INDEX_KINDS = ('flat', 'ivf', 'hnsw')
+LOCK = '.search-index.lock'
+DATA_FILE = re.compile(r'(vectors|files|index)-[0-9a-f]{12}\.(npy|csv|faiss)')  # what a write of this repo names
+FORMAT_1_FILES = {'vectors': 'vectors.npy', 'table': 'files.csv', 'index': 'index.faiss'}
+TABLE_COLUMNS = ['row', 'path', 'size', 'mtime_ns']
+
+
+def load_model(data_base, device):
+    model, checkpoint = load_trained(data_base, device)
+    return model, model_identity(checkpoint)
+
+
+def embed(model, images, domain, device):
+    """L2-normalised float32 embeddings (on the CPU) of uint8 images (B, 3, H, W), all taken as `domain`."""
+    images = images.to(device)
+    domains = torch.full((len(images),), domain, device=device)
+    return torch.nn.functional.normalize(embed_images(model, images, domains), dim=1).cpu()
+
+
+# ----------------------------------------------------------------------------------------------- photos
+
+def photo_files(root):
+    """(every image file under `root` by Pillow's extensions, as sorted relative paths; [(path, why)] of what
+    could not be looked into). Links to folders are followed; hidden files and folders are left out."""
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"--photos folder not found: '{root}'")
+    files, skipped = walk_image_files(root, pillow_suffixes())
+    if not files:
+        raise UserError(f"--photos folder '{root}' holds no image file" +
+                        (f" that could be read ('{skipped[0][0]}' {skipped[0][1]})" if skipped else ''))
+    return [str(p) for p in files], skipped
+
+
+def file_key(root, path):
+    """(path, size, modification time): what tells that a photo is the one embedded before."""
+    info = os.stat(Path(root) / path)
+    return path, info.st_size, info.st_mtime_ns
+
+
+def photo_batches(files, root, size, interpolation, batch_size, workers, device):
+    """(positions in `files`, uint8 images or None, positions that do not decode) per batch, in order."""
+    loader = DataLoader(FileImages(root, files, size, interpolation, skip_bad=True), batch_size,
+                        num_workers=workers, collate_fn=_collate, pin_memory=str(device).startswith('cuda'))
+    start = 0
+    for good, images, bad in loader:
+        yield [start + i for i in good], images, [start + i for i in bad]
+        start += len(good) + len(bad)
+
+
+def _collate(items):
+    good = [i for i, image in enumerate(items) if image is not None]
+    images = torch.stack([items[i] for i in good]) if good else None
+    return good, images, [i for i, image in enumerate(items) if image is None]
+
+
+# ----------------------------------------------------------------------------------------------- the folder
+
+def is_index(folder):
+    return (Path(folder) / 'meta.json').is_file()
+
+
+def _meta(folder):
+    path = Path(folder) / 'meta.json'
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"index '{folder}': meta.json cannot be read ({first_line(error)}): build the index again "
+                        f"with `search.py index --rebuild`") from error
+    needed = ('format', 'model', 'photos', 'kind', 'checkpoint')
+    if not isinstance(meta, dict) or any(key not in meta for key in needed) or not isinstance(meta['model'], dict):
+        raise UserError(f"index '{folder}': meta.json is not that of an index of search.py (it lacks "
+                        f"{', '.join(needed)}): build the index again with `search.py index --rebuild`")
+    if meta['format'] not in READABLE_FORMATS:
+        raise UserError(f"index '{folder}' is of format {meta['format']!r}, which this version does not read: "
+                        f"build it again with `search.py index --rebuild`")
+    return meta
+
+
+def data_files(meta):
+    """{'vectors', 'table'[, 'index']: file name} of an index's meta."""
+    return meta.get('files') or dict(FORMAT_1_FILES)
+
+
+def read_index(folder):
+    """An index folder's metadata, file table and embeddings; a UserError naming the folder when it is not one
+    of this repo's, or is damaged."""
+    folder = Path(folder)
+    if not is_index(folder):
+        raise UserError(f"'{folder}' is not an index of search.py (no meta.json): build it with `search.py index`")
+    for attempt in range(2):  # a write may replace the files between reading meta.json and them: read again
+        meta = _meta(folder)
+        names = data_files(meta)
+        try:
+            with open(folder / names['table'], newline='', encoding='utf-8', errors='surrogateescape') as f:
+                table = list(csv.DictReader(f))
+            vectors = np.load(folder / names['vectors'])
+            break
+        except FileNotFoundError as error:
+            if attempt:
+                raise UserError(f"index '{folder}' is incomplete ({error.filename} is missing): run "
+                                f"`search.py index` on it again") from error
+        except (OSError, ValueError, UnicodeDecodeError) as error:
+            raise UserError(f"index '{folder}' is damaged ({first_line(error)}): run `search.py index --rebuild` "
+                            f"on it") from error
+    if vectors.ndim != 2 or len(table) != len(vectors) or vectors.dtype != np.float32 or \
+            any(set(TABLE_COLUMNS) - set(row) for row in table[:1]):
+        raise UserError(f"index '{folder}' is damaged ({names['vectors']} and {names['table']} do not match): run "
+                        f"`search.py index --rebuild` on it")
+    return meta, table, vectors
+
+
+def write_index(folder, meta, table, vectors, index=None):
+    """Write an index into `folder` (the caller holds its lock): its data files under new names, then meta.json
+    naming them, then the data files of the index it replaces are deleted. Nothing else is touched."""
+    import faiss
+    folder = Path(folder)
+    old = data_files(_meta(folder)) if is_index(folder) else {}
+    stamp = uuid.uuid4().hex[:12]
+    names = {'vectors': f'vectors-{stamp}.npy', 'table': f'files-{stamp}.csv'}
+    writes = [(folder / names['vectors'], lambda tmp: _save_npy(tmp, vectors)),
+              (folder / names['table'], lambda tmp: _write_table(tmp, table))]
+    if index is not None:
+        names['index'] = f'index-{stamp}.faiss'
+        writes.append((folder / names['index'], lambda tmp: faiss.write_index(index, tmp)))
+    save_together(writes)
+    try:
+        atomic_write(folder / 'meta.json', lambda tmp: Path(tmp).write_text(json.dumps({**meta, 'files': names},
+                                                                                      indent=1)))
+    except UserError:
+        for name in names.values():
+            (folder / name).unlink(missing_ok=True)
+        raise
+    for name in set(old.values()) - set(names.values()):
+        (folder / name).unlink(missing_ok=True)
+    for path in folder.iterdir():  # data files of a write that was killed before its meta.json
+        if DATA_FILE.fullmatch(path.name) and path.name not in names.values() and path.is_file():
+            path.unlink()
+
+
+def _save_npy(path, array):
+    with open(path, 'wb') as f:  # a file object: np.save would add .npy to a name
+        np.save(f, array)
+
+
+def _write_table(path, table):
+    with open(path, 'w', newline='', encoding='utf-8', errors='surrogateescape') as f:
+        writer = csv.DictWriter(f, fieldnames=TABLE_COLUMNS)
+        writer.writeheader()
+        writer.writerows({'row': i, **row} for i, row in enumerate(table))
+
+
+def build_faiss(vectors, kind):
+    """A FAISS inner-product index over unit vectors for an approximate kind (IVF or HNSW); None for the exact
+    kind, and for fewer than 1000 vectors (too few to train one), which are searched exactly."""
+    import faiss
+    dim = vectors.shape[1]
+    if kind == 'flat' or len(vectors) < 1000:
+        return None
+    if kind == 'ivf':
+        # sqrt(N) lists, trained on 64 vectors a list: minutes, not hours, at 1M on a laptop
+        lists = int(min(np.sqrt(len(vectors)), len(vectors) // 39))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, lists, faiss.METRIC_INNER_PRODUCT)
+        sample = vectors[np.random.default_rng(0).choice(len(vectors), min(len(vectors), 64 * lists), replace=False)]
+        index.train(sample)
+    else:
+        index = faiss.IndexHNSWFlat(dim, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efConstruction = 80
+    index.add(vectors)
+    return index
+
+
+# ----------------------------------------------------------------------------------------------- query
+
+def top_rows(query, k, exact=None, index=None):
+    """(rows, similarities) of the k best gallery rows for one query vector: exactly over the float32
+    tensor `exact` (test.py's products and tie rule), or through the FAISS `index`."""
+    if exact is not None:
+        return top_k(query, exact, k)
+    scores, rows = index.search(query.numpy()[None], k)
+    keep = rows[0] >= 0
+    return rows[0][keep].tolist(), scores[0][keep].tolist()
+
+
+def tune(index, nprobe=32, ef_search=128):
+    """The search-time settings of an approximate index (more: slower, higher recall)."""
+    if hasattr(index, 'nprobe'):
+        index.nprobe = nprobe
+    elif hasattr(index, 'hnsw'):
+        index.hnsw.efSearch = ef_search
+    return index
+
+
+class Searcher:
+    """An index with the model it was built with: top-k photos for a sketch image."""
+
+    def __init__(self, index, data_base=None, device='cpu', nprobe=32, ef_search=128):
+        import faiss
+        self.folder = Path(index)
+        self.meta, self.table, self.vectors = read_index(self.folder)
+        data_base = data_base or self.meta['checkpoint']
+        self.model, identity = load_model(data_base, device)
+        if identity != self.meta['model']:
+            raise UserError(f"'{data_base}' is not the model index '{self.folder}' was built with "
+                            f"({self.meta['checkpoint']}): query it with that model, or build the index again")
+        self.device, self.photos = device, Path(self.meta['photos'])
+        self.classes = {Path(row['path']).parent.name for row in self.table}
+        self.embed_sketch(Image.new('RGB', (8, 8), 'white'))  # warm up, so that timings are of steady state
+        if self.meta['kind'] == 'flat':
+            self.index, self.exact = None, torch.from_numpy(self.vectors)
+            return
+        path = self.folder / data_files(self.meta)['index']
+        try:
+            self.index, self.exact = tune(faiss.read_index(str(path)), nprobe, ef_search), None
+        except RuntimeError as error:
+            raise UserError(f"index '{self.folder}': '{path.name}' is missing or not a FAISS index: run "
+                            f"`search.py index` on it again (it reuses the embeddings)") from error
+        if self.index.ntotal != len(self.table):
+            raise UserError(f"index '{self.folder}': '{path.name}' holds {self.index.ntotal} rows, not "
+                            f"{len(self.table)}: run `search.py index` on it again (it reuses the embeddings)")
+
+    def embed_sketch(self, image):
+        """A query's embedding from a PIL image or an image file."""
+        size, interpolation = self.meta['model']['img_size'], RESIZE[self.meta['model']['method']]
+        tensor = (load_image(image, size, interpolation) if isinstance(image, (str, Path))
+                  else image_tensor(to_rgb8(image), size, interpolation))
+        return embed(self.model, tensor[None], SKETCH, self.device)[0]
+
+    def top_k(self, query, k):
+        """(rows, similarities) of the k best photos, best first. The exact index ranks with the same
+        float32 products and tie rule (lower row first) as test.py."""
+        return top_rows(query, min(k, len(self.table)), self.exact, self.index)
+
+    def results(self, query, k):
+        """[(path, similarity, class)] for the top k: the class is the photo's folder name."""
+        rows, sims = self.top_k(query, k)
+        return [(self.photos / self.table[row]['path'], sim, Path(self.table[row]['path']).parent.name)
+                for row, sim in zip(rows, sims)]

@@ -1,6 +1,7 @@
 """Command lines: the errors a user can fix, the argument parser every script uses, and run_cli, which
 turns any of those errors into one line on stderr and exit code 2 (never a traceback)."""
 import argparse
+import os
 import sys
 
 import torch
@@ -20,8 +21,33 @@ def first_line(error):
     return lines[0][:200] if lines else type(error).__name__
 
 
+# The defaults every script shares for the same concept.
+DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+
+
+def default_device():
+    return 'cuda' if torch.cuda.is_available() else 'cpu'
+
+
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but a bad option is one line on stderr (no usage block), exit code 2."""
+    """argparse, but a bad option is one line on stderr (no usage block), exit code 2; and `renamed`, {old
+    spelling: new spelling or [new spelling, value]}, keeps renamed options working without showing them."""
+
+    def __init__(self, *args, renamed=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.renamed = dict(renamed or {})
+
+    def parse_known_args(self, args=None, namespace=None):
+        args, spelled = list(sys.argv[1:] if args is None else args), []
+        for i, arg in enumerate(args):
+            if arg == '--':  # what follows belongs to another program
+                spelled += args[i:]
+                break
+            name, equals, value = arg.partition('=')
+            new = self.renamed.get(name, arg)
+            new = [new] if isinstance(new, str) else list(new)
+            spelled += [f'{new[0]}={value}', *new[1:]] if equals and name in self.renamed else new
+        return super().parse_known_args(spelled, namespace)
 
     def error(self, message):
         print(f'error: {message} (see {self.prog} --help)', file=sys.stderr)

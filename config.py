@@ -1,13 +1,11 @@
 """train.py's options (the seeds' names and defaults), their checks, and the names of a run's files: shared by
 train.py, and by the scripts that start or read runs (reproduce.py, convert.py)."""
 import argparse
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
-from cli import ArgumentParser, UserError, check_device
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device
 from model import EDGE_MODES, METHODS, backbone_tag
 from utils import SELECT_KEY
 
@@ -60,12 +58,12 @@ def parse_args(argv=None, description=None):
                    help="with --select_on heldout: share of every seen class's sketches and photos held out")
     p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
     p.add_argument('--seed', type=int, default=1)
-    p.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1), help='data loader processes')
+    p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     p.add_argument('--eval_batch_size', type=int, default=None, help='default: 2 x batch_size')
     p.add_argument('--eval_queries', type=int, default=0,
                    help='evaluate each epoch on this many val sketches (a fixed, seeded sample; all photos stay in '
                         'the gallery), then the selected epoch on all of them; 0: all, every epoch')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--device', default=default_device())
     run = p.add_argument_group('runs')
     run.add_argument('--resume', action='store_true', help='continue from the _last.pth in --save_root')
     run.add_argument('--overwrite', action='store_true', help='start again, replacing an earlier run\'s files')

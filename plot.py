@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
-from cli import ArgumentParser, UserError, check_device, run_cli
+from cli import ArgumentParser, UserError, check_device, default_device, run_cli
 from images import RESIZE, load_image, walk_image_files
 from model import load_trained
 from pictures import heatmap, save_png, sheet, to_pil
@@ -271,7 +271,7 @@ def batches(files, size, interpolation, batch_size=32):
 def generated(args):
     """The generator's image of each sketch, saved at the model's input size, and a contact sheet."""
     model, size = load_model(args, 'acnet', 'attention')
-    files = image_files(args.sketches, '--sketches')
+    files = image_files(args.query_name, '--query_name')
     stem = run_stem(args.data_base)
     folder, sheet_path = Path(args.save_root) / f'{stem}_generated', Path(args.save_root) / f'{stem}_generated.png'
     check_replaceable(folder)
@@ -306,8 +306,8 @@ def infer_domain(folder, domain):
 def attention(args):
     """Each image, what the backbone sees of it, and the two attention maps over it, as one sheet."""
     model, size = load_model(args, 'msedge', 'generated')
-    files = image_files(args.images, '--images')[:args.limit]
-    domain = infer_domain(args.images, args.domain)
+    files = image_files(args.query_name, '--query_name')[:args.limit]
+    domain = infer_domain(args.query_name, args.domain)
     path = Path(args.save_root) / f'{run_stem(args.data_base)}_attention.png'
     check_replaceable(path)
     rows, maps = [], []
@@ -328,7 +328,8 @@ def attention(args):
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = p.add_subparsers(dest='command', required=True)
-    parsers = {name: commands.add_parser(name, help=help_text) for name, help_text in (
+    renamed = {'--sketches': '--query_name', '--images': '--query_name'}  # their names before one name per concept
+    parsers = {name: commands.add_parser(name, help=help_text, renamed=renamed) for name, help_text in (
         ('curves', 'losses and metrics per epoch of one or more runs'),
         ('tsne', "t-SNE of a run's saved val embeddings"),
         ('per_class', "each unseen class's mAP@all and P@100"),
@@ -340,16 +341,16 @@ def parse_args(argv=None):
     for name in ('tsne', 'per_class'):
         parsers[name].add_argument('--vectors', default=None, help='val embeddings (default: the _vectors.pth beside it)')
     parsers['tsne'].add_argument('--max_points', type=int, default=3000, help='embeddings sampled (seeded)')
-    parsers['tsne'].add_argument('--seed', type=int, default=0)
-    parsers['generated'].add_argument('--sketches', required=True, help='a folder of sketches (searched recursively)')
+    parsers['tsne'].add_argument('--seed', type=int, default=1, help='the sample and the t-SNE layout')
+    parsers['generated'].add_argument('--query_name', required=True, help='a folder of sketches (searched recursively)')
     parsers['generated'].add_argument('--columns', type=int, default=4, help='sketch/generated pairs per sheet row')
     parsers['generated'].add_argument('--limit', type=int, default=24, help='pairs on the sheet, taken across class folders (every sketch is saved)')
-    parsers['attention'].add_argument('--images', required=True, help='a folder of sketches or photos')
+    parsers['attention'].add_argument('--query_name', required=True, help='a folder of sketches or photos')
     parsers['attention'].add_argument('--domain', default='auto', choices=['auto', 'sketch', 'photo'],
                                       help='what the images are (auto: from a sketch/ or photo/ folder in the path)')
     parsers['attention'].add_argument('--limit', type=int, default=12, help='images on the sheet (the first of each folder, then the second, ...)')
     for name in ('generated', 'attention'):
-        parsers[name].add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        parsers[name].add_argument('--device', default=default_device())
     for parser in parsers.values():
         parser.add_argument('--save_root', default='result/figures', help='where the figures go')
     return p.parse_args(argv)

@@ -13,14 +13,13 @@ copies) in that layout; `cache` pre-resizes a dataset for train.py --cache.
 """
 import argparse
 import hashlib
-import os
 import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from cli import ArgumentParser, DataError, UserError, run_cli
+from cli import DEFAULT_WORKERS, ArgumentParser, DataError, UserError, run_cli
 from images import RESIZE, is_image_file, read_rgb
 from safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
                         staging_folder, swap_in)
@@ -217,7 +216,7 @@ def print_split_summary(summary):
 def parse_args(argv=None):
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='command', required=True)
-    syn = commands.add_parser('synthetic', help='write the generated zero-shot dataset')
+    syn = commands.add_parser('synthetic', help='write the generated zero-shot dataset', renamed={'--seed': '--data_seed'})
     syn.add_argument('--data_root', default='data', help='datasets root; writes <data_root>/synthetic')
     syn.add_argument('--num_classes', type=int, default=20, help=f'classes in all (at most {len(FAMILIES)})')
     syn.add_argument('--num_val_classes', type=int, default=5, help='unseen (val) classes among them')
@@ -225,10 +224,11 @@ def parse_args(argv=None):
     syn.add_argument('--num_photos', type=int, default=40, help='photos per train class')
     syn.add_argument('--num_val_photos', type=int, default=200, help='photos per val class (the gallery)')
     syn.add_argument('--img_size', type=int, default=64, help='image side in pixels')
-    syn.add_argument('--seed', type=int, default=0)
+    syn.add_argument("--data_seed", type=int, default=0,
+                     help="which families go to val, and every image (not train.py's seed)")
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
     syn.add_argument('--overwrite', action='store_true', help='replace an existing <data_root>/synthetic')
-    syn.add_argument('--workers', type=int, default=1, help='drawing processes (same files for any number)')
+    syn.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='drawing processes (same files for any number)')
     for dataset, splits in SPLITS.items():
         real = commands.add_parser(dataset, help=f'build data_root/{dataset} from the raw {dataset} download')
         real.add_argument('--sketch_dir', nargs='+', required=True, help='folders of class folders of sketches')
@@ -249,7 +249,7 @@ def parse_args(argv=None):
     cache.add_argument('--img_size', type=int, default=224)
     cache.add_argument('--method', default='acnet', choices=list(RESIZE),
                        help='whose resize filter to use (acnet: bilinear, msedge: bicubic)')
-    cache.add_argument('--workers', type=int, default=os.cpu_count(), help='decoding processes')
+    cache.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='decoding processes')
     return parser.parse_args(argv)
 
 
@@ -263,7 +263,7 @@ def run(args):
             raise UserError(f"--preview '{args.preview}' must name a .png file")
     if args.command == 'synthetic':
         out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
-                             args.num_photos, args.num_val_photos, args.img_size, args.seed, args.overwrite,
+                             args.num_photos, args.num_val_photos, args.img_size, args.data_seed, args.overwrite,
                              args.workers)
         print(f'wrote {out}')
         if args.preview:

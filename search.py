@@ -2,7 +2,7 @@
 or draw them in the browser.
 
     python search.py index --data_base result/synthetic_msedge_resnet50_512_model.pth --photos DIR --index OUT
-    python search.py query --index OUT --query my_sketch.png [more files or folders] --num 5
+    python search.py query --index OUT --query_name my_sketch.png [more files or folders] --num 5
     python search.py serve --index OUT                      # a sketchpad at http://127.0.0.1:7860
     python search.py merge --parts OUT_A OUT_B --index OUT  # shards indexed by several jobs, as one
 
@@ -23,10 +23,9 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps
 
-from cli import ArgumentParser, UserError, check_device, first_line, run_cli
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, first_line, run_cli
 from images import RESIZE, pillow_suffixes, query_files, read_rgb, to_rgb8
 from pictures import draw_retrieval, save_png
 from safe_files import plan_outputs, writing_into
@@ -185,7 +184,7 @@ def run_query(args):
         raise UserError(f'--num must be at least 1, got {args.num}')
     searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
     note_incomplete(searcher)
-    files = query_files(args.query, pillow_suffixes())
+    files = query_files(args.query_name, pillow_suffixes())
     with writing_into(args.save_root):
         plan = plan_outputs(files, args.save_root, {'the photos folder of the index': searcher.photos},
                             lambda root, stem: [root / f'{stem}.png'])
@@ -324,15 +323,16 @@ def parse_args(argv=None):
     index.add_argument('--photos', required=True, help='folder of photos (searched recursively)')
     index.add_argument('--index', required=True, help='the index folder to write (or update)')
     index.add_argument('--batch_size', type=int, default=64)
-    index.add_argument('--workers', type=int, default=min(8, os.cpu_count() or 1))
+    index.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     index.add_argument('--save_every', type=float, default=600,
                        help='seconds between saves of what is embedded so far (a killed run loses at most this)')
     merge = commands.add_parser('merge', help='one index from shards built with the same model')
     merge.add_argument('--parts', nargs='+', required=True, help='index folders written by `index`')
     merge.add_argument('--index', required=True, help='the merged index folder to write')
-    query = commands.add_parser('query', help='the top photos of the index for each sketch')
+    query = commands.add_parser('query', help='the top photos of the index for each sketch',
+                                renamed={'--query': '--query_name'})
     query.add_argument('--index', required=True)
-    query.add_argument('--query', nargs='+', required=True, help='sketch image files or folders')
+    query.add_argument('--query_name', nargs='+', required=True, help='sketch image files or folders')
     query.add_argument('--num', type=int, default=5, help='photos per sketch')
     query.add_argument('--save_root', default='result/search', help='where the pictures go')
     web = commands.add_parser('serve', help='a web page with a sketchpad')
@@ -355,7 +355,7 @@ def parse_args(argv=None):
         sub.add_argument('--ef_search', type=int, default=128, help='hnsw index: candidates kept per query '
                                                                    '(more: slower, higher recall)')
     for sub in (index, query, web):
-        sub.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+        sub.add_argument('--device', default=default_device())
     return p.parse_args(argv)
 
 

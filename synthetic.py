@@ -250,7 +250,7 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
     if img_size < 8:
         problems.append(f'--img_size must be at least 8, got {img_size}')
     if seed < 0:
-        problems.append(f'--seed must be at least 0, got {seed}')
+        problems.append(f'--data_seed must be at least 0, got {seed}')
     if workers < 1:
         problems.append(f'--workers must be at least 1, got {workers}')
     if problems:

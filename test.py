@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint_vectors, vectors_record
-from cli import ArgumentParser, UserError, check_device, run_cli
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, run_cli
 from evaluation import embed_split, format_metrics, make_eval_loader, split_images, split_metrics
 from images import RESIZE, load_image, query_files, read_rgb
 from model import edge_mask, load_trained
@@ -44,8 +44,8 @@ def parse_args(argv=None):
     p.add_argument('--data_name', default=None, help='dataset name (default: the one used in training)')
     p.add_argument('--show_generated', action='store_true', help="ACNet: add the generator's photo-like image")
     p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
-    p.add_argument('--workers', type=int, default=2, help='data loader processes for --evaluate')
-    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for --evaluate')
+    p.add_argument('--device', default=default_device())
     return p.parse_args(argv)
 
 

@@ -184,11 +184,11 @@ def test_a_vit_at_224_px_equals_its_fixed_size_self():
 
 @pytest.mark.parametrize('method, backbone', [('msedge', 'resnet18'), ('acnet', 'vit_tiny_patch16_224')])
 def test_bench_backbones_reports_speed_memory_and_sizes(method, backbone):
-    import bench
+    import speed
     whole = timm.create_model(backbone, pretrained=False, num_classes=512, global_pool='max')
     features = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
     for checkpointing in (False, True):
-        out = bench.measure_backbone(method, backbone, 32, 4, 1, checkpointing, DEVICE)
+        out = speed.measure_backbone(method, backbone, 32, 4, 1, checkpointing, DEVICE)
         assert out['images_per_s'] > 0 and out['memory_mb'] >= 0 and out['tag'] == backbone_tag(method, backbone)
         if method == 'msedge':
             assert out['features'] == features.feature_info.channels()

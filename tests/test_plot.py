@@ -115,7 +115,7 @@ def test_per_class_values_match_an_independent_computation(runs, tmp_path):
 def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
     sketches = tiny_data / 'synthetic' / 'val' / 'sketch'
     folder = sorted(sketches.iterdir())[0]
-    outputs = plot.main(['generated', '--data_base', str(runs['acnet']), '--sketches', str(folder), '--save_root',
+    outputs = plot.main(['generated', '--data_base', str(runs['acnet']), '--query_name', str(folder), '--save_root',
                          str(tmp_path), '--device', DEVICE, '--limit', '2'])
     files = sorted(folder.glob('*.png'))
     assert sorted(outputs) == [f.stem for f in files]
@@ -132,7 +132,7 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
 
 def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):
     photos = sorted((tiny_data / 'synthetic' / 'val' / 'photo').iterdir())[0]
-    maps = plot.main(['attention', '--data_base', str(runs['msedge']), '--images', str(photos), '--save_root',
+    maps = plot.main(['attention', '--data_base', str(runs['msedge']), '--query_name', str(photos), '--save_root',
                       str(tmp_path), '--device', DEVICE, '--limit', '3'])
     files = sorted(photos.glob('*.jpg'))[:3]
     model = model_from_checkpoint(load_torch(runs['msedge'], CHECKPOINT_FORMAT, 'checkpoint'))
@@ -146,7 +146,7 @@ def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):
     loose = tmp_path / 'mixed'
     loose.mkdir()
     Image.open(files[0]).save(loose / 'a.png')
-    check_error(capsys, ['attention', '--data_base', runs['msedge'], '--images', loose, '--save_root', tmp_path],
+    check_error(capsys, ['attention', '--data_base', runs['msedge'], '--query_name', loose, '--save_root', tmp_path],
                 r"cannot tell whether '.*mixed' holds sketches or photos .*: pass --domain sketch or --domain photo")
 
 
@@ -157,11 +157,11 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
     check_error(capsys, ['curves', '--results', tmp_path / 'none.csv'], r"results CSV not found: '.*none.csv'")
     vectors = runs['acnet'].with_name('synthetic_acnet_resnet50_8_vectors.pth')
     check_error(capsys, ['tsne', '--data_base', vectors], 'is not a checkpoint of this repo')
-    check_error(capsys, ['generated', '--data_base', runs['msedge'], '--sketches', tiny_data],
+    check_error(capsys, ['generated', '--data_base', runs['msedge'], '--query_name', tiny_data],
                 r"is a msedge model: generated needs a acnet one \(for msedge, see `plot.py attention`\)")
-    check_error(capsys, ['attention', '--data_base', runs['acnet'], '--images', tiny_data], 'needs a msedge one')
-    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--sketches', tmp_path / 'nowhere'],
-                "--sketches folder not found")
+    check_error(capsys, ['attention', '--data_base', runs['acnet'], '--query_name', tiny_data], 'needs a msedge one')
+    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', tmp_path / 'nowhere'],
+                "--query_name folder not found")
     converted = {**load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'), 'vectors_file': None}
     save_torch(converted, tmp_path / 'converted.pth')
     check_error(capsys, ['per_class', '--data_base', tmp_path / 'converted.pth'], 'has no saved val embeddings')
@@ -171,7 +171,7 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
                 r"file '.*per_class.csv' exists and was not written by this repo")
     assert sorted(p.name for p in (tmp_path / 'figs').iterdir()) == ['synthetic_acnet_resnet50_8_per_class.csv']
     check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--max_points', '2'], '--max_points must be at least 10')
-    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--sketches', tiny_data, '--limit', '0'],
+    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', tiny_data, '--limit', '0'],
                 '--limit must be at least 1')
 
 

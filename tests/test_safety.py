@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-import benchmark
+import reproduce
 import convert
 import prepare
 import test as retrieval
@@ -366,12 +366,12 @@ def test_benchmark_table_over_odd_files(tmp_path, capsys):
     (tmp_path / 'empty_results.csv').write_text('')
     (tmp_path / 'synthetic_acnet_resnet50_512_results.csv').write_text('')
     (tmp_path / 'synthetic_msedge_resnet50_512_results.csv').write_text('epoch,precise\n1,0.5\n')
-    check_cli(capsys, benchmark.main, ['--table_only', '--save_root', tmp_path],
+    check_cli(capsys, reproduce.main, ['--table_only', '--save_root', tmp_path],
               r"no results CSV of train.py under '.*'", unchanged=[tmp_path])
-    check_cli(capsys, benchmark.main, ['--save_root', tmp_path / 'a', '--datasets', 'synthetic', '--', '--save_root',
+    check_cli(capsys, reproduce.main, ['--save_root', tmp_path / 'a', '--datasets', 'synthetic', '--', '--save_root',
                                        tmp_path / 'b'], r'--save_root after -- would send the runs elsewhere')
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512_w1-0-1_on-photo-fake', [0.2, 0.3])
-    benchmark.main(['--table_only', '--save_root', str(tmp_path)])
+    reproduce.main(['--table_only', '--save_root', str(tmp_path)])
     captured = capsys.readouterr()
     assert '| acnet w1-0-1 on-photo-fake (ours) | resnet50 | 512 | test | 30.0 |' in captured.out
     assert 'empty_results.csv: not named as train.py names its results' in captured.out
@@ -384,7 +384,7 @@ def test_convert_py_needs_a_file_name(tmp_path, capsys):
 
 def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
     """Inputs a hostile probe tried: each one line, exit 2, nothing written."""
-    import bench
+    import speed
     checkpoint = run / f'{PREFIX}_model.pth'
     (tmp_path / 'notes.txt').write_text('hello')
     train_base = tiny(tiny_data, tmp_path / 'out')
@@ -404,16 +404,16 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
         (retrieval.main, ['--data_base', checkpoint, '--query_name', tmp_path / 'notes.txt', '--save_root',
                           tmp_path / 'out'], r"cannot read image '.*notes.txt'"),
         (prepare.main, ['synthetic', '--data_root', ''], '--data_root must not be empty'),
-        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--seed', '-1'], '--seed must be at least 0'),
+        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--seed', '-1'], '--data_seed must be at least 0'),
         (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path / 'notes.txt' / 'x.png'],
          "--preview folder '.*notes.txt' is a file"),
         (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path], 'must name a .png file'),
         (convert.main, ['--extractor', checkpoint, '--generator', checkpoint, '--save', tmp_path / 'c.pth'],
          'is a checkpoint of this repo, not a released state dict: it needs no conversion'),
-        (benchmark.main, ['--datasets', 'nowhere', '--save_root', tmp_path / 'b', '--', '--data_root', tiny_data],
+        (reproduce.main, ['--datasets', 'nowhere', '--save_root', tmp_path / 'b', '--', '--data_root', tiny_data],
          r"--datasets nowhere: no dataset folder '.*nowhere'"),
-        (bench.main, ['metrics', '--repeats', '0'], '--repeats and --slow_queries must be at least 1'),
-        (bench.main, ['train', '--steps', '0'], '--steps at least 1'),
+        (speed.main, ['metrics', '--repeats', '0'], '--repeats and --slow_queries must be at least 1'),
+        (speed.main, ['train', '--steps', '0'], '--steps at least 1'),
     ]
     for main, argv, match in cases:
         check_cli(capsys, main, argv, match, unchanged=[tiny_data, run])
@@ -422,7 +422,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
 
 def test_round_two_probe_one_line_each(run, tmp_path, capsys):
     """The second hostile probe's inputs (issue: reliability round 2): one line, exit 2, nothing written."""
-    import bench
+    import speed
     import plot
     checkpoint = run / f'{PREFIX}_model.pth'
     fake_run(tmp_path, 'synthetic_acnet_resnet50_64', [0.2, 0.5])
@@ -437,12 +437,12 @@ def test_round_two_probe_one_line_each(run, tmp_path, capsys):
         check_cli(capsys, plot.main, ['curves', '--results', folder / 'synthetic_acnet_resnet50_64_results.csv',
                                       '--save_root', tmp_path / 'figures'], match, unchanged=[folder])
         with pytest.raises(SystemExit):  # the table leaves that run out, and says why
-            benchmark.main(['--table_only', '--save_root', str(folder)])
+            reproduce.main(['--table_only', '--save_root', str(folder)])
         assert f"skipped: '{folder / 'synthetic_acnet_resnet50_64_results.csv'}' is not a results CSV" in \
             capsys.readouterr().out
     cases = [
-        (bench.main, ['search', '--dim', '0'], r'--dim 0'),
-        (bench.main, ['search', '--clusters', '0'], r'--clusters 0'),
+        (speed.main, ['search', '--dim', '0'], r'--emb_dim 0'),
+        (speed.main, ['search', '--clusters', '0'], r'--clusters 0'),
         (convert.main, ['--extractor', 'e.pth', '--generator', 'g.pth', '--save', tmp_path / 'c.pth', '--img_size',
                         '0'], r'--img_size must be a multiple of 4 from 32 to 2048 \(as train.py takes\), got 0'),
         (plot.main, ['tsne', '--data_base', checkpoint, '--seed', '-1', '--save_root', tmp_path / 'figures'],

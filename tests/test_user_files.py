@@ -252,7 +252,7 @@ def test_links_are_followed_once_and_unreadable_folders_listed(checkpoints, gall
 def test_query_pictures_stay_out_of_the_photos_and_never_overwrite_each_other(checkpoints, gallery, tmp_path, capsys):
     index = tmp_path / 'index'
     build(checkpoints[0], gallery, index)
-    check_cli(capsys, search.main, ['query', '--index', index, '--query', gallery / 'photo', '--save_root',
+    check_cli(capsys, search.main, ['query', '--index', index, '--query_name', gallery / 'photo', '--save_root',
                                     gallery / 'photo' / 'results'],
               r"--save_root '.*results' is inside the photos folder of the index '.*gallery'", unchanged=[gallery])
     twins = [tmp_path / folder / 'cat.png' for folder in ('a', 'b')]
@@ -261,7 +261,7 @@ def test_query_pictures_stay_out_of_the_photos_and_never_overwrite_each_other(ch
         image = drawn_x(64)
         image.paste(colour, (0, 0, 8, 8))
         image.save(twin)
-    search.main(['query', '--index', str(index), '--query', *map(str, twins), '--save_root', str(tmp_path / 'out'),
+    search.main(['query', '--index', str(index), '--query_name', *map(str, twins), '--save_root', str(tmp_path / 'out'),
                  '--device', DEVICE])
     assert sorted(p.name for p in (tmp_path / 'out').iterdir()) == ['cat.png', 'cat_.png']
 
@@ -285,7 +285,7 @@ def test_an_approximate_index_stays_approximate(checkpoints, gallery, tmp_path, 
     release()
     faiss_file = index / json.loads((index / 'meta.json').read_text())['files']['index']
     assert search_index.Searcher(index).index.ntotal == 2000
-    query = ['query', '--index', index, '--query', gallery / 'drawing', '--save_root', tmp_path / 'q']
+    query = ['query', '--index', index, '--query_name', gallery / 'drawing', '--save_root', tmp_path / 'q']
     faiss_file.write_bytes(b'not a faiss index')
     check_cli(capsys, search.main, query, r"index '.*index': 'index-.*\.faiss' is missing or not a FAISS index: run "
                                           r"`search.py index` on it again")
@@ -298,7 +298,7 @@ def test_a_damaged_meta_json_is_one_line(checkpoints, gallery, tmp_path, capsys,
     index = tmp_path / 'index'
     build(checkpoints[0], gallery, index)
     (index / 'meta.json').write_text(meta)
-    check_cli(capsys, search.main, ['query', '--index', index, '--query', gallery], r"index '.*index': meta.json ")
+    check_cli(capsys, search.main, ['query', '--index', index, '--query_name', gallery], r"index '.*index': meta.json ")
     check_cli(capsys, search.main, ['index', '--data_base', checkpoints[0], '--photos', gallery, '--index', index],
               r"index '.*index': meta.json ", unchanged=[index])
 
@@ -365,7 +365,7 @@ def test_any_file_name_is_indexed_queried_and_printed(checkpoints, gallery, tmp_
     _, table, _ = search_index.read_index(tmp_path / 'index')
     assert meta['count'] == 4 and sorted(row['path'] for row in table) == sorted(f'cls/{n}' for n in names)
     query = photos / 'cls' / names[3]
-    answers = search.main(['query', '--index', str(tmp_path / 'index'), '--query', str(query), '--save_root',
+    answers = search.main(['query', '--index', str(tmp_path / 'index'), '--query_name', str(query), '--save_root',
                            str(tmp_path / 'out'), '--device', DEVICE, '--num', '4'])
     assert sorted(str(path.name) for path, _, _ in answers[0]) == sorted(names)
     assert answers[0][0][0].name == names[3]  # a photo is its own best match

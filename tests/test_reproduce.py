@@ -1,12 +1,12 @@
-"""benchmark.py: the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
-import benchmark
+"""reproduce.py (formerly benchmark.py): the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
+import reproduce
 from conftest import fake_run
 
 
 def test_best_rows_follow_each_runs_selection_rule(tmp_path):
     fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.30, 0.52, 0.41])
     fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.20, 0.25, 0.61], heldout=[0.9, 0.1, 0.2], select_on='heldout')
-    rows = benchmark.best_rows(tmp_path).set_index('dataset')
+    rows = reproduce.best_rows(tmp_path).set_index('dataset')
     assert rows.loc['sketchy', 'epoch'] == 2 and abs(rows.loc['sketchy', 'mAP@all'] - 52.0) < 1e-9
     # held-out selection takes epoch 1 although the test metrics peak at epoch 3
     assert rows.loc['tuberlin', 'epoch'] == 1 and abs(rows.loc['tuberlin', 'P@100'] - 20.0) < 1e-9
@@ -17,7 +17,7 @@ def test_table_has_the_seed_layout_and_published_numbers(tmp_path):
     fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.501, 0.517])
     fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.577])
     fake_run(tmp_path, 'sketchy_msedge_vgg16_64', [0.3])
-    table = benchmark.build_table(benchmark.best_rows(tmp_path), all_metrics=True).splitlines()
+    table = reproduce.build_table(reproduce.best_rows(tmp_path), all_metrics=True).splitlines()
     assert table[0] == ('| method | backbone | dim | selected on | Sketchy Extended mAP@200 | Sketchy Extended mAP@all | '
                         'Sketchy Extended P@100 | Sketchy Extended P@200 | TU-Berlin Extended mAP@200 | '
                         'TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 | TU-Berlin Extended P@200 |')
@@ -32,7 +32,7 @@ def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
             '--save_root', str(tmp_path), '--dry_run', '--', '--epochs', '2', '--no_pretrained']
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.2, 0.3])  # finished: 2 of 2 epochs
     fake_run(tmp_path, 'synthetic_acnet_vgg16_512', [0.2])  # interrupted after 1 of 2
-    benchmark.main(argv)
+    reproduce.main(argv)
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f'done already: {tmp_path}/synthetic_acnet_resnet50_512_results.csv'
     assert out[1].endswith('train.py --method acnet --backbone_type vgg16 --emb_dim 512 --data_name synthetic '
@@ -42,7 +42,7 @@ def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
 
 def test_no_published_rows_for_the_generated_dataset(tmp_path):
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.25])
-    table = benchmark.build_table(benchmark.best_rows(tmp_path))
+    table = reproduce.build_table(reproduce.best_rows(tmp_path))
     assert '(published)' not in table and '| acnet (ours) | resnet50 | 512 | test | 25.0 |' in table
 
 
@@ -50,7 +50,7 @@ def test_tables_show_the_metrics_papers_compare_per_dataset(tmp_path):
     """TU-Berlin and Sketchy-25: mAP@all, P@100; Sketchy-21: mAP@200, P@200; QuickDraw: mAP@all, P@200."""
     for dataset in ('sketchy21', 'sketchy25', 'tuberlin', 'quickdraw'):
         fake_run(tmp_path, f'{dataset}_acnet_resnet50_512', [0.1, 0.2])
-    table = benchmark.build_table(benchmark.best_rows(tmp_path)).splitlines()
+    table = reproduce.build_table(reproduce.best_rows(tmp_path)).splitlines()
     assert table[0] == ('| method | backbone | dim | selected on | QuickDraw Extended mAP@all | QuickDraw Extended P@200 | '
                         'Sketchy Ext (21) mAP@200 | Sketchy Ext (21) P@200 | Sketchy Ext (25) mAP@all | '
                         'Sketchy Ext (25) P@100 | TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 |')

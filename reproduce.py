@@ -1,0 +1,206 @@
+"""Reproduce the benchmark tables (formerly benchmark.py): run a grid of train.py configurations, then build
+the table.
+
+    python reproduce.py --datasets sketchy tuberlin --dry_run          # print the commands it would run
+    python reproduce.py --datasets sketchy tuberlin                    # run what is missing, print the table
+    python reproduce.py --datasets synthetic --backbones resnet50 --emb_dims 64 512 -- --no_pretrained \\
+        --img_size 32 --epochs 15 --lr 1e-3                            # anything after -- goes to train.py
+    python reproduce.py --table_only                                   # table from the CSVs already there
+
+A run is finished when its results CSV has a row for every epoch; finished runs are skipped and an
+interrupted one continues with --resume. The table
+has the seeds' layout (one row per method, backbone and dim; mAP@200, mAP@all, P@100, P@200 per
+dataset, in percent) with the published ACNet numbers beside ours, one row per run at the epoch its
+selection rule picked, and a column saying which rule that was (test: best epoch on the unseen test
+classes, as the seeds did; heldout: on held-out seen-class images). It goes to stdout and
+{save_root}/benchmark.md.
+"""
+import argparse
+import re
+import subprocess
+import sys
+from itertools import product
+from pathlib import Path
+
+import pandas as pd
+
+from cli import ArgumentParser, UserError, run_cli
+from config import parse_args as train_args, run_prefix
+from model import backbone_tag
+from safe_files import atomic_write
+from utils import SELECT_KEY, read_results
+
+METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+# {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
+RESULTS_NAME = re.compile(r'(?P<dataset>.+?)_(?P<method>acnet|msedge)_(?P<backbone>.+)_(?P<dim>\d+)'
+                          r'(?P<variant>(?:_w[^_]+|_on-[a-z-]+|_edge-[a-z]+)*)_results\.csv')
+DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
+                  'tuberlin': 'TU-Berlin Extended', 'quickdraw': 'QuickDraw Extended', 'synthetic': 'generated dataset'}
+# The metrics papers compare on each dataset (by the start of its folder name); all four elsewhere, as the
+# seeds' tables do (a plain `sketchy` folder does not say which split it is).
+PAPER_METRICS = (('sketchy21', ('mAP@200', 'P@200')), ('sketchy25', ('mAP@all', 'P@100')),
+                 ('tuberlin', ('mAP@all', 'P@100')), ('quickdraw', ('mAP@all', 'P@200')))
+# Other methods' published QuickDraw-Extended numbers (their papers and repos), in percent.
+PUBLISHED_OTHERS = {'quickdraw': [('ZSE-SBIR', {'mAP@all': 14.5, 'P@200': 21.6}),
+                                  ('SAKE', {'mAP@all': 13.0, 'P@200': 17.9}),
+                                  ('Doodle2Search', {'mAP@all': 7.5, 'P@200': 6.8})]}
+# ACNet README, ResNet50/VGG16 x 64/512/4096: (Sketchy mAP@200, mAP@all, P@100, P@200, TU-Berlin ...)
+PUBLISHED_ACNET = {
+    ('vgg16', 64): (32.6, 38.0, 48.7, 44.7, 39.8, 37.1, 50.6, 48.0),
+    ('vgg16', 512): (38.3, 42.2, 53.3, 49.3, 47.2, 43.9, 58.1, 55.3),
+    ('vgg16', 4096): (40.0, 43.2, 54.6, 50.8, 51.7, 47.9, 62.3, 59.3),
+    ('resnet50', 64): (43.0, 46.0, 56.8, 52.7, 47.5, 44.9, 57.2, 54.9),
+    ('resnet50', 512): (51.7, 55.9, 64.3, 60.8, 57.7, 57.7, 65.8, 64.4),
+    ('resnet50', 4096): (51.1, 55.7, 63.8, 60.0, 57.3, 58.6, 64.6, 63.5),
+}
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
+    p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'],
+                   help='resnet50 and vgg16 (the seeds), or any timm name with an optional pretrained tag')
+    p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
+    p.add_argument('--datasets', nargs='+', default=['sketchy', 'tuberlin'], help='dataset folders under data_root')
+    p.add_argument('--select_on', default='test', choices=list(SELECT_KEY))
+    p.add_argument('--save_root', default='result/benchmark', help='where the runs and the table go')
+    p.add_argument('--dry_run', action='store_true', help='print the commands of unfinished runs, run nothing')
+    p.add_argument('--table_only', action='store_true', help='only build the table from existing CSVs')
+    p.add_argument('--all_metrics', action='store_true',
+                   help='all four metrics for every dataset, not only those papers compare on it')
+    p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
+    return p.parse_args(argv)
+
+
+def grid(args):
+    """(train.py argument list, parsed train.py args) for every configuration of the grid."""
+    runs = []
+    for method, backbone, dim, dataset in product(args.methods, args.backbones, args.emb_dims, args.datasets):
+        argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
+                '--save_root', args.save_root, '--select_on', args.select_on, *args.train_args]
+        runs.append((argv, train_args(argv)))
+    return runs
+
+
+def results_csv(run_args):
+    return Path(run_args.save_root) / f'{run_prefix(run_args)}_results.csv'
+
+
+def is_finished(run_args):
+    path = results_csv(run_args)
+    return path.is_file() and len(pd.read_csv(path)) >= run_args.epochs
+
+
+def run_grid(args):
+    failed = []
+    for argv, run_args in grid(args):
+        if is_finished(run_args):
+            print(f'done already: {results_csv(run_args)}')
+            continue
+        resume = ['--resume'] if (Path(run_args.save_root) / f'{run_prefix(run_args)}_last.pth').exists() else []
+        command = [sys.executable, 'train.py', *argv, *resume]
+        print(' '.join(command), flush=True)
+        if not args.dry_run and subprocess.run(command).returncode != 0:
+            failed.append(run_prefix(run_args))
+    return failed
+
+
+def best_rows(save_root):
+    """One row per results CSV under save_root: the epoch its selection rule picked. Files that are not
+    train.py's are skipped with a note."""
+    rows = []
+    for path in sorted(Path(save_root).glob('*_results.csv')):
+        name = RESULTS_NAME.fullmatch(path.name)
+        if name is None:
+            print(f'skipped {path}: not named as train.py names its results')
+            continue
+        try:
+            frame, best = read_results(path)
+        except UserError as error:
+            print(f'skipped: {error}')
+            continue
+        select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
+        variant = name['variant'].replace('_', ' ').strip()
+        rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
+                     'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
+                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRICS}})
+    return pd.DataFrame(rows)
+
+
+def dataset_metrics(dataset, all_metrics=False):
+    """The metrics a table shows for a dataset: those papers compare, or all four."""
+    if not all_metrics:
+        for prefix, metrics in PAPER_METRICS:
+            if dataset.startswith(prefix):
+                return metrics
+    return METRICS
+
+
+def published_acnet(backbone, dim, dataset):
+    """The ACNet README's numbers for a dataset folder ({metric: value}), or {}."""
+    values = PUBLISHED_ACNET.get((backbone, dim))
+    if values is None or not (dataset == 'sketchy' or dataset.startswith('tuberlin')):
+        return {}
+    return dict(zip(METRICS, values[:4] if dataset == 'sketchy' else values[4:]))
+
+
+def build_table(rows, all_metrics=False):
+    """Markdown in the seeds' layout, with the metrics papers compare per dataset; the published ACNet
+    rows next to ours where they exist, and other methods' published numbers, marked as such."""
+    datasets = sorted(set(rows['dataset']), key=lambda d: (d not in DATASET_TITLES, d))
+    columns = [(d, m) for d in datasets for m in dataset_metrics(d, all_metrics)]
+    header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
+    lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
+
+    def line(label, backbone, dim, selected, values):
+        cells = [f'{values[d][m]:.1f}' if m in values.get(d, {}) else '' for d, m in columns]
+        return f'| {label} | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |'
+    for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
+        ours = {row['dataset']: {m: row[m] for m in METRICS} for _, row in group.iterrows()}
+        lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), ours))
+        published = {d: published_acnet(backbone, dim, d) for d in datasets} if method == 'acnet' else {}
+        if any(published.values()):
+            lines.append(line('acnet (published)', backbone, dim, 'test', published))
+    for dataset in datasets:
+        for name, values in PUBLISHED_OTHERS.get(dataset, []):
+            lines.append(line(f'{name} (published, another method)', '', '', '', {dataset: values}))
+    return '\n'.join(lines)
+
+
+def run(args):
+    if '--save_root' in args.train_args:
+        raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
+                        'reproduce.py --save_root (before --) instead')
+    if not args.table_only:
+        missing = set()
+        for _, run_args in grid(args):
+            backbone_tag(run_args.method, run_args.backbone_type)  # an unknown name: one line, before any run
+            folder = Path(run_args.data_root) / run_args.data_name
+            if run_args.data_name != 'synthetic' and not folder.is_dir():  # train.py generates synthetic itself
+                if not args.dry_run:
+                    raise UserError(f"--datasets {run_args.data_name}: no dataset folder '{folder}' (set train.py's "
+                                    f"--data_root after --)")
+                missing.add(str(folder))
+        for folder in sorted(missing):  # a dry run prints the commands whatever data is there
+            print(f"note: no dataset folder '{folder}' yet (docs/data.md says how to make it)")
+    failed = [] if args.table_only else run_grid(args)
+    if args.dry_run:
+        return
+    rows = best_rows(args.save_root)
+    if rows.empty:
+        raise UserError(f"no results CSV of train.py under '{args.save_root}' (run the grid first, or pass the "
+                        f"--save_root that holds them)")
+    table = build_table(rows, args.all_metrics)
+    print(table)
+    atomic_write(Path(args.save_root, 'benchmark.md'), lambda tmp: Path(tmp).write_text(table + '\n'))
+    if failed:
+        print(f'error: {len(failed)} runs failed: {", ".join(failed)}', file=sys.stderr)
+        sys.exit(1)
+
+
+def main(argv=None):
+    run_cli(run, parse_args(argv))
+
+
+if __name__ == '__main__':
+    main()

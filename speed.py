@@ -1,0 +1,469 @@
+"""Speed and memory benchmarks that print figures, never pass/fail (formerly bench.py; docs/speed.md).
+
+    python speed.py metrics                 # retrieval metrics at Sketchy, TU-Berlin and QuickDraw size, CPU (+GPU)
+    python speed.py metrics --quick         # small sizes, seconds
+    python speed.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
+    python speed.py train --quick           # tiny sizes on the CPU, about a minute
+    python speed.py backbones               # images/s and peak memory per backbone, +- gradient checkpointing
+    python speed.py backbones --quick       # tiny backbones at 64 px on the CPU
+    python speed.py search                  # search.py: index build images/s; query latency at 10k-1M photos
+    python speed.py search --quick          # 10k and 20k vectors, seconds
+
+`train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
+the same run: with "seed settings" (fp32, deterministic cuDNN, NCHW, no compile, .item() after every
+step, images decoded from files) and with "ours" (bf16 autocast and fused Adam on GPU, channels_last,
+cudnn.benchmark, optional compile, no per-step host sync, the prepare.py cache). "memory" columns feed
+in-memory tensors (model-bound); "loader" columns use the real DataLoader on a generated dataset at the
+benchmark's image size (input-bound).
+
+`metrics` times utils.retrieval_metrics against a per-query implementation in the seeds' style
+(SciPy cosine distances, one NumPy argsort per query, the precision envelope in a Python loop over
+ranks) on the same embeddings, in the same run. The slow one runs on a subsample of the queries and
+is scaled up to all of them. Each measurement runs in a fresh process so its peak memory is its own.
+"""
+import argparse
+import json
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, run_cli
+from evaluation import embed_images, make_eval_loader, split_images, to_device
+from model import backbone_tag, build_model, compile_model
+from reference_metrics import reference_metrics
+from search_index import build_faiss, embed, photo_batches, top_rows, tune
+from synthetic import make_synthetic
+from training import STEPS, make_train_loader, training_nets
+from utils import PHOTO, build_cache, retrieval_metrics, scan_split
+
+# (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
+SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quickdraw': (92291, 54151, 30),
+         'quick': (1500, 2000, 10)}
+MAIN = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+
+
+def embeddings(num_queries, num_gallery, num_classes, dim=512, seed=0):
+    """Class-clustered unit vectors, spread so that mAP lands mid-range like a trained model's."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(num_classes, dim, generator=g)
+    query_labels = torch.randint(num_classes, (num_queries,), generator=g)
+    gallery_labels = torch.arange(num_gallery) % num_classes
+    queries = centres[query_labels].add_(torch.randn(num_queries, dim, generator=g), alpha=3.0)
+    gallery = centres[gallery_labels].add_(torch.randn(num_gallery, dim, generator=g), alpha=3.0)
+    return (torch.nn.functional.normalize(queries, dim=1), query_labels,
+            torch.nn.functional.normalize(gallery, dim=1), gallery_labels)
+
+
+def _peak_rss_mb():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def measure(kind, size, device, repeats, slow_queries):
+    """One measurement (run in its own process): median seconds, extra peak memory and values."""
+    q, ql, g, gl = embeddings(*SIZES[size])
+    if kind == 'ours':
+        q, ql, g, gl = (t.to(device) for t in (q, ql, g, gl))
+        retrieval_metrics(q[:8], ql[:8], g, gl)  # load kernels before measuring
+        if device == 'cuda':
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        base, times = _peak_rss_mb(), []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = retrieval_metrics(q, ql, g, gl, per_query=True)
+            if device == 'cuda':
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _peak_rss_mb() - base
+        per_query = {name: result[name][:slow_queries].tolist() for name in MAIN}
+        return dict(seconds=statistics.median(times), memory_mb=memory, means={n: result[n].mean().item() for n in MAIN},
+                    per_query=per_query)
+    start = time.perf_counter()
+    result = reference_metrics(q[:slow_queries].double().numpy(), ql[:slow_queries].numpy(),
+                               g.double().numpy(), gl.numpy(), scipy_cosine=True)
+    seconds = (time.perf_counter() - start) * len(q) / slow_queries
+    return dict(seconds=seconds, per_query={name: result[name].tolist() for name in MAIN})
+
+
+def run_child(kind, size, device, repeats, slow_queries):
+    out = subprocess.run([sys.executable, __file__, '_measure', kind, size, device, str(repeats), str(slow_queries)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_metrics(args):
+    if args.repeats < 1 or args.slow_queries < 1:
+        raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    sizes = ['quick'] if args.quick else args.sizes
+    print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
+          f'{torch.__version__}' + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''))
+    print(f'seed style measured on {args.slow_queries} queries and scaled to all of them; diffs compare '
+          f'the two on those queries (float32 embeddings: ours ranks by float32 cosine, SciPy by float64)\n')
+    print('| size (queries x gallery) | device | ours (s) | ours peak extra memory (MB) | seed style (s) | '
+          'speed-up | diff of means | max per-query diff |')
+    print('|---|---|---|---|---|---|---|---|')
+    for size in sizes:
+        slow = run_child('seed', size, 'cpu', 1, args.slow_queries)
+        for device in devices:
+            ours = run_child('ours', size, device, args.repeats, args.slow_queries)
+            worst = max(abs(a - b) for name in MAIN for a, b in zip(ours['per_query'][name], slow['per_query'][name]))
+            means = max(abs(np.mean(ours['per_query'][name]) - np.mean(slow['per_query'][name])) for name in MAIN)
+            q, g, _ = SIZES[size]
+            print(f'| {size} ({q} x {g}) | {device} | {ours["seconds"]:.3f} | {ours["memory_mb"]:.0f} | '
+                  f'{slow["seconds"]:.1f} | {slow["seconds"] / ours["seconds"]:.0f}x | {means:.1e} | {worst:.1e} |')
+        print(f'  {size} means (ours): ' + ', '.join(f'{n} {v:.4f}' for n, v in ours['means'].items()))
+
+
+# ----------------------------------------------------------------------------------------------
+# Training and evaluation throughput
+
+def _sync(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize()
+
+
+def settings(name, device, compile_ours):
+    cuda = device.type == 'cuda'
+    if name == 'seed':
+        return dict(amp=False, channels_last=False, compile=False, deterministic=True, sync_every_step=True,
+                    cache=False, fused=False)
+    return dict(amp=cuda, channels_last=cuda, compile=compile_ours, deterministic=False, sync_every_step=False,
+                cache=True, fused=cuda)  # channels_last and bf16 pay off on GPUs, not on CPUs
+
+
+def prepared_model(method, backbone, num_classes, device, s):
+    torch.backends.cudnn.benchmark = not s['deterministic']
+    torch.backends.cudnn.deterministic = s['deterministic']
+    torch.manual_seed(0)
+    model = build_model(method, num_classes, backbone, 512, pretrained=False).to(device)
+    if s['channels_last']:
+        model.to(memory_format=torch.channels_last)
+    optimizers = model.make_optimizers(1e-5, fused=True if s['fused'] else None)
+    if not s['fused']:  # the seeds' torch 1.x Adam: one parameter at a time
+        for optimizer in optimizers.values():
+            optimizer.defaults['foreach'] = False
+            for group in optimizer.param_groups:
+                group['foreach'] = False
+    if s['compile']:
+        compile_model(model)
+    return model, optimizers
+
+
+def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
+    """Images/s of training steps over an iterable of CPU batches."""
+    nets, step = training_nets(model, s['amp']), STEPS[model.method]
+    model.set_warmup(False)
+    model.train()
+    count, start = 0, None
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            _sync(device)
+            start, count = time.perf_counter(), 0
+        losses = step(nets, optimizers, to_device(batch, device, s['channels_last']))
+        if s['sync_every_step']:
+            [value.item() for value in losses.values()]
+        count += images_per_batch
+    _sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def time_embedding(model, batches, device, s, warmup=1):
+    """Images/s of embedding (inference mode, autocast for ours) over an iterable of CPU batches."""
+    model.eval()
+    count, start = 0, None
+    with torch.inference_mode():
+        for i, batch in enumerate(batches):
+            if i == warmup:
+                _sync(device)
+                start, count = time.perf_counter(), 0
+            images, _, domains, _ = to_device(batch, device, s['channels_last'])
+            embed_images(model, images, domains, s['amp'])
+            count += len(images)
+    _sync(device)
+    return count / (time.perf_counter() - start)
+
+
+def memory_batches(method, batch_size, size, num_classes, count):
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g)
+    labels = torch.arange(batch_size) % num_classes
+    domains = torch.arange(batch_size) % 2
+    if method == 'acnet':
+        half = batch_size // 2
+        train = [images[:half], images[half:2 * half], labels[:half]]
+    else:
+        train = [images, labels, domains, torch.arange(batch_size)]
+    return [train] * count, [[images, labels, domains, torch.arange(batch_size)]] * count
+
+
+def bench_train(args):
+    device = check_device(args.device)
+    if args.quick:
+        args.img_size, args.batch_size, args.steps = 32, 8, 3
+    if args.batch_size < 2 or args.steps < 1 or args.workers < 0 or not 32 <= args.img_size <= 2048:
+        raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
+                        f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
+    root = Path(tempfile.mkdtemp(prefix='bench-data-'))
+    print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
+    make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
+                   num_val_photos=args.batch_size, img_size=args.img_size, workers=max(1, args.workers))
+    train_split, val_split = scan_split(root, 'synthetic', 'train'), scan_split(root, 'synthetic', 'val')
+    for method in ('acnet', 'msedge'):
+        build_cache(root, 'synthetic', args.img_size, method, workers=args.workers)
+    name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'\ndevice: {name}; torch {torch.__version__}; image {args.img_size} px, batch {args.batch_size}, '
+          f'{args.steps} timed steps, {args.workers} loader workers; images/s (higher is better)\n')
+    print('| method | backbone | setting | train, memory | eval, memory | train, loader | eval, loader |')
+    print('|---|---|---|---|---|---|---|')
+    for method in ('acnet', 'msedge'):
+        for backbone in ('resnet50', 'vgg16'):
+            results = {}
+            for setting in ('seed', 'ours'):
+                s = settings(setting, device, args.compile)
+                model, optimizers = prepared_model(method, backbone, len(train_split.classes), device, s)
+                train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
+                                                     len(train_split.classes), args.steps + 2)
+                images = {name: split_images(split, method, args.img_size, (root, 'synthetic', name) if s['cache'] else None)
+                          for name, split in (('train', train_split), ('val', val_split))}
+                train_loader = make_train_loader(method, train_split, images['train'], args.batch_size, 1, args.workers,
+                                                 device.type)
+                eval_loader = make_eval_loader(val_split, images['val'], 2 * args.batch_size, args.workers, device.type)
+                row = [time_training(model, optimizers, train_mem, args.batch_size, device, s),
+                       time_embedding(model, eval_mem, device, s),
+                       time_training(model, optimizers, islice(_forever(train_loader), args.steps + 2),
+                                     args.batch_size, device, s),
+                       time_embedding(model, islice(_forever(eval_loader), args.steps + 1), device, s)]
+                results[setting] = row
+                print(f'| {method} | {backbone} | {setting} | ' + ' | '.join(f'{v:.0f}' for v in row) + ' |')
+                del model, optimizers, train_loader, eval_loader
+            ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
+            print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
+    q, ql, g, gl = (t.to(device) for t in embeddings(*SIZES['sketchy']))
+    retrieval_metrics(q[:8], ql[:8], g, gl)
+    _sync(device)
+    start = time.perf_counter()
+    retrieval_metrics(q, ql, g, gl)
+    _sync(device)
+    print(f'\nmetrics at Sketchy size (12694 x 12553, 512-d) on {device.type}: {time.perf_counter() - start:.2f} s '
+          f'(`python speed.py metrics` compares with the seeds\' per-query style)')
+
+
+# ----------------------------------------------------------------------------------------------
+# Backbones: training speed and peak memory, with and without gradient checkpointing
+
+BACKBONES = ['resnet50', 'vgg16', 'convnext_tiny', 'vit_small_patch14_dinov2', 'vit_base_patch16_clip_224']
+QUICK_BACKBONES = ['resnet18', 'convnext_atto', 'vit_tiny_patch16_224']
+
+
+def measure_backbone(method, backbone, img_size, batch_size, steps, checkpointing, device):
+    """One measurement (run in its own process): train images/s, peak memory, parameters, feature sizes."""
+    device = torch.device(device)
+    s = settings('ours', device, compile_ours=False)
+    model, optimizers = prepared_model(method, backbone, 10, device, s)
+    if checkpointing:
+        model.set_grad_checkpointing()
+    train_batches, _ = memory_batches(method, batch_size, img_size, 10, steps + 2)
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats()
+    base = _peak_rss_mb()
+    speed = time_training(model, optimizers, train_batches, batch_size, device, s)
+    memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - base
+    backbone_net = model.extractor.backbone if method == 'acnet' else model.backbone
+    features = ([backbone_net.num_features] if method == 'acnet' else model.backbone.feature_info.channels())
+    return dict(images_per_s=speed, memory_mb=memory, features=features,
+                params_m=sum(p.numel() for p in backbone_net.parameters()) / 1e6, tag=model.backbone_tag)
+
+
+def bench_backbones(args):
+    device = check_device(args.device).type
+    if args.quick:
+        args.img_size, args.batch_size, args.steps = 64, 8, 2
+    backbones = args.backbones or (QUICK_BACKBONES if args.quick else BACKBONES)
+    if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
+        raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
+                        f'{args.batch_size}, {args.steps}, {args.img_size}')
+    for backbone in backbones:
+        backbone_tag('acnet', backbone)  # an unknown name: one line, before any measurement
+    name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
+    print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
+          f'{args.steps} timed steps; bf16 autocast on GPU; peak memory: {"allocated on the GPU" if device == "cuda" else "extra RSS"}\n')
+    print('| backbone (tag) | params (M) | method | features | grad checkpointing | train images/s | peak memory (MB) |')
+    print('|---|---|---|---|---|---|---|')
+    for backbone in backbones:
+        for method in ('acnet', 'msedge'):
+            for checkpointing in (False, True):
+                out = run_backbone_child(method, backbone, args.img_size, args.batch_size, args.steps, checkpointing,
+                                         device)
+                if out is None:
+                    print(f'| {backbone} | | {method} | | {"on" if checkpointing else "off"} | failed | |')
+                    continue
+                print(f'| {backbone} ({out["tag"]}) | {out["params_m"]:.1f} | {method} | '
+                      f'{"/".join(map(str, out["features"]))} | {"on" if checkpointing else "off"} | '
+                      f'{out["images_per_s"]:.1f} | {out["memory_mb"]:.0f} |', flush=True)
+
+
+def run_backbone_child(method, backbone, img_size, batch_size, steps, checkpointing, device):
+    argv = [sys.executable, __file__, '_backbone', method, backbone, str(img_size), str(batch_size), str(steps),
+            str(int(checkpointing)), device]
+    out = subprocess.run(argv, capture_output=True, text=True)
+    if out.returncode != 0:  # e.g. out of memory: reported in the table, the other rows still run
+        print(f'  ({method} {backbone}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})')
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# search.py: index build throughput, query latency, index memory and recall of the approximate indexes
+
+def clustered_unit_vectors(count, dim, clusters, seed, spread=1.0):
+    """Unit vectors around `clusters` random centres; spread 1 puts same-cluster cosines near 0.5, like a
+    trained model's same-class photos (uniform random vectors would have no neighbours worth finding)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(clusters, dim, generator=g)
+    out = np.empty((count, dim), np.float32)
+    for start in range(0, count, 100_000):
+        n = min(100_000, count - start)
+        block = centres[torch.randint(clusters, (n,), generator=g)] + spread * torch.randn(n, dim, generator=g)
+        out[start:start + n] = torch.nn.functional.normalize(block, dim=1).numpy()
+    return out
+
+
+def embed_throughput(img_size, count, batch_size, workers, device):
+    """Images/s of search.py's index loop (decode, resize, embed) over generated photos, random init."""
+    root = Path(tempfile.mkdtemp(prefix='bench-photos-'))
+    per_class = -(-count // 4)
+    make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=1, num_photos=per_class,
+                   num_val_photos=1, img_size=img_size, workers=max(1, workers))
+    photo_dir = root / 'synthetic' / 'train' / 'photo'
+    files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
+    model = build_model('msedge', 4, 'resnet50', 512, pretrained=False).to(device).eval()
+    batches = photo_batches(files, photo_dir, img_size, 'bicubic', batch_size, workers, device)
+    embed(model, next(batches)[1], PHOTO, device)  # warm-up
+    _sync(torch.device(device))
+    start = time.perf_counter()
+    done = sum(len(embed(model, images, PHOTO, device)) for _, images, _ in batches)
+    _sync(torch.device(device))
+    return done / (time.perf_counter() - start)
+
+
+def bench_search(args):
+    import faiss
+    if args.quick:
+        args.sizes, args.embed_images, args.img_size = [10_000, 20_000], 16, 64
+    small = [f'--{name} {getattr(args, name)}' for name in ('queries', 'embed_images', 'emb_dim', 'clusters', 'workers')
+             if getattr(args, name) < (0 if name == 'workers' else 1)]
+    if min(args.sizes) < 1000 or small or not 32 <= args.img_size <= 2048:
+        raise UserError(f'--sizes must be at least 1000, --workers at least 0, --img_size from 32 to 2048 and '
+                        f'--queries, --embed_images, --emb_dim and --clusters at least 1; got --sizes '
+                        f'{" ".join(map(str, args.sizes))}{", " if small else ""}{", ".join(small)}')
+    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, '
+          f'{faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}, torch {torch.__version__}')
+    for device in devices:
+        rate = embed_throughput(args.img_size, args.embed_images, 32, args.workers, device)
+        print(f'index build on {device}: {rate:.1f} images/s (MSEdge ResNet50, {args.img_size} px, decode + '
+              f'resize + embed, {args.embed_images} generated photos)')
+    print(f'\n{args.emb_dim}-d unit vectors in {args.clusters} clusters; {args.queries} single queries (median latency, '
+          f'top 10); recall@10 against the exact top 10; ivf: nprobe 32, hnsw: M 32, efSearch 128\n')
+    print('| photos | index | build (s) | index memory (MB) | query latency (ms) | recall@10 |')
+    print('|---|---|---|---|---|---|')
+    for size in args.sizes:
+        vectors = clustered_unit_vectors(size, args.emb_dim, args.clusters, seed=size)
+        queries = torch.from_numpy(clustered_unit_vectors(args.queries, args.emb_dim, args.clusters, seed=size))
+        exact = torch.from_numpy(vectors)
+        truth = torch.cat([(block @ exact.T).topk(10).indices for block in queries.split(20)]).tolist()
+        for kind in args.approx:
+            start = time.perf_counter()
+            index = None if kind == 'flat' else tune(build_faiss(vectors, kind))
+            build = time.perf_counter() - start
+            memory = vectors.nbytes if index is None else faiss.serialize_index(index).nbytes
+            times, found = [], []
+            for query in queries:
+                start = time.perf_counter()
+                rows, _ = top_rows(query, 10, exact if index is None else None, index)
+                times.append(time.perf_counter() - start)
+                found.append(rows)
+            recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
+            print(f'| {size:,} | {kind} | {build:.1f} | {memory / 2 ** 20:.0f} | {1000 * statistics.median(times):.2f} '
+                  f'| {recall:.3f} |', flush=True)
+            del index
+
+
+def _forever(loader):
+    epoch = 0
+    while True:
+        loader.sampler.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def parse_args(argv=None):
+    p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = p.add_subparsers(dest='command', required=True)
+    metrics = commands.add_parser('metrics', help='retrieval metric speed and memory')
+    metrics.add_argument('--quick', action='store_true', help='small sizes only (seconds)')
+    metrics.add_argument('--repeats', type=int, default=3, help='timed runs of ours (median reported)')
+    metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
+    metrics.add_argument('--sizes', nargs='+', default=['sketchy', 'tuberlin', 'quickdraw'],
+                         choices=['sketchy', 'tuberlin', 'quickdraw'], help='zero-shot test-set sizes to measure')
+    train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours',
+                                renamed={'--cpu': ['--device', 'cpu']})
+    train.add_argument('--quick', action='store_true', help='32 px, batch 8, 3 steps: about a minute on a CPU')
+    train.add_argument('--img_size', type=int, default=224)
+    train.add_argument('--batch_size', type=int, default=64)
+    train.add_argument('--steps', type=int, default=20, help='timed steps per measurement (after warm-up)')
+    train.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
+    train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
+    backbones = commands.add_parser('backbones', help='train speed and peak memory per backbone, +- grad checkpointing',
+                                    renamed={'--cpu': ['--device', 'cpu']})
+    backbones.add_argument('--backbones', nargs='+', default=None, help=f'timm names (default: {" ".join(BACKBONES)})')
+    backbones.add_argument('--quick', action='store_true', help=f'{" ".join(QUICK_BACKBONES)} at 64 px, batch 8')
+    backbones.add_argument('--img_size', type=int, default=224)
+    backbones.add_argument('--batch_size', type=int, default=64)
+    backbones.add_argument('--steps', type=int, default=10, help='timed steps per measurement (after warm-up)')
+    search = commands.add_parser('search', help='search.py: index build images/s, query latency, recall',
+                                 renamed={'--kinds': '--approx', '--dim': '--emb_dim'})
+    search.add_argument('--quick', action='store_true', help='10k and 20k vectors, 16 photos at 64 px: seconds')
+    search.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 1_000_000], help='gallery sizes')
+    search.add_argument('--approx', nargs='+', default=['flat', 'ivf', 'hnsw'], choices=['flat', 'ivf', 'hnsw'],
+                        help='flat: exact (as search.py ranks without --approx); ivf, hnsw: approximate')
+    search.add_argument('--emb_dim', type=int, default=512, help='embedding size of the vectors')
+    search.add_argument('--clusters', type=int, default=1000, help='clusters the vectors are drawn around')
+    search.add_argument('--queries', type=int, default=200)
+    search.add_argument('--embed_images', type=int, default=128, help='photos embedded for the build throughput')
+    search.add_argument('--img_size', type=int, default=224)
+    search.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for the build '
+                                                                              'throughput')
+    for sub in (train, backbones):
+        sub.add_argument('--device', default=default_device(), help='cpu: measure on the CPU even when a GPU is present')
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == '_measure':
+        kind, size, device, repeats, slow_queries = argv[1:]
+        print(json.dumps(measure(kind, size, device, int(repeats), int(slow_queries))))
+        return
+    if argv and argv[0] == '_backbone':
+        method, backbone, img_size, batch_size, steps, checkpointing, device = argv[1:]
+        print(json.dumps(measure_backbone(method, backbone, int(img_size), int(batch_size), int(steps),
+                                          bool(int(checkpointing)), device)))
+        return
+    args = parse_args(argv)
+    run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones,
+             'search': bench_search}[args.command], args)
+
+
+if __name__ == '__main__':
+    main()

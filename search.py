@@ -249,8 +249,9 @@ def make_app(searcher, k=8):
         return [(ImageOps.contain(read_rgb(photo), (256, 256)), f'{similarity:.3f} {name}')
                 for photo, similarity, name in results]
 
+    photos = searcher.photos.relative_to(Path.cwd()) if searcher.photos.is_relative_to(Path.cwd()) else searcher.photos
     with gr.Blocks(title='Sketch search') as app:
-        gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos under `{searcher.photos}` are searched '
+        gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos under `{photos}` are searched '
                     f'with `{Path(searcher.meta["checkpoint"]).name}`')
         # one column: beside another column the sketchpad's canvas is laid out wider than its box
         pad = gr.Sketchpad(label='sketch (pick the brush, then draw)', type='pil', canvas_size=(384, 384),

@@ -21,8 +21,14 @@ def first_line(error):
     return lines[0][:200] if lines else type(error).__name__
 
 
-# The defaults every script shares for the same concept.
-DEFAULT_WORKERS = min(8, os.cpu_count() or 1)
+# The defaults every script shares for the same concept, and the most data-loader processes any of them starts
+# (each one holds a copy of the loader: thousands of them take a machine down).
+DEFAULT_WORKERS, MAX_WORKERS = min(8, os.cpu_count() or 1), 64
+
+
+def check_workers(workers, minimum=0, option='--workers'):
+    if not minimum <= workers <= MAX_WORKERS:
+        raise UserError(f'{option} must be from {minimum} to {MAX_WORKERS}, got {workers}')
 
 
 def default_device():

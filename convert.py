@@ -48,8 +48,8 @@ def convert(args):
                             f"choose another --save (nothing was written)")
     if save.exists() and not args.overwrite:
         raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
-    if args.emb_dim < 1:
-        raise UserError(f'--emb_dim must be at least 1, got {args.emb_dim}')
+    if not 1 <= args.emb_dim <= 65536:
+        raise UserError(f'--emb_dim must be from 1 to 65536, got {args.emb_dim}')
     if not 32 <= args.img_size <= 2048 or args.img_size % 4:
         raise UserError(f'--img_size must be a multiple of 4 from 32 to 2048 (as train.py takes), got {args.img_size}')
     data_name = args.data_name or Path(args.extractor).name.split('_')[0]

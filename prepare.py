@@ -13,16 +13,18 @@ copies) in that layout; `cache` pre-resizes a dataset for train.py --cache.
 """
 import argparse
 import hashlib
+import os
 import re
 import shutil
+from itertools import chain, count
 from pathlib import Path
 
 import numpy as np
 
 from cli import DEFAULT_WORKERS, ArgumentParser, DataError, UserError, run_cli
 from images import RESIZE, is_image_file, read_rgb
-from safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
-                        staging_folder, swap_in)
+from safe_files import (acquire_lock, check_folder_replaceable, check_replaceable, check_writable_dir,
+                        remove_stale_staging, staging_folder, swap_in)
 from synthetic import FAMILIES, make_synthetic, preview
 from utils import build_cache
 
@@ -94,6 +96,11 @@ def _images(folder):
     return sorted(p for p in folder.iterdir() if p.is_file() and is_image_file(p) and not p.name.startswith('.'))
 
 
+def _left_out(folder):
+    """What a class folder holds that the build does not take: other files, subfolders (not searched)."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith('.') and not (p.is_file() and is_image_file(p)))
+
+
 def build_real_split(dataset, split, sketch_dirs, photo_dirs, data_root='data', data_name=None, copy=False,
                      overwrite=False):
     """Build <data_root>/<data_name>/{train,val}/... from raw class folders; returns a summary dict.
@@ -135,6 +142,7 @@ def write_split(folder, sources, train_classes, test_classes, copy):
     """Link (or copy) every class's images into folder/{train,val}/{sketch,photo}/<class>/; returns the counts.
     A photo whose bytes equal one already taken for its class is left out and counted."""
     summary = {s: {'classes': 0, 'sketch': 0, 'photo': 0, 'duplicates': 0} for s in ('train', 'val')}
+    summary['left_out'] = []
     for name in train_classes + test_classes:
         target_split = 'train' if name in train_classes else 'val'
         summary[target_split]['classes'] += 1
@@ -143,6 +151,7 @@ def write_split(folder, sources, train_classes, test_classes, copy):
             target.mkdir(parents=True)
             seen = set()
             for index, mapping in enumerate(maps):
+                summary['left_out'] += _left_out(mapping[name]) if name in mapping else []
                 for path in _images(mapping[name]) if name in mapping else []:
                     if side == 'photo':
                         digest = hashlib.sha1(path.read_bytes()).hexdigest()
@@ -150,15 +159,21 @@ def write_split(folder, sources, train_classes, test_classes, copy):
                             summary[target_split]['duplicates'] += 1
                             continue
                         seen.add(digest)
-                    link = target / path.name
-                    if link.exists():  # same name, different bytes, from another photo folder
-                        link = target / f'{path.stem}__{index}{path.suffix}'
+                    link = free_name(target, path, index)
                     if copy:
                         shutil.copy2(path, link)
                     else:
                         link.symlink_to(path.resolve())
                     summary[target_split][side] += 1
     return summary
+
+
+def free_name(folder, path, index):
+    """A name in `folder` for `path` that nothing has yet: its own, or (the same name with other bytes, from the
+    `index`-th source folder) name__index, name__index_2, ..."""
+    candidates = chain([path.name, f'{path.stem}__{index}{path.suffix}'],
+                       (f'{path.stem}__{index}_{k}{path.suffix}' for k in count(2)))
+    return next(folder / name for name in candidates if not os.path.lexists(folder / name))
 
 
 def _sketch_like(path):
@@ -205,6 +220,10 @@ def print_split_summary(summary):
         s = summary[name]
         print(f"  {name:<5} {s['classes']:>4} classes {s['sketch']:>7} sketches {s['photo']:>7} photos "
               f"({s['duplicates']} duplicate photos left out)")
+    left_out = summary.get('left_out', [])
+    if left_out:
+        print(f"  left out {len(left_out)} entries of class folders that are not .jpg/.jpeg/.png files (other "
+              f"formats, subfolders), e.g. '{left_out[0]}'")
     sketches, photos = KNOWN_TEST_SIZES[summary['split']]
     found = (summary['val']['sketch'], summary['val']['photo'])
     verdict = 'matches' if found == (sketches, photos) else f'differs: found {found[0]} and {found[1]}'
@@ -261,6 +280,7 @@ def run(args):
         check_writable_dir(Path(args.preview).parent, '--preview folder')
         if Path(args.preview).suffix.lower() != '.png' or Path(args.preview).is_dir():
             raise UserError(f"--preview '{args.preview}' must name a .png file")
+        check_replaceable(args.preview, 'choose another --preview')
     if args.command == 'synthetic':
         out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
                              args.num_photos, args.num_val_photos, args.img_size, args.data_seed, args.overwrite,

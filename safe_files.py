@@ -16,8 +16,8 @@ from PIL import Image
 
 from cli import UserError, first_line
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
+UMASK = os.umask(0)
+os.umask(UMASK)
 
 
 def save_together(writes):
@@ -36,7 +36,7 @@ def save_together(writes):
             os.close(fd)
             staged.append((tmp, path))
             write(tmp)
-            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file normal permissions
+            os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file normal permissions
     except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
         for tmp, _ in staged:
             if os.path.exists(tmp):
@@ -89,7 +89,7 @@ def acquire_lock(path, what, wait=0, hint='wait for it, or choose another output
     path = Path(path)
     deadline = time.monotonic() + wait
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~UMASK)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,6 +159,7 @@ def staging_folder(out):
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     path = Path(tempfile.mkdtemp(dir=out.parent, prefix=f'.{out.name}.', suffix='.partial'))
+    os.chmod(path, 0o777 & ~UMASK)  # mkdtemp makes 0700; the dataset gets normal permissions
     (path / FOLDER_MARK).touch()
     return path
 
@@ -216,6 +217,9 @@ def written_by_this_repo(path):
 def check_replaceable(path, hint='choose another --save_root'):
     """An output path that is free, or holds an earlier output of this repo; else a UserError."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise UserError(f"'{path}' is a link to nothing, which this repo does not replace: {hint} (nothing was "
+                        f"written)")
     if path.exists() and not written_by_this_repo(path):
         kind = 'folder' if path.is_dir() else 'file'
         raise UserError(f"{kind} '{path}' exists and was not written by this repo: {hint} (nothing was written)")
@@ -262,11 +266,11 @@ def unique_stems(files):
 def plan_outputs(files, save_root, protected, outputs):
     """[(input file, its output paths)], each named by outputs(save_root, stem) with the file's stem made
     unique (two cat.png from two folders: cat, cat_), every output checked before anything is written:
-    --save_root may not lie inside a `protected` folder ({description: folder}: what is written there would
+    --save_root may not lie inside a `protected` folder ([(description, folder)]: what is written there would
     become one of its images), no output may be or hold an input, and an existing output must be this repo's."""
     save_root = Path(save_root)
     check_writable_dir(save_root, '--save_root')
-    for what, folder in protected.items():
+    for what, folder in protected:
         if save_root.resolve().is_relative_to(Path(folder).resolve()):
             raise UserError(f"--save_root '{save_root}' is inside {what} '{folder}': pictures written there would "
                             f"become its images; choose another --save_root")

@@ -17,20 +17,25 @@ other) and print or show the top k photos; an exact index ranks them exactly as 
 hands out the result pictures and nothing else.
 """
 import argparse
+import atexit
 import os
+import re
+import shutil
 import socket
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
 
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, first_line, run_cli
+from cli import (DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, first_line,
+                 run_cli)
 from images import RESIZE, pillow_suffixes, query_files, read_rgb, to_rgb8
 from pictures import draw_retrieval, save_png
 from safe_files import plan_outputs, writing_into
-from search_index import (INDEX_KINDS, INDEX_FORMAT, LOCK, Searcher, build_faiss, embed, file_key, is_index, load_model,
-                          photo_batches, photo_files, read_index, write_index)
+from search_index import (INDEX_FORMAT, INDEX_KINDS, JOURNAL, LOCK, Searcher, build_faiss, embed, file_key, is_index,
+                          load_model, photo_batches, photo_files, photo_folders, read_index, write_index)
 from utils import PHOTO
 
 
@@ -41,7 +46,7 @@ def claimed(out):
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--index '{out}' is a file, not a folder")
-    if out.is_dir() and not is_index(out) and any(p.name != LOCK for p in out.iterdir()):
+    if out.is_dir() and not is_index(out) and any(p.name not in (LOCK, JOURNAL) for p in out.iterdir()):
         raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
                         f"written)")
     return writing_into(out, '--index', LOCK)
@@ -54,6 +59,19 @@ def index_kind(args, previous):
     if before and kind != before:
         print(f'index kind: {before} -> {kind} (as --approx asks)')
     return kind
+
+
+def previous_index(out, rebuild):
+    """The index already in `out`, if any; with --rebuild a damaged one is replaced (it is not read)."""
+    if not is_index(out):
+        return None
+    try:
+        return read_index(out)
+    except UserError:
+        if not rebuild:
+            raise
+        print(f"note: the index in '{out}' is damaged: --rebuild replaces it")
+        return None
 
 
 def check_replaceable_index(previous, out, identity, photos, rebuild):
@@ -86,7 +104,7 @@ def build_index(args):
     files, skipped = photo_files(photos)
     model, identity = load_model(args.data_base, args.device)
     with claimed(out):
-        previous = read_index(out) if is_index(out) else None
+        previous = previous_index(out, args.rebuild)
         check_replaceable_index(previous, out, identity, photos, args.rebuild)
         kind = index_kind(args, previous)
         reuse = {}
@@ -97,7 +115,8 @@ def build_index(args):
         todo = [i for i, key in enumerate(keys) if key not in reuse]
         print(f'{len(files)} images under {photos}: {len(files) - len(todo)} unchanged, {len(todo)} to embed')
         meta = {'format': INDEX_FORMAT, 'checkpoint': str(Path(args.data_base).resolve()), 'model': identity,
-                'photos': str(photos), 'skipped': [f"'{path}' {why}" for path, why in skipped]}
+                'photos': str(photos), 'photo_folders': [str(photos)],
+                'skipped': [f"'{path}' {why}" for path, why in skipped]}
         embedded, failed = {}, []
 
         def save(complete):
@@ -163,12 +182,14 @@ def merge_indexes(args):
                 seen.add(path)
                 table.append({'path': path, 'size': entry['size'], 'mtime_ns': entry['mtime_ns']})
                 rows.append(vectors[row])
+    folders = list(dict.fromkeys(str(f) for meta, _, _ in parts for f in photo_folders(meta)))
     with claimed(out):
-        previous = read_index(out) if is_index(out) else None
+        previous = previous_index(out, args.rebuild)
         check_replaceable_index(previous, out, models[0], root, args.rebuild)
         kind = index_kind(args, previous)
         meta = {key: parts[0][0][key] for key in ('format', 'checkpoint', 'model')}
-        meta = commit(out, {**meta, 'format': INDEX_FORMAT, 'photos': str(root), 'unreadable': unreadable,
+        meta = commit(out, {**meta, 'format': INDEX_FORMAT, 'photos': str(root), 'photo_folders': folders,
+                            'unreadable': unreadable,
                             'skipped': skipped, 'merged_from': [str(Path(part).resolve()) for part in args.parts]},
                       table, np.stack(rows).astype(np.float32), kind, complete=all(
                           meta.get('complete', True) for meta, _, _ in parts))
@@ -180,13 +201,11 @@ def merge_indexes(args):
 
 def run_query(args):
     check_device(args.device)
-    if args.num < 1:
-        raise UserError(f'--num must be at least 1, got {args.num}')
     searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
     note_incomplete(searcher)
     files = query_files(args.query_name, pillow_suffixes())
     with writing_into(args.save_root):
-        plan = plan_outputs(files, args.save_root, {'the photos folder of the index': searcher.photos},
+        plan = plan_outputs(files, args.save_root, [('a photos folder of the index', f) for f in searcher.photo_folders],
                             lambda root, stem: [root / f'{stem}.png'])
         return [answer(searcher, path, picture, args.num) for path, (picture,) in plan]
 
@@ -239,6 +258,11 @@ def make_app(searcher, k=8):
     """The Gradio page: a sketchpad and an upload box; every stroke or upload shows the top k photos. The
     gallery gets pictures, not paths: the server hands out copies of the result photos and no file."""
     os.environ.setdefault('GRADIO_ANALYTICS_ENABLED', 'False')  # Gradio sends usage data out unless told not to
+    # Gradio serves every file of its upload and examples folders, shared by default with every Gradio app of the
+    # machine: this page gets folders of its own, so it serves only what it made itself.
+    private = tempfile.mkdtemp(prefix='zs-sbir-page-')
+    atexit.register(shutil.rmtree, private, True)
+    os.environ.update(GRADIO_TEMP_DIR=private, GRADIO_EXAMPLES_CACHE=str(Path(private) / 'examples'))
     import gradio as gr
 
     def search(value, count):
@@ -246,13 +270,13 @@ def make_app(searcher, k=8):
         if image is None:
             return []
         results = searcher.results(searcher.embed_sketch(image), int(count))
-        return [(ImageOps.contain(read_rgb(photo), (256, 256)), f'{similarity:.3f} {name}')
+        return [(ImageOps.contain(read_rgb(photo), (256, 256)), printable(f'{similarity:.3f} {name}'))
                 for photo, similarity, name in results]
 
     photos = searcher.photos.relative_to(Path.cwd()) if searcher.photos.is_relative_to(Path.cwd()) else searcher.photos
     with gr.Blocks(title='Sketch search') as app:
-        gr.Markdown(f'### Draw a sketch: the {len(searcher.table)} photos under `{photos}` are searched '
-                    f'with `{Path(searcher.meta["checkpoint"]).name}`')
+        gr.Markdown(printable(f'### Draw a sketch: the {len(searcher.table)} photos under `{photos}` are searched '
+                              f'with `{Path(searcher.meta["checkpoint"]).name}`'))
         # one column: beside another column the sketchpad's canvas is laid out wider than its box
         pad = gr.Sketchpad(label='sketch (pick the brush, then draw)', type='pil', canvas_size=(384, 384),
                            fixed_canvas=True, layers=False, transforms=(), height=460, elem_id='sketchpad',
@@ -268,8 +292,13 @@ def make_app(searcher, k=8):
     return app
 
 
-# Routes through which Gradio fetches other URLs for a client: not wanted from a page that shows photos.
-FETCHING = ('/file=http', '/file=//', '/proxy=')
+def printable(text):
+    """Text for the page: a file name's bytes that are not UTF-8 escaped (the page's JSON takes no others)."""
+    return text.encode('utf-8', 'surrogateescape').decode('utf-8', 'backslashreplace')
+
+
+# Routes through which Gradio fetches other URLs for a client (`file=<url>`, its old spelling `file/<url>`, `proxy=`)
+FETCHING = re.compile(r'/(file[=/]\s*(https?:|//)|proxy=)', re.IGNORECASE)
 
 
 def web_server(app, host, port, blocked=()):
@@ -284,7 +313,7 @@ def web_server(app, host, port, blocked=()):
 
     @web.middleware('http')
     async def no_fetching(request, call_next):
-        if any(route in unquote(request.url.path) for route in FETCHING):
+        if FETCHING.search(unquote(request.url.path)):
             return PlainTextResponse('not found', status_code=404)
         return await call_next(request)
     gr.mount_gradio_app(web, app, path='', run_history=False, ssr_mode=False, enable_monitoring=False,
@@ -309,7 +338,7 @@ def serve(args):
     check_port(args.host, args.port)
     searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
     note_incomplete(searcher)
-    server = web_server(make_app(searcher, args.num), args.host, args.port, [searcher.photos, searcher.folder])
+    server = web_server(make_app(searcher, args.num), args.host, args.port, [*searcher.photo_folders, searcher.folder])
     print(f'serving {searcher.folder} ({len(searcher.table)} photos) on http://{args.host}:{args.port}')
     server.run()
 
@@ -364,11 +393,17 @@ def run(args):
     empty = [f'--{k}' for k, v in vars(args).items() if v == '' or (isinstance(v, list) and '' in v)]
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
-    if args.command in ('query', 'serve') and (args.nprobe < 1 or args.ef_search < 1):
-        raise UserError(f'--nprobe and --ef_search must be at least 1, got {args.nprobe} and {args.ef_search}')
-    if args.command == 'index' and (args.batch_size < 1 or args.workers < 0 or not args.save_every >= 0):
-        raise UserError(f'--batch_size must be at least 1, --workers and --save_every at least 0, got '
-                        f'{args.batch_size}, {args.workers} and {args.save_every}')
+    if args.command in ('query', 'serve') and not (1 <= args.nprobe < 2 ** 31 and 1 <= args.ef_search < 2 ** 31):
+        raise UserError(f'--nprobe and --ef_search must be from 1 to 2**31 - 1, got {args.nprobe} and '
+                        f'{args.ef_search}')
+    if args.command == 'index':
+        check_workers(args.workers)
+        if not (1 <= args.batch_size <= 65536 and args.save_every >= 0):
+            raise UserError(f'--batch_size must be from 1 to 65536 and --save_every at least 0, got '
+                            f'{args.batch_size} and {args.save_every}')
+    most = {'query': 10_000, 'serve': 32}.get(args.command)  # the page shows at most 32
+    if most and not 1 <= args.num <= most:
+        raise UserError(f'--num must be from 1 to {most}, got {args.num}')
     return {'index': build_index, 'merge': merge_indexes, 'query': run_query, 'serve': serve}[args.command](args)
 
 

@@ -30,7 +30,7 @@ from utils import SKETCH, top_k
 # -2: data files named per write (listed in meta.json); -1 (fixed names) is still read
 INDEX_FORMAT, READABLE_FORMATS = 'zs-sbir-index-2', ('zs-sbir-index-1', 'zs-sbir-index-2')
 INDEX_KINDS = ('flat', 'ivf', 'hnsw')
-LOCK = '.search-index.lock'
+LOCK, JOURNAL = '.search-index.lock', '.search-index.writing.json'  # ours, hidden; the journal names a write's files
 DATA_FILE = re.compile(r'(vectors|files|index)-[0-9a-f]{12}\.(npy|csv|faiss)')  # what a write of this repo names
 FORMAT_1_FILES = {'vectors': 'vectors.npy', 'table': 'files.csv', 'index': 'index.faiss'}
 TABLE_COLUMNS = ['row', 'path', 'size', 'mtime_ns']
@@ -98,14 +98,29 @@ def _meta(folder):
     except (OSError, ValueError) as error:
         raise UserError(f"index '{folder}': meta.json cannot be read ({first_line(error)}): build the index again "
                         f"with `search.py index --rebuild`") from error
-    needed = ('format', 'model', 'photos', 'kind', 'checkpoint')
-    if not isinstance(meta, dict) or any(key not in meta for key in needed) or not isinstance(meta['model'], dict):
-        raise UserError(f"index '{folder}': meta.json is not that of an index of search.py (it lacks "
-                        f"{', '.join(needed)}): build the index again with `search.py index --rebuild`")
+    needed = {'format': str, 'model': dict, 'photos': str, 'kind': str, 'checkpoint': str}
+    files = meta.get('files') if isinstance(meta, dict) else None
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(key), kind) for key, kind in needed.items()) or \
+            meta['kind'] not in INDEX_KINDS or not isinstance(meta['model'].get('emb_dim'), int) or \
+            not isinstance(meta.get('photo_folders', []), list) or (files is not None and not _own_file_names(files)):
+        raise UserError(f"index '{folder}': meta.json is not that of an index of search.py (its "
+                        f"{', '.join(needed)} or files are missing or of another kind): build the index again with "
+                        f"`search.py index --rebuild`")
     if meta['format'] not in READABLE_FORMATS:
         raise UserError(f"index '{folder}' is of format {meta['format']!r}, which this version does not read: "
                         f"build it again with `search.py index --rebuild`")
     return meta
+
+
+def _own_file_names(files):
+    """True for a meta.json's `files`: the names of data files this repo writes, in the index folder itself."""
+    return isinstance(files, dict) and {'vectors', 'table'} <= set(files) <= {'vectors', 'table', 'index'} and \
+        all(isinstance(name, str) and DATA_FILE.fullmatch(name) for name in files.values())
+
+
+def photo_folders(meta):
+    """The folders an index holds photos of: its photos folder, or for a merged index the shards' folders."""
+    return [Path(folder) for folder in meta.get('photo_folders') or [meta['photos']]]
 
 
 def data_files(meta):
@@ -135,7 +150,7 @@ def read_index(folder):
             raise UserError(f"index '{folder}' is damaged ({first_line(error)}): run `search.py index --rebuild` "
                             f"on it") from error
     if vectors.ndim != 2 or len(table) != len(vectors) or vectors.dtype != np.float32 or \
-            any(set(TABLE_COLUMNS) - set(row) for row in table[:1]):
+            vectors.shape[1] != meta['model']['emb_dim'] or any(set(TABLE_COLUMNS) - set(row) for row in table[:1]):
         raise UserError(f"index '{folder}' is damaged ({names['vectors']} and {names['table']} do not match): run "
                         f"`search.py index --rebuild` on it")
     return meta, table, vectors
@@ -143,10 +158,12 @@ def read_index(folder):
 
 def write_index(folder, meta, table, vectors, index=None):
     """Write an index into `folder` (the caller holds its lock): its data files under new names, then meta.json
-    naming them, then the data files of the index it replaces are deleted. Nothing else is touched."""
+    naming them, then the data files of the index it replaces are deleted. Only files this repo wrote are ever
+    deleted: those the old meta.json names, and those a killed write listed in its journal."""
     import faiss
     folder = Path(folder)
-    old = data_files(_meta(folder)) if is_index(folder) else {}
+    finish_killed_write(folder)
+    old = owned_data_files(folder)
     stamp = uuid.uuid4().hex[:12]
     names = {'vectors': f'vectors-{stamp}.npy', 'table': f'files-{stamp}.csv'}
     writes = [(folder / names['vectors'], lambda tmp: _save_npy(tmp, vectors)),
@@ -154,19 +171,41 @@ def write_index(folder, meta, table, vectors, index=None):
     if index is not None:
         names['index'] = f'index-{stamp}.faiss'
         writes.append((folder / names['index'], lambda tmp: faiss.write_index(index, tmp)))
+    atomic_write(folder / JOURNAL, lambda tmp: Path(tmp).write_text(json.dumps(sorted(names.values()))))
     save_together(writes)
     try:
         atomic_write(folder / 'meta.json', lambda tmp: Path(tmp).write_text(json.dumps({**meta, 'files': names},
                                                                                       indent=1)))
     except UserError:
-        for name in names.values():
-            (folder / name).unlink(missing_ok=True)
+        finish_killed_write(folder)
         raise
-    for name in set(old.values()) - set(names.values()):
+    for name in set(old) - set(names.values()):
         (folder / name).unlink(missing_ok=True)
-    for path in folder.iterdir():  # data files of a write that was killed before its meta.json
-        if DATA_FILE.fullmatch(path.name) and path.name not in names.values() and path.is_file():
-            path.unlink()
+    (folder / JOURNAL).unlink(missing_ok=True)
+
+
+def owned_data_files(folder):
+    """The data files the index in `folder` names (none when its meta.json is damaged: nothing is deleted)."""
+    try:
+        return list(data_files(_meta(folder)).values()) if is_index(folder) else []
+    except UserError:
+        return []
+
+
+def finish_killed_write(folder):
+    """Delete the data files a killed write listed in its journal that no meta.json names, then the journal."""
+    journal = Path(folder) / JOURNAL
+    if not journal.is_file():
+        return
+    try:
+        written = json.loads(journal.read_text())
+    except (OSError, ValueError):
+        written = []
+    kept = set(owned_data_files(folder))
+    for name in written if isinstance(written, list) else []:
+        if isinstance(name, str) and DATA_FILE.fullmatch(name) and name not in kept:
+            (Path(folder) / name).unlink(missing_ok=True)
+    journal.unlink(missing_ok=True)
 
 
 def _save_npy(path, array):
@@ -234,7 +273,7 @@ class Searcher:
         if identity != self.meta['model']:
             raise UserError(f"'{data_base}' is not the model index '{self.folder}' was built with "
                             f"({self.meta['checkpoint']}): query it with that model, or build the index again")
-        self.device, self.photos = device, Path(self.meta['photos'])
+        self.device, self.photos, self.photo_folders = device, Path(self.meta['photos']), photo_folders(self.meta)
         self.classes = {Path(row['path']).parent.name for row in self.table}
         self.embed_sketch(Image.new('RGB', (8, 8), 'white'))  # warm up, so that timings are of steady state
         if self.meta['kind'] == 'flat':

@@ -36,13 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, run_cli
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
 from evaluation import embed_images, make_eval_loader, split_images, to_device
 from model import backbone_tag, build_model, compile_model
 from reference_metrics import reference_metrics
 from search_index import build_faiss, embed, photo_batches, top_rows, tune
 from synthetic import make_synthetic
-from training import STEPS, make_train_loader, training_nets
+from training import make_train_loader, step_of, training_nets
 from utils import PHOTO, build_cache, retrieval_metrics, scan_split
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
@@ -161,7 +161,7 @@ def prepared_model(method, backbone, num_classes, device, s):
 
 def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
     """Images/s of training steps over an iterable of CPU batches."""
-    nets, step = training_nets(model, s['amp']), STEPS[model.method]
+    nets, step = training_nets(model, s['amp']), step_of(model)
     model.set_warmup(False)
     model.train()
     count, start = 0, None
@@ -210,7 +210,8 @@ def bench_train(args):
     device = check_device(args.device)
     if args.quick:
         args.img_size, args.batch_size, args.steps = 32, 8, 3
-    if args.batch_size < 2 or args.steps < 1 or args.workers < 0 or not 32 <= args.img_size <= 2048:
+    check_workers(args.workers)
+    if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
                         f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
@@ -360,6 +361,7 @@ def bench_search(args):
     import faiss
     if args.quick:
         args.sizes, args.embed_images, args.img_size = [10_000, 20_000], 16, 64
+    check_workers(args.workers)
     small = [f'--{name} {getattr(args, name)}' for name in ('queries', 'embed_images', 'emb_dim', 'clusters', 'workers')
              if getattr(args, name) < (0 if name == 'workers' else 1)]
     if min(args.sizes) < 1000 or small or not 32 <= args.img_size <= 2048:

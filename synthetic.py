@@ -11,9 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cli import DataError, UserError
+from cli import MAX_WORKERS, DataError, UserError
 from images import load_image
-from safe_files import (acquire_lock, atomic_write, check_folder_replaceable, check_writable_dir, remove_stale_staging,
+from pictures import save_png
+from safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
                         staging_folder, swap_in)
 from utils import PHOTO, SKETCH, scan_split
 
@@ -251,8 +252,8 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         problems.append(f'--img_size must be at least 8, got {img_size}')
     if seed < 0:
         problems.append(f'--data_seed must be at least 0, got {seed}')
-    if workers < 1:
-        problems.append(f'--workers must be at least 1, got {workers}')
+    if not 1 <= workers <= MAX_WORKERS:
+        problems.append(f'--workers must be from 1 to {MAX_WORKERS}, got {workers}')
     if problems:
         raise UserError('; '.join(problems))
     train, val = synthetic_classes(num_classes, num_val_classes, seed)
@@ -306,6 +307,6 @@ def preview(data_dir, out_path, per_class=1, size=64):
                 rows[domain] += [load_image(split.root / split.paths[i], size) for i in items[:per_class]]
     grid = np.concatenate([np.concatenate([im.permute(1, 2, 0).numpy() for im in rows[d]], 1)
                            for d in (SKETCH, PHOTO)], 0)
-    atomic_write(out_path, lambda tmp: Image.fromarray(grid).save(tmp, format='PNG', optimize=True))
+    save_png(Image.fromarray(grid), out_path)  # marked: a later --preview replaces it, nothing else
 
 

@@ -17,9 +17,9 @@ import torch
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from cli import DataError, UserError, first_line
+from cli import DataError, UserError, check_workers, first_line
 from images import IMAGE_SUFFIXES, RESIZE, is_image_file, load_image, read_rgb
-from safe_files import acquire_lock, atomic_write, check_writable_dir, remove_stale_temporaries
+from safe_files import UMASK, acquire_lock, atomic_write, check_writable_dir, remove_stale_temporaries
 
 PHOTO, SKETCH = 0, 1
 DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
@@ -318,10 +318,9 @@ def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
 
     The index records every image's path, size and modification time, so a changed image is noticed.
     """
-    if size < 32 or size % 4:
-        raise UserError(f'--img_size must be a multiple of 4 and at least 32 (as train.py needs), got {size}')
-    if workers < 1:
-        raise UserError(f'--workers must be at least 1, got {workers}')
+    if not 32 <= size <= 2048 or size % 4:
+        raise UserError(f'--img_size must be a multiple of 4 from 32 to 2048 (as train.py takes), got {size}')
+    check_workers(workers, minimum=1)
     interpolation, written = RESIZE[method], []
     folder = cache_path(data_root, data_name, 'train', size, interpolation).parent
     splits = {name: scan_split(data_root, data_name, name) for name in ('train', 'val')}
@@ -345,13 +344,21 @@ def _write_cache(split, split_name, path, size, interpolation, workers):
     remove_stale_temporaries(path)
     fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
     os.close(fd)
-    np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
-    chunk = 256
-    tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
-             for i in range(0, len(split), chunk)]
-    with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
-        for done in pool.imap_unordered(_fill, tasks):
-            bar.update(done)
+    try:
+        np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
+        chunk = 256
+        tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
+                 for i in range(0, len(split), chunk)]
+        with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
+            for done in pool.imap_unordered(_fill, tasks):
+                bar.update(done)
+    except BaseException as error:
+        os.remove(partial)
+        if isinstance(error, (OSError, ValueError, MemoryError)):
+            raise UserError(f"could not write the image cache '{path}' ({first_line(error)}): nothing was kept") \
+                from error
+        raise
+    os.chmod(partial, 0o666 & ~UMASK)
     os.replace(partial, path)
     index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths),
              'stats': stats}

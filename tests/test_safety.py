@@ -344,7 +344,7 @@ def test_test_py_unwritable_save_root_and_junk_gallery_photo(run, tiny_data, tmp
 
 def test_prepare_py_errors(tiny_data, tmp_path, capsys):
     check_cli(capsys, prepare.main, ['cache', '--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', 0],
-              r'--img_size must be a multiple of 4 and at least 32 \(as train.py needs\), got 0', unchanged=[tiny_data])
+              r'--img_size must be a multiple of 4 from 32 to 2048 \(as train.py takes\), got 0', unchanged=[tiny_data])
     (tmp_path / 'file').write_text('x')
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'file'], r"--data_root '.*file' is a file")
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tiny_data], r"synthetic' already exists: remove it, "

@@ -212,7 +212,7 @@ def test_bad_inputs_are_one_line_and_write_nothing(checkpoints, gallery, tmp_pat
     check_error(capsys, ['query', '--index', tmp_path / 'mine', '--query_name', gallery], 'is not an index of search.py')
     check_error(capsys, ['query', '--index', index, '--query_name', tmp_path / 'nope.png'], 'query image not found')
     check_error(capsys, ['query', '--index', index, '--query_name', gallery, '--nprobe', 0],
-                '--nprobe and --ef_search must be at least 1')
+                r'--nprobe and --ef_search must be from 1 to 2\*\*31 - 1')
     check_error(capsys, ['query', '--index', index, '--query_name', ''], '--query_name must not be empty')
     assert {p.name: p.read_bytes() for p in index.iterdir()} == before
     meta = build(checkpoints[1], gallery, index, '--rebuild')

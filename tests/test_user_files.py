@@ -2,6 +2,7 @@
 index folder, locks against a second writer, resumable index builds, links and odd file names, and a web page
 that hands out the result pictures and nothing else. Each case is a real run of the command."""
 import json
+from pathlib import Path
 import os
 import shutil
 import threading
@@ -254,7 +255,7 @@ def test_query_pictures_stay_out_of_the_photos_and_never_overwrite_each_other(ch
     build(checkpoints[0], gallery, index)
     check_cli(capsys, search.main, ['query', '--index', index, '--query_name', gallery / 'photo', '--save_root',
                                     gallery / 'photo' / 'results'],
-              r"--save_root '.*results' is inside the photos folder of the index '.*gallery'", unchanged=[gallery])
+              r"--save_root '.*results' is inside a photos folder of the index '.*gallery'", unchanged=[gallery])
     twins = [tmp_path / folder / 'cat.png' for folder in ('a', 'b')]
     for twin, colour in zip(twins, ('black', 'grey')):
         twin.parent.mkdir()
@@ -370,3 +371,147 @@ def test_any_file_name_is_indexed_queried_and_printed(checkpoints, gallery, tmp_
     assert sorted(str(path.name) for path, _, _ in answers[0]) == sorted(names)
     assert answers[0][0][0].name == names[3]  # a photo is its own best match
     assert [p.name for p in (tmp_path / 'out').iterdir()] == [os.fsdecode(b'bytes\xff.png')]
+
+
+# ----------------------------------------------------------------------------------------------- probe round 3
+
+def test_serve_fetches_no_url_and_no_file_of_other_gradio_apps(checkpoints, gallery, tmp_path):
+    import tempfile
+    shared = Path(tempfile.gettempdir()) / 'gradio' / 'zzprobe'  # Gradio's folder shared by every app
+    shared.mkdir(parents=True, exist_ok=True)
+    (shared / 'secret.txt').write_text('SECRET of another app')
+    build(checkpoints[0], gallery, tmp_path / 'index')
+    searcher = search_index.Searcher(tmp_path / 'index')
+    port = free_port()
+    server = running(search.web_server(search.make_app(searcher, 4), '127.0.0.1', port, [searcher.photos]))
+    base = f'http://127.0.0.1:{port}'
+    try:
+        for path in (f'/gradio_api/file={shared / "secret.txt"}', f'/gradio_api/file/{shared / "secret.txt"}',
+                     '/gradio_api/file/http://1.1.1.1/', '/gradio_api/file/HTTPS://93.184.215.14/',
+                     '/gradio_api/file=http://1.1.1.1/'):
+            status, body = fetch(base + path)
+            assert status in (403, 404) and b'SECRET' not in body, (path, status)
+    finally:
+        server.should_exit = True
+        shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_meta_json_never_names_files_outside_the_index(checkpoints, gallery, tmp_path, capsys):
+    index = tmp_path / 'index'
+    build(checkpoints[0], gallery, index)
+    victim = tmp_path / 'victim.txt'
+    victim.write_text('mine')
+    meta = json.loads((index / 'meta.json').read_text())
+    (index / 'vectors-0123456789ab.npy').write_bytes(b'my own file, named like an index file')
+    for files in ({**meta['files'], 'index': str(victim)}, {**meta['files'], 'table': '../victim.txt'},
+                  list(meta['files'].values())):
+        (index / 'meta.json').write_text(json.dumps({**meta, 'files': files}))
+        check_cli(capsys, search.main, ['index', '--data_base', checkpoints[0], '--photos', gallery, '--index', index,
+                                        '--workers', 0], r"meta.json is not that of an index of search.py")
+        assert victim.read_text() == 'mine'
+    build(checkpoints[0], gallery, index, '--rebuild')  # a damaged index: --rebuild replaces it
+    assert victim.read_text() == 'mine' and (index / 'vectors-0123456789ab.npy').is_file()  # never named: kept
+    build(checkpoints[0], gallery, index)
+    assert (index / 'vectors-0123456789ab.npy').read_bytes().startswith(b'my own file')
+    meta = json.loads((index / 'meta.json').read_text())
+    for damage in ({'photos': None}, {'files': 'vectors.npy'}, {'kind': 'ann'}):
+        (index / 'meta.json').write_text(json.dumps({**meta, **damage}))
+        check_cli(capsys, search.main, ['query', '--index', index, '--query_name', gallery], 'meta.json is not that')
+    (index / 'meta.json').write_text(json.dumps(meta))
+    np.save(index / meta['files']['vectors'], np.zeros((20, 3), np.float32))  # another model's width
+    check_cli(capsys, search.main, ['query', '--index', index, '--query_name', gallery], r'is damaged')
+
+
+def test_shards_of_unrelated_folders_merge_and_query(checkpoints, gallery, tmp_path, capsys):
+    elsewhere = tmp_path / 'far' / 'away' / 'photos'
+    shutil.copytree(gallery / 'photo', elsewhere)
+    build(checkpoints[0], gallery / 'drawing', tmp_path / 'a')
+    build(checkpoints[0], elsewhere, tmp_path / 'b')
+    search.main(['merge', '--parts', str(tmp_path / 'a'), str(tmp_path / 'b'), '--index', str(tmp_path / 'merged')])
+    out = tmp_path / 'gallery' / 'pictures'  # under the shards' common folder, in neither shard's
+    answers = search.main(['query', '--index', str(tmp_path / 'merged'), '--query_name', str(gallery / 'drawing'),
+                           '--save_root', str(out), '--device', DEVICE, '--num', '3'])
+    assert len(answers) == 10 and len(list(out.glob('*.png'))) == 10
+    check_cli(capsys, search.main, ['query', '--index', tmp_path / 'merged', '--query_name', gallery / 'drawing',
+                                    '--save_root', elsewhere / 'x'], 'is inside a photos folder of the index')
+
+
+@pytest.mark.parametrize('argv, match', [
+    (['query', '--ef_search', str(2 ** 31)], r'--nprobe and --ef_search must be from 1 to 2\*\*31 - 1'),
+    (['query', '--nprobe', str(2 ** 64)], r'--nprobe and --ef_search must be from 1 to 2\*\*31 - 1'),
+    (['serve', '--num', '100'], '--num must be from 1 to 32, got 100'),
+    (['serve', '--num', '0'], '--num must be from 1 to 32, got 0'),
+    (['index', '--batch_size', str(10 ** 20)], '--batch_size must be from 1 to 65536'),
+    (['index', '--workers', str(10 ** 20)], '--workers must be from 0 to 64'),
+])
+def test_huge_option_values_are_one_line(checkpoints, gallery, tmp_path, capsys, argv, match):
+    command, extra = argv[0], argv[1:]
+    base = {'query': ['--index', tmp_path, '--query_name', gallery], 'serve': ['--index', tmp_path],
+            'index': ['--data_base', checkpoints[0], '--photos', gallery, '--index', tmp_path / 'i']}[command]
+    check_cli(capsys, search.main, [command, *base, *extra], match)
+
+
+def test_huge_values_in_other_commands(tiny_data, tmp_path, capsys):
+    import convert
+    import test as retrieval
+    check_cli(capsys, convert.main, ['--extractor', 'e', '--generator', 'g', '--save', tmp_path / 'c.pth', '--emb_dim',
+                                     str(10 ** 11)], '--emb_dim must be from 1 to 65536')
+    check_cli(capsys, prepare.main, ['cache', '--data_root', tiny_data, '--data_name', 'synthetic', '--img_size',
+                                     str(2 ** 40)], '--img_size must be a multiple of 4 from 32 to 2048',
+              unchanged=[tiny_data])
+    check_cli(capsys, prepare.main, ['cache', '--data_root', tiny_data, '--data_name', 'synthetic', '--workers',
+                                     str(10 ** 20)], '--workers must be from 1 to 64', unchanged=[tiny_data])
+    check_cli(capsys, retrieval.main, ['--evaluate', '--workers', str(10 ** 20)], '--workers must be from 0 to 64')
+    assert not list((tiny_data / 'synthetic').glob('cache/*.tmp'))
+
+
+def test_prepare_keeps_every_photo_and_says_what_it_leaves_out(tmp_path, capsys):
+    raw = raw_quickdraw(tmp_path / 'raw')
+    extra = tmp_path / 'extra'
+    for c, name in enumerate(read_class_list('quickdraw_all')):
+        photo_like(extra / name / f'image_{c}.jpg', 5000 + c)  # the same name as a photo of the first folder
+    photo_like(raw / 'QuickDraw_images_final' / 'bat' / f'image_{read_class_list("quickdraw_all").index("bat")}__1.jpg',
+               77)  # and the name the second one would get
+    (raw / 'QuickDraw_images_final' / 'bat' / 'sub').mkdir()
+    photo_like(raw / 'QuickDraw_images_final' / 'bat' / 'b.webp', 78)
+    for copy in ((), ('--copy',)):
+        prepare.main([str(a) for a in quickdraw(raw, tmp_path / f'data{len(copy)}')[:5]] + [
+            str(extra), '--data_root', str(tmp_path / f'data{len(copy)}'), *copy])
+        out = capsys.readouterr().out
+        bat = tmp_path / f'data{len(copy)}' / 'quickdraw' / 'val' / 'photo' / 'bat'
+        assert len(list(bat.iterdir())) == 3 and len({p.read_bytes() for p in bat.iterdir()}) == 3
+        assert "left out 2 entries of class folders that are not .jpg/.jpeg/.png files" in out
+        assert oct(os.stat(bat.parents[3]).st_mode & 0o777) != '0o700'
+    mine = tmp_path / 'mine.png'
+    Image.new('RGB', (4, 4)).save(mine)
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', mine],
+              "file '.*mine.png' exists and was not written by this repo: choose another --preview",
+              unchanged=[tmp_path / 'data0'])
+    assert not (tmp_path / 'new').exists()
+
+
+def test_a_dangling_link_at_an_output_path_is_refused(checkpoints, gallery, tmp_path, capsys):
+    build(checkpoints[0], gallery, tmp_path / 'index')
+    query = sorted((gallery / 'drawing').iterdir())[0]
+    (tmp_path / 'out').mkdir()
+    (tmp_path / 'out' / f'{query.stem}.png').symlink_to(tmp_path / 'nowhere.png')
+    check_cli(capsys, search.main, ['query', '--index', tmp_path / 'index', '--query_name', query, '--save_root',
+                                    tmp_path / 'out'], 'is a link to nothing, which this repo does not replace')
+    assert (tmp_path / 'out' / f'{query.stem}.png').is_symlink()
+
+
+def test_the_page_takes_names_that_are_not_utf8(checkpoints, gallery, tmp_path):
+    photos = tmp_path / os.fsdecode(b'ph\xffotos')
+    shutil.copytree(gallery / 'drawing', photos / os.fsdecode(b'cl\xffass'))
+    build(checkpoints[0], photos, tmp_path / 'index')
+    searcher = search_index.Searcher(tmp_path / 'index')
+    app = search.make_app(searcher, 3)
+    shown = app.search({'composite': drawn_x()}, 3)
+    assert len(shown) == 3 and all(caption.endswith('cl\\xffass') for _, caption in shown)
+    port = free_port()
+    server = running(search.web_server(app, '127.0.0.1', port, [searcher.photos]))
+    try:
+        status, body = fetch(f'http://127.0.0.1:{port}/')
+        assert status == 200
+    finally:
+        server.should_exit = True

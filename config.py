@@ -5,8 +5,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device
-from model import EDGE_MODES, METHODS, backbone_tag
+from cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, UserError, check_device, default_device
+from model import CLASS_LOSSES, EDGE_MODES, METHODS, backbone_tag, default_levels
 from utils import SELECT_KEY
 
 DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
@@ -18,7 +18,7 @@ SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': '
 # Options that define a run's results: --resume refuses to continue a run under different ones.
 RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',
                 'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'loss_weights', 'class_on',
-                'eval_queries')
+                'eval_queries', 'class_loss', 'extractor_only', 'feature_levels', 'gzs')
 
 
 # ACNet's loss: adversarial + 0.1 * identity + 10 * class, the class loss on E(sketch), E(photo), E(G(sketch)).
@@ -43,7 +43,9 @@ def parse_args(argv=None, description=None):
     p.add_argument('--warmup', type=int, default=None,
                    help='epochs with a frozen backbone (default: 1 for acnet, 2 for msedge)')
     p.add_argument('--save_root', default='result', help='where results and checkpoints go')
-    p.add_argument('--lr', type=float, default=1e-5, help='learning rate of the backbone and embedding layer')
+    p.add_argument('--lr', type=float, default=None,
+                   help='learning rate of the backbone and embedding layer (default 1e-5; 1e-4 with --extractor_only, '
+                        "as the original's extractor-only baselines)")
     p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
                    help='msedge: which domains are fed as edge maps')
     p.add_argument('--loss_weights', type=float, nargs=3, default=list(DEFAULT_LOSS_WEIGHTS),
@@ -51,11 +53,23 @@ def parse_args(argv=None, description=None):
                    help='acnet: weights of the adversarial, identity and class losses (identity 0: not computed)')
     p.add_argument('--class_on', nargs='+', default=list(CLASS_INPUTS), choices=CLASS_INPUTS,
                    help='acnet: the embeddings the class loss sees (fake: of the generated images)')
+    p.add_argument('--class_loss', default='normsoftmax', choices=CLASS_LOSSES,
+                   help='acnet: the class loss (ce: a cross-entropy head, 04de2e0; triplet: with --extractor_only, '
+                        'ablation/triplet.py)')
+    p.add_argument('--extractor_only', action='store_true',
+                   help='acnet: no generator or discriminator, the extractor alone on single sketches and photos '
+                        '(the original ablation/norm.py and ablation/triplet.py)')
+    p.add_argument('--feature_levels', type=int, nargs=3, default=None, metavar='LEVEL',
+                   help="msedge: the backbone's feature levels to fuse (timm features_only indices; default: the "
+                        'seeds\' 2 3 4 for ResNet50 and VGG16, else the last three; 1 2 4 is EGFF 75d71f0)')
+    p.add_argument('--gzs', action='store_true',
+                   help='also score generalized ZS-SBIR every epoch (docs/metrics.md): seen-class sketches and photos, '
+                        'held out of training, join the queries and the gallery')
     p.add_argument('--select_on', default='test', choices=list(SELECT_KEY),
                    help="pick the best epoch on the unseen test classes (the seeds' way, to reproduce their "
                         'tables) or on held-out images of the seen classes (no test-set selection)')
     p.add_argument('--heldout_fraction', type=float, default=0.1,
-                   help="with --select_on heldout: share of every seen class's sketches and photos held out")
+                   help="with --select_on heldout or --gzs: share of every seen class's sketches and photos held out")
     p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
     p.add_argument('--seed', type=int, default=1)
     p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
@@ -85,8 +99,10 @@ def parse_args(argv=None, description=None):
                          help='local ImageNet weights for the backbone (torchvision or timm format)')
     weights.add_argument('--no_pretrained', action='store_true', help='random initialisation (tests, offline)')
     args = p.parse_args(argv)
-    if args.warmup is None:
-        args.warmup = DEFAULT_WARMUP[args.method]
+    if args.warmup is None:  # the original extractor-only baselines froze nothing
+        args.warmup = 0 if args.extractor_only else DEFAULT_WARMUP[args.method]
+    if args.lr is None:
+        args.lr = 1e-4 if args.extractor_only else 1e-5
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
     args.class_on = [name for name in CLASS_INPUTS if name in args.class_on]  # one order: one file name
@@ -108,8 +124,11 @@ def check_args(args):
         problems.append(f'--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}')
     if not 32 <= args.img_size <= 2048 or args.img_size % 4:
         problems.append(f'--img_size must be a multiple of 4 from 32 to 2048, got {args.img_size}')
-    if args.workers < 0:
-        problems.append(f'--workers must be at least 0, got {args.workers}')
+    if not 0 <= args.workers <= MAX_WORKERS:
+        problems.append(f'--workers must be from 0 to {MAX_WORKERS}, got {args.workers}')
+    for name in ('emb_dim', 'batch_size', 'eval_batch_size'):
+        if getattr(args, name) > 65536:
+            problems.append(f'--{name} must be at most 65536, got {getattr(args, name)}')
     if not 0 < args.lr < float('inf'):
         problems.append(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.seed < 2 ** 31:
@@ -124,7 +143,14 @@ def check_args(args):
     if not all(0 <= w < float('inf') for w in args.loss_weights) or args.loss_weights[2] == 0:
         problems.append(f'--loss_weights must be >= 0 with a class weight above 0, got {args.loss_weights}')
     if args.method != 'acnet' and acnet_variant(args):
-        problems.append('--loss_weights and --class_on apply to --method acnet only')
+        problems.append('--loss_weights, --class_on, --class_loss and --extractor_only apply to --method acnet only')
+    if args.extractor_only and (tuple(args.loss_weights) != DEFAULT_LOSS_WEIGHTS or tuple(args.class_on) != CLASS_INPUTS):
+        problems.append('--loss_weights and --class_on weigh the generator\'s losses: --extractor_only has none')
+    if args.class_loss == 'triplet' and not args.extractor_only:
+        problems.append('--class_loss triplet is the extractor-only baseline of the original (ablation/triplet.py): '
+                        'add --extractor_only')
+    if args.feature_levels and args.method != 'msedge':
+        problems.append('--feature_levels applies to --method msedge only')
     if problems:
         raise UserError('; '.join(problems))
     backbone_tag(args.method, args.backbone_type)  # an unknown name fails here, naming close matches
@@ -132,8 +158,10 @@ def check_args(args):
 
 
 def acnet_variant(args):
-    """File-name suffix of a non-default ACNet loss ('' for the original), e.g. _w1-1-1_on-photo-fake."""
-    suffix = ''
+    """File-name suffix of a non-default ACNet ('' for the original), e.g. _w1-1-1_on-photo-fake or _extractor-triplet."""
+    suffix = '_extractor' if args.extractor_only else ''
+    if args.class_loss != 'normsoftmax' or args.extractor_only:
+        suffix += f'-{args.class_loss}' if args.extractor_only else f'_{args.class_loss}'
     if tuple(args.loss_weights) != DEFAULT_LOSS_WEIGHTS:
         suffix += '_w' + '-'.join(f'{w:g}' for w in args.loss_weights)
     if tuple(args.class_on) != CLASS_INPUTS:
@@ -146,8 +174,13 @@ def run_prefix(args):
     (ACNet loss options, MSEdge's --edge_mode), so variants never share files."""
     prefix = f'{args.data_name}_{args.method}_{args.backbone_type.replace("/", "-")}_{args.emb_dim}'
     if args.method == 'msedge':
-        return prefix + ('' if args.edge_mode == 'both' else f'_edge-{args.edge_mode}')
-    return prefix + acnet_variant(args)
+        prefix += '' if args.edge_mode == 'both' else f'_edge-{args.edge_mode}'
+        levels = getattr(args, 'feature_levels', None)
+        prefix += f'_levels-{"-".join(map(str, levels))}' if levels and tuple(levels) != default_levels(
+            backbone_tag('msedge', args.backbone_type)) else ''
+    else:
+        prefix += acnet_variant(args)
+    return prefix + ('_gzs' if getattr(args, 'gzs', False) else '')  # GZS runs train on fewer images
 
 
 @dataclass

@@ -90,6 +90,36 @@ def sample_queries(split, count, seed):
     return split.subset([i for i in range(len(split)) if split.domains[i] == PHOTO or i in chosen])
 
 
+# Generalized ZS-SBIR (SEM-PCYC, Dutta & Akata, CVPR 2019, src/test.py with --gzs-sbir): the seen-class items
+# added to the unseen test set number 20% of its sketches and of its photos.
+GZS_SHARE = 0.2
+
+
+def gzs_seen_items(heldout, val, seed):
+    """The seen-class items generalized ZS-SBIR adds to the unseen test set (docs/metrics.md): int(0.2 x its
+    photos) photos drawn uniformly, without replacement, from the held-out seen-class photos (pooled over
+    classes), then int(0.2 x its sketches) sketches drawn likewise from the held-out sketches of the classes
+    those photos show (a query needs a relevant photo for its AP to be defined). Fewer when fewer are held out."""
+    rng = np.random.default_rng(seed)
+    photos = heldout.indices(PHOTO)
+    photos = rng.choice(photos, min(len(photos), int(GZS_SHARE * val.count(PHOTO))), replace=False).tolist()
+    shown = {heldout.labels[i] for i in photos}
+    sketches = [i for i in heldout.indices(SKETCH) if heldout.labels[i] in shown]
+    sketches = rng.choice(sketches, min(len(sketches), int(GZS_SHARE * val.count(SKETCH))), replace=False).tolist()
+    return heldout.subset(sorted(photos + sketches))
+
+
+def gzs_metrics(val_vectors, val, seen_vectors, seen):
+    """The four metrics over the generalized test set: every sketch (unseen and seen) queries every photo
+    (unseen and seen); relevant means the same class. Seen labels follow the unseen ones."""
+    device = val_vectors.device
+    labels = torch.tensor(val.labels + [len(val.classes) + label for label in seen.labels], device=device)
+    domains = torch.tensor(val.domains + seen.domains, device=device)
+    vectors = torch.cat([val_vectors, seen_vectors.to(device)])
+    sketch, photo = domains == SKETCH, domains == PHOTO
+    return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
+
+
 def format_metrics(metrics):
     return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
 

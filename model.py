@@ -55,6 +55,11 @@ def is_seed_arch(tag):
     return timm.models.split_model_name_tag(tag)[0] in SEED_ARCHS
 
 
+def default_levels(tag):
+    """The feature levels MSEdge fuses by default: the seeds' for ResNet50 and VGG16, else the last three."""
+    return SEED_LEVELS if is_seed_arch(tag) else LAST_THREE_LEVELS
+
+
 def input_normalisation(method, tag):
     """(mean, std) of the images a backbone receives: the seeds' for ResNet50 and VGG16 (ACNet 0.5/0.5, the
     range [-1, 1] of its generator; MSEdge ImageNet's), else what the pretrained weights expect (timm)."""
@@ -337,8 +342,10 @@ class Extractor(nn.Module):
     are in [-1, 1] (the generator's range) and are brought to the backbone's normalisation (`mean`, `std`).
     """
 
-    def __init__(self, tag, emb_dim=512, pretrained=True, weights=None, mean=(0.5,) * 3, std=(0.5,) * 3):
+    def __init__(self, tag, emb_dim=512, pretrained=True, weights=None, mean=(0.5,) * 3, std=(0.5,) * 3,
+                 normalize=True, freeze_batchnorm=True):
         super().__init__()
+        self.normalize, self.freeze_batchnorm = normalize, freeze_batchnorm
         try:
             self.backbone, self.pool = create_timm(tag, pretrained, weights, num_classes=emb_dim, global_pool='max'), 'max'
         except (AssertionError, ValueError, NotImplementedError):  # no max pooling in this architecture
@@ -354,26 +361,57 @@ class Extractor(nn.Module):
     def forward(self, x):
         if self.rescale:
             x = x * self.scale + self.shift
-        return F.normalize(self.backbone(x), dim=-1)
+        x = self.backbone(x)
+        return F.normalize(x, dim=-1) if self.normalize else x
 
     def train(self, mode=True):
         super().train(mode)
-        _freeze_batchnorm(self.backbone)
+        if self.freeze_batchnorm:
+            _freeze_batchnorm(self.backbone)
         return self
 
 
+CLASS_LOSSES = ('normsoftmax', 'ce', 'triplet')
+
+
+class CrossEntropyHead(nn.Module):
+    """ACNet 04de2e0's class loss: a linear layer emb_dim -> classes on the extractor's unnormalised output,
+    with cross-entropy (the embeddings are L2-normalised only for evaluation)."""
+
+    def __init__(self, num_classes, emb_dim):
+        super().__init__()
+        self.fc = nn.Linear(emb_dim, num_classes)
+
+    def forward(self, embeddings, labels):
+        return F.cross_entropy(self.fc(embeddings), labels)
+
+
 class ACNet(nn.Module):
-    """Generator, discriminator, extractor and the class-loss proxies, saved and loaded as one."""
+    """Generator, discriminator, extractor and the class-loss proxies, saved and loaded as one.
+
+    The ablations of the original history (docs/training.md): `class_loss` 'ce' replaces NormalizedSoftmax by
+    a cross-entropy head (04de2e0); `extractor_only` drops the generator and discriminator and trains the
+    extractor alone on single sketches and photos (ablation/norm.py with 'normsoftmax', ablation/triplet.py
+    with 'triplet'), its BatchNorm training as there.
+    """
     method = 'acnet'
 
-    def __init__(self, num_classes, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None):
+    def __init__(self, num_classes, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None,
+                 class_loss='normsoftmax', extractor_only=False):
         super().__init__()
+        if class_loss not in CLASS_LOSSES:
+            raise UserError(f'--class_loss must be one of {", ".join(CLASS_LOSSES)}, got {class_loss!r}')
         self.backbone_tag = backbone_tag('acnet', backbone_type)
-        self.generator = Generator()
-        self.discriminator = Discriminator()
+        self.class_loss_name, self.extractor_only = class_loss, extractor_only
+        if not extractor_only:
+            self.generator = Generator()
+            self.discriminator = Discriminator()
         mean, std = input_normalisation('acnet', self.backbone_tag)
-        self.extractor = Extractor(self.backbone_tag, emb_dim, pretrained, weights, mean, std)
-        self.class_loss = losses.NormalizedSoftmaxLoss(num_classes, emb_dim)
+        self.extractor = Extractor(self.backbone_tag, emb_dim, pretrained, weights, mean, std,
+                                   normalize=class_loss != 'ce', freeze_batchnorm=not extractor_only)
+        self.class_loss = {'normsoftmax': lambda: losses.NormalizedSoftmaxLoss(num_classes, emb_dim),
+                           'ce': lambda: CrossEntropyHead(num_classes, emb_dim),
+                           'triplet': losses.TripletMarginLoss}[class_loss]()
 
     @staticmethod
     def to_input(images):
@@ -382,15 +420,18 @@ class ACNet(nn.Module):
 
     def generate(self, images):
         """The generator's photo-like image of each uint8 image, as uint8 (what the original vis.py saved)."""
+        if self.extractor_only:
+            raise UserError('this ACNet was trained without a generator (--extractor_only): it generates no images')
         return ((self.generator(self.to_input(images)) + 1) * 127.5).clamp(0, 255).byte()
 
     def embed(self, images, domains):
-        """Photos as E(photo), sketches as E(G(sketch))."""
+        """Photos as E(photo), sketches as E(G(sketch)) (as E(sketch) without a generator), L2-normalised."""
         x = self.to_input(images)
         sketches = domains == SKETCH
-        if sketches.any():
+        if sketches.any() and not self.extractor_only:
             x[sketches] = self.generator(x[sketches]).to(x.dtype)
-        return self.extractor(x)
+        embeddings = self.extractor(x)
+        return embeddings if self.extractor.normalize else F.normalize(embeddings, dim=-1)
 
     def set_warmup(self, warming_up):
         """During warm-up every parameter of the extractor's timm model is frozen except its new
@@ -402,13 +443,19 @@ class ACNet(nn.Module):
         set_grad_checkpointing(self.extractor.backbone, self.backbone_tag)
 
     def make_optimizers(self, lr=1e-5, fused=None):
-        return {
-            'extractor': torch.optim.Adam([dict(params=self.extractor.parameters(), lr=lr),
-                                           dict(params=self.class_loss.parameters(), lr=1e-3)], fused=fused),
-            'generator': torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999), fused=fused),
-            'discriminator': torch.optim.Adam(self.discriminator.parameters(), lr=1e-4, betas=(0.5, 0.999),
-                                              fused=fused),
-        }
+        # NormalizedSoftmax's proxies at 1e-3; the CE head sat in the original's extractor, at its rate, and so
+        # did the extractor-only baselines' proxies (ablation/norm.py: Adam(..., lr=1e-4) for both)
+        head_lr = 1e-3 if self.class_loss_name == 'normsoftmax' and not self.extractor_only else lr
+        groups = [dict(params=self.extractor.parameters(), lr=lr)]
+        if list(self.class_loss.parameters()):
+            groups.append(dict(params=self.class_loss.parameters(), lr=head_lr))
+        optimizers = {'extractor': torch.optim.Adam(groups, fused=fused)}
+        if not self.extractor_only:
+            optimizers['generator'] = torch.optim.Adam(self.generator.parameters(), lr=1e-3, betas=(0.5, 0.999),
+                                                       fused=fused)
+            optimizers['discriminator'] = torch.optim.Adam(self.discriminator.parameters(), lr=1e-4,
+                                                           betas=(0.5, 0.999), fused=fused)
+        return optimizers
 
 
 # ----------------------------------------------------------------------------------------------
@@ -489,13 +536,15 @@ class MSEdge(nn.Module):
     method = 'msedge'
 
     def __init__(self, num_classes, backbone_type='resnet50', emb_dim=512, edge_mode='both',
-                 pretrained=True, weights=None):
+                 pretrained=True, weights=None, feature_levels=None):
         super().__init__()
         if edge_mode not in EDGE_MODES:
             raise UserError(f'--edge_mode must be one of {EDGE_MODES}, got {edge_mode!r}')
         self.edge_mode = edge_mode
         self.backbone_tag = backbone_tag('msedge', backbone_type)
-        levels = SEED_LEVELS if is_seed_arch(self.backbone_tag) else LAST_THREE_LEVELS
+        levels = tuple(feature_levels) if feature_levels else default_levels(self.backbone_tag)
+        if len(levels) != 3 or len(set(levels)) != 3:
+            raise UserError(f'--feature_levels must name three different levels, got {" ".join(map(str, levels))}')
         try:
             self.backbone = create_timm(self.backbone_tag, pretrained, weights, features_only=True, out_indices=levels)
         except (RuntimeError, AssertionError, ValueError, NotImplementedError) as error:
@@ -548,17 +597,56 @@ METHODS = {'acnet': ACNet, 'msedge': MSEdge}
 
 def compile_model(model):
     """torch.compile the networks in place (state_dict keys stay the same, so checkpoints do too)."""
-    parts = (model.generator, model.discriminator, model.extractor) if model.method == 'acnet' else (model,)
+    names = ('generator', 'discriminator', 'extractor') if model.method == 'acnet' else ()
+    parts = [getattr(model, name) for name in names if hasattr(model, name)] or [model]
     for part in parts:
         part.compile()
     return model
 
 
-def build_model(method, num_classes, backbone_type='resnet50', emb_dim=512, edge_mode='both',
-                pretrained=True, weights=None):
-    if method == 'acnet':
-        return ACNet(num_classes, backbone_type, emb_dim, pretrained, weights)
-    return MSEdge(num_classes, backbone_type, emb_dim, edge_mode, pretrained, weights)
+# The options that shape each method's networks (train.py's names; older checkpoints lack some: defaults)
+VARIANT_OPTIONS = {'acnet': {'class_loss': 'normsoftmax', 'extractor_only': False},
+                   'msedge': {'edge_mode': 'both', 'feature_levels': None}}
+
+
+def variant_of(method, args):
+    """The network-shaping options of a method, from train.py's arguments (a dict or a Namespace)."""
+    args = args if isinstance(args, dict) else vars(args)
+    return {name: args.get(name, default) for name, default in VARIANT_OPTIONS[method].items()}
+
+
+def build_model(method, num_classes, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None,
+                **variant):
+    """A method's networks; `variant`: its options in VARIANT_OPTIONS (class_loss, edge_mode, ...)."""
+    return METHODS[method](num_classes, backbone_type, emb_dim, pretrained=pretrained, weights=weights, **variant)
+
+
+class TrainingFree(nn.Module):
+    """A method's backbone with no training at all, for a training-free baseline (docs/training.md): its
+    pretrained features, pooled as the method pools them, L2-normalised.
+
+    ACNet: the extractor's timm model up to its pooling (VGG16 through fc6/fc7), inputs normalised as ACNet
+    normalises them, sketches as they are (an untrained generator would only add noise). MSEdge: the top
+    feature map of its backbone, max-pooled, with edge maps where `edge_mode` says. No new layer is made,
+    so nothing random enters but what the weights (or --no_pretrained) bring.
+    """
+
+    def __init__(self, method, backbone_type='resnet50', pretrained=True, weights=None, edge_mode='both'):
+        super().__init__()
+        self.method = method
+        variant = {'extractor_only': True} if method == 'acnet' else {'edge_mode': edge_mode}
+        self.net = build_model(method, 1, backbone_type, 8, pretrained, weights, **variant)
+        self.backbone_tag = self.net.backbone_tag
+
+    def embed(self, images, domains):
+        if self.method == 'acnet':
+            extractor = self.net.extractor
+            x = self.net.to_input(images)
+            x = x * extractor.scale + extractor.shift if extractor.rescale else x
+            features = extractor.backbone.forward_head(extractor.backbone.forward_features(x), pre_logits=True)
+        else:
+            features = self.net.backbone(self.net.to_input(images, domains))[-1].amax(dim=(2, 3))
+        return F.normalize(features.flatten(1).float(), dim=-1)
 
 
 def model_from_checkpoint(checkpoint, device='cpu'):
@@ -569,7 +657,7 @@ def model_from_checkpoint(checkpoint, device='cpu'):
     """
     args = checkpoint['args']
     model = build_model(checkpoint['method'], max(1, len(checkpoint['train_classes'])), args['backbone_type'],
-                        args['emb_dim'], args.get('edge_mode', 'both'), pretrained=False)
+                        args['emb_dim'], pretrained=False, **variant_of(checkpoint['method'], args))
     parts = checkpoint.get('parts')
     result = model.load_state_dict(checkpoint['model'], strict=parts is None)
     missing = [k for k in result.missing_keys if k.split('.')[0] in parts] if parts else []

@@ -33,7 +33,16 @@ from utils import SELECT_KEY, read_results
 METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 # {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
 RESULTS_NAME = re.compile(r'(?P<dataset>.+?)_(?P<method>acnet|msedge)_(?P<backbone>.+)_(?P<dim>\d+)'
-                          r'(?P<variant>(?:_w[^_]+|_on-[a-z-]+|_edge-[a-z]+)*)_results\.csv')
+                          r'(?P<variant>(?:_extractor-[a-z]+|_ce|_triplet|_w[^_]+|_on-[a-z-]+|_edge-[a-z]+'
+                          r'|_levels-[\d-]+)*)(?P<gzs>_gzs)?_results\.csv')
+# The ablations of the original code's history (docs/training.md), run by --ablations beside each method's original.
+ABLATIONS = {'acnet': [['--loss_weights', '1', '0', '1', '--class_on', 'photo', 'fake'],  # 75f7311 train_adv.py
+                       ['--loss_weights', '1', '1', '1', '--class_on', 'photo', 'fake'],  # 75f7311 train_ind.py
+                       ['--loss_weights', '1', '0', '1'],  # 75f7311 train_reg.py
+                       ['--class_loss', 'ce'],  # 04de2e0 (reverted in f63739d)
+                       ['--extractor_only'],  # 61d156a-c9ca544 ablation/norm.py
+                       ['--extractor_only', '--class_loss', 'triplet']],  # 61d156a-c9ca544 ablation/triplet.py
+             'msedge': [['--feature_levels', '1', '2', '4']]}  # 75d71f0, ResNet50 only
 DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
                   'tuberlin': 'TU-Berlin Extended', 'quickdraw': 'QuickDraw Extended', 'synthetic': 'generated dataset'}
 # The metrics papers compare on each dataset (by the start of its folder name); all four elsewhere, as the
@@ -66,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument('--save_root', default='result/benchmark', help='where the runs and the table go')
     p.add_argument('--dry_run', action='store_true', help='print the commands of unfinished runs, run nothing')
     p.add_argument('--table_only', action='store_true', help='only build the table from existing CSVs')
+    p.add_argument('--ablations', action='store_true',
+                   help="also every ablation of the original code's history beside each method (docs/training.md)")
+    p.add_argument('--gzs', action='store_true', help='also score generalized ZS-SBIR (train.py --gzs), in its own '
+                                                      'columns')
     p.add_argument('--all_metrics', action='store_true',
                    help='all four metrics for every dataset, not only those papers compare on it')
     p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
@@ -76,9 +89,13 @@ def grid(args):
     """(train.py argument list, parsed train.py args) for every configuration of the grid."""
     runs = []
     for method, backbone, dim, dataset in product(args.methods, args.backbones, args.emb_dims, args.datasets):
-        argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
-                '--save_root', args.save_root, '--select_on', args.select_on, *args.train_args]
-        runs.append((argv, train_args(argv)))
+        variants = [[]] + [v for v in ABLATIONS[method] if method == 'acnet' or backbone.startswith('resnet50')] \
+            if args.ablations else [[]]
+        for variant in variants:
+            argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
+                    '--save_root', args.save_root, '--select_on', args.select_on, *variant,
+                    *(['--gzs'] if args.gzs else []), *args.train_args]
+            runs.append((argv, train_args(argv)))
     return runs
 
 
@@ -121,9 +138,13 @@ def best_rows(save_root):
             continue
         select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
         variant = name['variant'].replace('_', ' ').strip()
+        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{m}']) for m in METRICS if f'gzs_{m}' in best}
+        variant += ' gzs' if name['gzs'] else ''  # trained on fewer images: its own row
+        variant = variant.strip()
         rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
-                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRICS}})
+                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRICS},
+                     **gzs})
     return pd.DataFrame(rows)
 
 
@@ -149,6 +170,8 @@ def build_table(rows, all_metrics=False):
     rows next to ours where they exist, and other methods' published numbers, marked as such."""
     datasets = sorted(set(rows['dataset']), key=lambda d: (d not in DATASET_TITLES, d))
     columns = [(d, m) for d in datasets for m in dataset_metrics(d, all_metrics)]
+    if any(column.startswith('GZS ') for column in rows):  # generalized ZS-SBIR: the same metrics again
+        columns += [(d, f'GZS {m}') for d in datasets for m in dataset_metrics(d, all_metrics)]
     header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
@@ -156,7 +179,8 @@ def build_table(rows, all_metrics=False):
         cells = [f'{values[d][m]:.1f}' if m in values.get(d, {}) else '' for d, m in columns]
         return f'| {label} | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |'
     for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
-        ours = {row['dataset']: {m: row[m] for m in METRICS} for _, row in group.iterrows()}
+        ours = {row['dataset']: {m: row[m] for m in row.index if (m in METRICS or m.startswith('GZS ')) and
+                                 pd.notna(row[m])} for _, row in group.iterrows()}
         lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), ours))
         published = {d: published_acnet(backbone, dim, d) for d in datasets} if method == 'acnet' else {}
         if any(published.values()):

@@ -21,14 +21,15 @@ from pathlib import Path
 import torch
 
 from checkpoint import load_checkpoint_vectors, vectors_record
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, default_device, run_cli
-from evaluation import embed_split, format_metrics, make_eval_loader, split_images, split_metrics
+from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
+from evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader, split_images,
+                        split_metrics)
 from images import RESIZE, load_image, query_files, read_rgb
-from model import edge_mask, load_trained
+from model import EDGE_MODES, METHODS, TrainingFree, edge_mask, load_trained
 from pictures import draw_retrieval, fit_tile, heatmap, save_png
 import safe_files
 from safe_files import atomic_write, make_output_folder
-from utils import PHOTO, SKETCH, scan_split, top_k
+from utils import PHOTO, SKETCH, hold_out, scan_split, seed_everything, top_k
 
 
 def parse_args(argv=None):
@@ -44,8 +45,21 @@ def parse_args(argv=None):
     p.add_argument('--data_name', default=None, help='dataset name (default: the one used in training)')
     p.add_argument('--show_generated', action='store_true', help="ACNet: add the generator's photo-like image")
     p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
+    p.add_argument('--gzs', action='store_true', help='with --evaluate: generalized ZS-SBIR too (docs/metrics.md)')
     p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for --evaluate')
     p.add_argument('--device', default=default_device())
+    free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
+                                '(docs/training.md); --data_root/--data_name default to data/sketchy')
+    free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
+    free.add_argument('--method', default='acnet', choices=list(METHODS), help='whose pooling and inputs')
+    free.add_argument('--backbone_type', default='resnet50', help="as train.py's, any timm name with a tag")
+    free.add_argument('--img_size', type=int, default=224)
+    free.add_argument('--edge_mode', default='both', choices=EDGE_MODES, help='msedge: the edge maps fed')
+    free.add_argument('--eval_batch_size', type=int, default=128)
+    free.add_argument('--seed', type=int, default=1, help="random init (--no_pretrained) and GZS's draw")
+    weights = free.add_mutually_exclusive_group()
+    weights.add_argument('--weights', default=None, help='local ImageNet (or CLIP, DINOv2) weights for the backbone')
+    weights.add_argument('--no_pretrained', action='store_true', help='random initialisation (offline)')
     return p.parse_args(argv)
 
 
@@ -69,10 +83,10 @@ def load_run(args):
     return model, checkpoint, vectors, data_root, data_name
 
 
-def val_split_of_run(checkpoint, data_root, data_name):
-    """The val split as the run saw it: without the images --skip_bad_images left out in training."""
-    skipped = set(checkpoint.get('skipped_images', {}).get('val', []))
-    split = scan_split(data_root, data_name, 'val', keep_broken_links=bool(skipped))
+def split_of_run(checkpoint, data_root, data_name, name):
+    """A split as the run saw it: without the images --skip_bad_images left out in training."""
+    skipped = set((checkpoint.get('skipped_images') or {}).get(name, []))
+    split = scan_split(data_root, data_name, name, keep_broken_links=bool(skipped))
     if skipped:
         split = split.subset([i for i, p in enumerate(split.paths) if p not in skipped])
     return split, len(skipped)
@@ -156,7 +170,7 @@ class Gallery:
 
 def plan_outputs(files, save_root, dataset):
     """(query, picture path, loose-files folder) per query, every target checked before anything is written."""
-    plan = safe_files.plan_outputs(files, save_root, {'the dataset': dataset},
+    plan = safe_files.plan_outputs(files, save_root, [('the dataset', dataset)],
                                    lambda root, stem: [root / f'{stem}.png', root / stem])
     return [(path, picture, folder) for path, (picture, folder) in plan]
 
@@ -211,17 +225,69 @@ def write_loose_files(folder, query, results):
 
 
 def evaluate(args, model, checkpoint, data_root, data_name):
-    """Recompute the metrics of the saved model on a val split."""
-    split, skipped = val_split_of_run(checkpoint, data_root, data_name)
+    """Recompute the metrics of the saved model on a val split (and with --gzs, generalized ZS-SBIR's)."""
+    split, skipped = split_of_run(checkpoint, data_root, data_name, 'val')
     if skipped:
         print(f'leaving out the {skipped} val images that training left out (--skip_bad_images)')
-    vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
-    metrics = split_metrics(vectors, split)
-    print(f'{args.data_base} on {split.root}: {format_metrics(metrics)}')
-    trained_on = (str(checkpoint['args']['data_root']), checkpoint['args']['data_name'])
+    trained = checkpoint['args']
+    seen = gzs_seen_of_run(checkpoint, data_root, data_name, split) if args.gzs else None
+    metrics = score(args, model, checkpoint['method'], trained['img_size'], trained.get('eval_batch_size', 128),
+                    split, seen)
+    report(args.data_base, split, metrics)
+    trained_on = (str(trained['data_root']), trained['data_name'])
     if checkpoint['metrics'] and (str(data_root), data_name) == trained_on:
-        logged = checkpoint['metrics']
-        print(f'training log, best epoch {checkpoint["epoch"]}: {format_metrics(logged)}')
+        report(f'training log, best epoch {checkpoint["epoch"]}', None, checkpoint['metrics'])
+    return metrics
+
+
+def gzs_seen_of_run(checkpoint, data_root, data_name, val):
+    """The seen items generalized ZS-SBIR adds, drawn as the run drew them: from the images it held out of
+    training (its --heldout_fraction and --seed). A run that held none out trained on them; said."""
+    trained = checkpoint['args']
+    train_split, _ = split_of_run(checkpoint, data_root, data_name, 'train')
+    _, heldout = hold_out(train_split, trained.get('heldout_fraction', 0.1), trained.get('seed', 1))
+    if not (trained.get('gzs') or trained.get('select_on') == 'heldout') and checkpoint['epoch'] is not None:
+        print('note: this run trained on every seen image, so the seen items of GZS are training images (as in '
+              "SEM-PCYC's own code); train with --gzs to hold them out")
+    return gzs_seen_items(heldout, val, trained.get('seed', 1))
+
+
+def score(args, model, method, img_size, batch_size, split, seen=None):
+    """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too."""
+    device = torch.device(args.device)
+
+    def embed(part, desc):
+        loader = make_eval_loader(part, split_images(part, method, img_size), batch_size, args.workers, args.device)
+        return embed_split(model, loader, device, desc=desc)
+    vectors = embed(split, 'embed val')
+    metrics = split_metrics(vectors, split)
+    if seen is not None:
+        gzs = gzs_metrics(vectors, split, embed(seen, 'embed GZS seen'), seen)
+        metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
+    return metrics
+
+
+def report(what, split, metrics):
+    print(f'{what}{f" on {split.root}" if split else ""}: {format_metrics(metrics)}')
+    if 'gzs_precise' in metrics:
+        print(f'  GZS (seen and unseen classes): {format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith("gzs_")})}')
+
+
+def training_free(args):
+    """--evaluate --training_free: a backbone with no training, scored on a val split (and GZS's)."""
+    for name, value in (('img_size', args.img_size), ('eval_batch_size', args.eval_batch_size)):
+        if value < (32 if name == 'img_size' else 1):
+            raise UserError(f'--{name} must be at least {32 if name == "img_size" else 1}, got {value}')
+    data_root, data_name = args.data_root or 'data', args.data_name or 'sketchy'
+    seed_everything(args.seed)
+    model = TrainingFree(args.method, args.backbone_type, not args.no_pretrained, args.weights,
+                         args.edge_mode).to(args.device)
+    split = scan_split(data_root, data_name, 'val')
+    seen = gzs_seen_items(hold_out(scan_split(data_root, data_name, 'train'), 0.1, args.seed)[1], split, args.seed) \
+        if args.gzs else None
+    metrics = score(args, model, args.method, args.img_size, args.eval_batch_size, split, seen)
+    source = 'random init' if args.no_pretrained else args.weights or 'pretrained weights'
+    report(f'{args.method} {model.backbone_tag} ({source}), no training', split, metrics)
     return metrics
 
 
@@ -232,9 +298,15 @@ def run(args):
         raise UserError(f'{", ".join(empty)} must not be empty')
     if args.num < 1:
         raise UserError(f'--num must be at least 1, got {args.num}')
-    if args.workers < 0:
-        raise UserError(f'--workers must be at least 0, got {args.workers}')
+    check_workers(args.workers)
+    if args.num > 10_000:
+        raise UserError(f'--num must be at most 10000, got {args.num}')
     check_device(args.device)
+    if args.training_free or args.gzs:
+        if not args.evaluate:
+            raise UserError('--training_free and --gzs go with --evaluate')
+        if args.training_free:
+            return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)
     if args.evaluate:
         return evaluate(args, model, checkpoint, data_root, data_name)

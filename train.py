@@ -28,11 +28,12 @@ from torch.utils.data import DataLoader
 from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
 from cli import UserError, run_cli
 from config import RUN_DEFINING, SELECT_TEXT, RunFiles, check_args, parse_args, run_files, run_prefix
-from evaluation import embed_split, format_metrics, make_eval_loader, sample_queries, split_images, split_metrics
-from model import build_model, compile_model
+from evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader, sample_queries,
+                        split_images, split_metrics)
+from model import build_model, compile_model, variant_of
 from safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from synthetic import make_synthetic
-from training import (STEPS, Dist, all_agree, configure_backends, init_distributed, make_train_loader, train_epoch,
+from training import (Dist, all_agree, configure_backends, init_distributed, make_train_loader, step_of, train_epoch,
                       training_nets)
 from utils import (PHOTO, SELECT_KEY, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out,
                    scan_split, seed_everything, split_fingerprint)
@@ -157,10 +158,17 @@ def prepare_data(run, train_split, val_split):
     args, rt, log = run.args, run.rt, run.log
     if args.skip_bad_images:
         (train_split, val_split), run.skipped = skip_bad_images(args, (train_split, val_split), run.files, rt, log)
-    if args.select_on == 'heldout':
+    if args.select_on == 'heldout' or args.gzs:
         train_split, heldout_split = hold_out(train_split, args.heldout_fraction, args.seed)
-        log(describe_split(heldout_split, 'held out (seen classes, for model selection)'))
-        run.evals['heldout'] = eval_set(args, rt, heldout_split, 'train')
+        log(describe_split(heldout_split, 'held out of training (seen classes, for '
+                           f"{' and '.join(w for w, on in (('model selection', args.select_on == 'heldout'), ('GZS', args.gzs)) if on)})"))
+        if args.select_on == 'heldout':
+            run.evals['heldout'] = eval_set(args, rt, heldout_split, 'train')
+        if args.gzs:
+            seen = gzs_seen_items(heldout_split, val_split, args.seed)
+            run.evals['gzs'] = eval_set(args, rt, seen, 'train')
+            log(f'GZS: {seen.count(SKETCH)} seen sketches and {seen.count(PHOTO)} seen photos join the unseen '
+                f'test set')
     run.full_val = run.evals['val'] = eval_set(args, rt, val_split, 'val')
     if 0 < args.eval_queries < val_split.count(SKETCH):
         run.evals['val'] = eval_set(args, rt, sample_queries(val_split, args.eval_queries, args.seed), 'val')
@@ -171,7 +179,7 @@ def prepare_data(run, train_split, val_split):
     cache = (args.data_root, args.data_name, 'train') if args.cache else None
     images = split_images(train_split, args.method, args.img_size, cache)
     return make_train_loader(args.method, train_split, images, args.batch_size, args.seed, args.workers, args.device,
-                             rt.rank, rt.world)
+                             rt.rank, rt.world, pairs=args.method == 'acnet' and not args.extractor_only)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -188,12 +196,16 @@ def evaluate(run, evals=None):
         heldout = split_metrics(embed_split(run.model, evals['heldout'].loader, desc='embed held-out', **embed),
                                 evals['heldout'].split)
         metrics.update({f'heldout_{name}': value for name, value in heldout.items()})
+    if 'gzs' in evals:
+        seen = embed_split(run.model, evals['gzs'].loader, desc='embed GZS seen', **embed)
+        gzs = gzs_metrics(vectors, evals['val'].split, seen, evals['gzs'].split)
+        metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
     return metrics, vectors
 
 
 def results_row(epoch, losses, metrics, select_on, eval_queries='all'):
-    heldout = [f'heldout_{name}' for name in CSV_METRICS if f'heldout_{name}' in metrics]
-    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *heldout)},
+    extra = [f'{kind}_{name}' for kind in ('heldout', 'gzs') for name in CSV_METRICS if f'{kind}_{name}' in metrics]
+    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *extra)},
             'eval_queries': eval_queries, 'select_on': select_on}
 
 
@@ -311,9 +323,9 @@ def resume(run):
 
 def prepare_model(args, num_classes, device):
     # A resumed run's weights come from its checkpoint: nothing to download.
-    model = build_model(args.method, num_classes, args.backbone_type, args.emb_dim, args.edge_mode,
-                        pretrained=not (args.no_pretrained or args.resume),
-                        weights=None if args.resume else args.weights).to(device)
+    model = build_model(args.method, num_classes, args.backbone_type, args.emb_dim,
+                        pretrained=not (args.no_pretrained or args.resume), weights=None if args.resume else args.weights,
+                        **variant_of(args.method, args)).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.grad_checkpointing:
@@ -349,7 +361,7 @@ def fit(run, train_split, val_split):
     source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
               args.weights or 'ImageNet weights (timm, Hugging Face hub)')
     log(f'backbone {run.model.backbone_tag}: {source}')
-    step, key = STEPS[args.method], SELECT_KEY[args.select_on]
+    step, key = step_of(run.model), SELECT_KEY[args.select_on]
     if rt.world > 1:
         log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
 
@@ -378,6 +390,7 @@ def fit(run, train_split, val_split):
         if rt.main:
             save_epoch(run, epoch, metrics, vectors, run.evals['val'].split)
         heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in run.evals else ''
+        heldout += f' | GZS precise {metrics["gzs_precise"]:.4f}' if 'gzs' in run.evals else ''
         log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
             f'{time.time() - start:.0f}s{" *best" if improved else ""}')
     if run.sampled and not any(str(row['eval_queries']) == 'all' for row in run.rows):

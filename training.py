@@ -75,18 +75,21 @@ def configure_backends(args):
 
 
 
-def make_train_loader(method, split, images, batch_size, seed, workers=0, device='cpu', rank=0, world=1):
-    """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge: batch_size single images.
+def make_train_loader(method, split, images, batch_size, seed, workers=0, device='cpu', rank=0, world=1,
+                      pairs=None):
+    """ACNet: batch_size // 2 sketch-photo pairs per batch; MSEdge (and ACNet's extractor-only baselines,
+    `pairs` False): batch_size single images, shuffled.
 
-    MSEdge drops a last batch of a single image: BatchNorm cannot train on one (it is a different image
-    every epoch, so none is left out for good).
+    Single images drop a last batch of one: BatchNorm cannot train on one (it is a different image every
+    epoch, so none is left out for good).
     """
-    if method == 'acnet':
+    pairs = method == 'acnet' if pairs is None else pairs
+    if pairs:
         dataset, batch = SketchPhotoPairs(split, images, train_transform('acnet')), batch_size // 2
     else:
-        dataset, batch = SplitDataset(split, images, train_transform('msedge')), batch_size
+        dataset, batch = SplitDataset(split, images, train_transform(method)), batch_size
     sampler = EpochSampler(len(dataset), seed, rank=rank, num_replicas=world)
-    drop_last = method == 'msedge' and len(sampler) % batch == 1 and len(sampler) > 1
+    drop_last = not pairs and len(sampler) % batch == 1 and len(sampler) > 1
     return DataLoader(dataset, batch, sampler=sampler, drop_last=drop_last, **loader_options(workers, device))
 
 
@@ -118,7 +121,10 @@ def training_nets(model, amp=False, ddp=None, loss_weights=DEFAULT_LOSS_WEIGHTS,
     """The Nets of a model: ACNet's four trained parts, or MSEdge as one (`nets.model`)."""
     wrap = ddp or (lambda m: m)
     names = ('generator', 'discriminator', 'extractor', 'class_loss') if model.method == 'acnet' else ()
-    parts = {name: wrap(getattr(model, name)) for name in names} or {'model': wrap(model)}
+    # DDP wraps what has parameters (a triplet loss has none)
+    parts = {name: getattr(model, name) for name in names if hasattr(model, name)} or {'model': model}
+    parts = {name: wrap(part) if any(p.requires_grad for p in part.parameters()) else part
+             for name, part in parts.items()}
     return Nets(model, amp, tuple(loss_weights), tuple(class_on), parts, next(model.parameters()).device.type)
 
 
@@ -174,7 +180,25 @@ def msedge_step(nets, optimizers, batch):
     return {'proxy_loss': loss.detach()}
 
 
-STEPS = {'acnet': acnet_step, 'msedge': msedge_step}
+def extractor_step(nets, optimizers, batch):
+    """ACNet's extractor-only baselines (ablation/norm.py, ablation/triplet.py): single sketches and photos
+    through the extractor, one class loss (NormalizedSoftmax or triplet), no generator."""
+    images, labels, _, _ = batch
+    with nets.autocast():
+        embeddings = nets.extractor(nets.raw.to_input(images))
+    loss = nets.class_loss(embeddings.float(), labels)
+    optimizers['extractor'].zero_grad(set_to_none=True)
+    loss.backward()
+    optimizers['extractor'].step()
+    return {'class_loss': loss.detach()}
+
+
+STEPS = {'acnet': acnet_step, 'msedge': msedge_step, 'extractor': extractor_step}
+
+
+def step_of(model):
+    """The training step of a model: its method's, or the extractor-only baselines'."""
+    return STEPS['extractor' if getattr(model, 'extractor_only', False) else model.method]
 
 
 class NonFiniteLoss(UserError):

@@ -65,7 +65,14 @@ def script_call(command):
     return None
 
 
-ALL = [(page.name, command) for page in PAGES for block in shell_blocks(page) for command in commands(block)]
+def inline_commands(page):
+    """Commands quoted inline (`python train.py --gzs`), less those with a placeholder (<...>, ...)."""
+    return [c for c in re.findall(r'`((?:python|\.venv/bin/python) \w+\.py[^`]*)`', page.read_text())
+            if '<' not in c and '...' not in c]
+
+
+ALL = [(page.name, command) for page in PAGES for block in shell_blocks(page) for command in commands(block)] + \
+    [(page.name, command) for page in PAGES for command in inline_commands(page)]
 
 
 def test_the_pages_show_commands():

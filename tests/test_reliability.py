@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train as train_module
+import training
 from conftest import ROOT, tiny
 from config import parse_args
 from train import main, train
@@ -75,7 +76,7 @@ def test_ctrl_c_keeps_the_last_complete_epoch(tiny_data, tmp_path, monkeypatch, 
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
-    real_step = train_module.STEPS['acnet']
+    real_step = training.STEPS['acnet']
     calls = {'n': 0}
 
     def step(nets, optimizers, batch):
@@ -84,7 +85,7 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, 
         if calls['n'] > 4:  # 16 train sketches, 4 pairs per step: 4 steps per epoch, so epoch 2 goes wrong
             losses['class_loss'] = losses['class_loss'] * float('nan')
         return losses
-    monkeypatch.setitem(train_module.STEPS, 'acnet', step)
+    monkeypatch.setitem(training.STEPS, 'acnet', step)
     code, err = run_main(tiny(tiny_data, tmp_path, '--epochs', '3'), capsys)
     assert code == 2 and 'epoch 2/3: a loss became NaN or infinite' in err and 'lower --lr' in err
     assert load_torch(tmp_path / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 1

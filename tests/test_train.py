@@ -101,7 +101,7 @@ def test_loss_variants_and_edge_modes_get_their_own_files(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     (['--loss_weights', '1', '0.1', '0'], '--loss_weights must be >= 0 with a class weight above 0'),
-    (['--method', 'msedge', '--class_on', 'photo'], '--loss_weights and --class_on apply to --method acnet only'),
+    (['--method', 'msedge', '--class_on', 'photo'], '--loss_weights, --class_on, --class_loss and --extractor_only apply to --method acnet only'),
     (['--backbone_type', 'resnt50'], r"timm has no model 'resnt50' \(close matches: "),
     (['--batch_size', '1'], '--batch_size must be at least 2'),
     (['--emb_dim', '0'], '--emb_dim must be at least 1'),

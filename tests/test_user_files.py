@@ -515,3 +515,18 @@ def test_the_page_takes_names_that_are_not_utf8(checkpoints, gallery, tmp_path):
         assert status == 200
     finally:
         server.should_exit = True
+
+
+def test_an_index_of_the_earlier_format_is_read_and_updated(checkpoints, gallery, tmp_path, capsys):
+    index = tmp_path / 'index'
+    build(checkpoints[0], gallery, index)
+    meta = json.loads((index / 'meta.json').read_text())
+    for key, name in (('vectors', 'vectors.npy'), ('table', 'files.csv')):  # format 1: fixed names, no 'files'
+        (index / meta['files'][key]).rename(index / name)
+    (index / 'meta.json').write_text(json.dumps({**{k: v for k, v in meta.items() if k != 'files'},
+                                                 'format': 'zs-sbir-index-1'}))
+    assert len(search_index.Searcher(index).table) == 20
+    capsys.readouterr()
+    meta = build(checkpoints[0], gallery, index)
+    assert '20 unchanged, 0 to embed' in capsys.readouterr().out and meta['format'] == 'zs-sbir-index-2'
+    assert not (index / 'vectors.npy').exists() and not (index / 'files.csv').exists()

@@ -104,10 +104,10 @@ def check_gallery(vectors, vectors_path, data_root, data_name):
                         f"on disk were not embedded; pass the --data_root used in training or retrain")
 
 
-def _val_loader(args, checkpoint, split):
-    trained = checkpoint['args']
-    images = split_images(split, checkpoint['method'], trained['img_size'])
-    return make_eval_loader(split, images, trained.get('eval_batch_size', 128), args.workers, args.device)
+def embed_images_of(args, model, method, img_size, batch_size, split, desc='embed val'):
+    """Embeddings of every image of a split, as the method's evaluation sees them."""
+    loader = make_eval_loader(split, split_images(split, method, img_size), batch_size, args.workers, args.device)
+    return embed_split(model, loader, torch.device(args.device), desc=desc)
 
 
 def embed_gallery(args, model, checkpoint, data_root, data_name):
@@ -115,7 +115,8 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
     split = scan_split(data_root, data_name, 'val')
     split = split.subset(split.indices(PHOTO))
     print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
-    vectors = embed_split(model, _val_loader(args, checkpoint, split), torch.device(args.device))
+    vectors = embed_images_of(args, model, checkpoint['method'], checkpoint['args']['img_size'],
+                              checkpoint['args'].get('eval_batch_size', 128), split)
     return vectors_record(vectors, split, checkpoint['method'], data_root, data_name, checkpoint['epoch'],
                           checkpoint.get('run_id'))
 
@@ -254,15 +255,11 @@ def gzs_seen_of_run(checkpoint, data_root, data_name, val):
 
 def score(args, model, method, img_size, batch_size, split, seen=None):
     """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too."""
-    device = torch.device(args.device)
-
-    def embed(part, desc):
-        loader = make_eval_loader(part, split_images(part, method, img_size), batch_size, args.workers, args.device)
-        return embed_split(model, loader, device, desc=desc)
-    vectors = embed(split, 'embed val')
+    vectors = embed_images_of(args, model, method, img_size, batch_size, split)
     metrics = split_metrics(vectors, split)
     if seen is not None:
-        gzs = gzs_metrics(vectors, split, embed(seen, 'embed GZS seen'), seen)
+        seen_vectors = embed_images_of(args, model, method, img_size, batch_size, seen, 'embed GZS seen')
+        gzs = gzs_metrics(vectors, split, seen_vectors, seen)
         metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
     return metrics
 

@@ -34,7 +34,7 @@ from model import build_model, compile_model, variant_of
 from safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from synthetic import make_synthetic
 from training import (Dist, all_agree, configure_backends, init_distributed, make_train_loader, step_of, train_epoch,
-                      training_nets)
+                      training_nets, wait_for_main)
 from utils import (PHOTO, SELECT_KEY, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out,
                    scan_split, seed_everything, split_fingerprint)
 
@@ -213,6 +213,7 @@ def evaluate_selected_epoch_fully(run):
     """With --eval_queries: the selected epoch's weights evaluated on every val sketch. Its metrics are
     appended to the results as a row with eval_queries 'all', and its files get the full val embeddings."""
     model, best = run.model, run.best
+    wait_for_main(run.rt)  # the main process has written the selected epoch's file
     state = load_torch(run.files.model, CHECKPOINT_FORMAT, 'checkpoint')
     latest = (max(int(row['epoch']) for row in run.rows), {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(state['model'])

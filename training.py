@@ -34,14 +34,16 @@ class Dist:
 
 
 def init_distributed(device):
-    """The Dist of this process: a single one, or (under torchrun) one of WORLD_SIZE, its process group
-    started (NCCL on GPUs, one GPU per process; gloo on the CPU)."""
-    world = int(os.environ.get('WORLD_SIZE', 1))
-    if world == 1:
+    """The Dist of this process: a single one, or (under torchrun, even with one process) one of WORLD_SIZE,
+    its process group started (NCCL on GPUs, one GPU per process; gloo on the CPU)."""
+    if 'RANK' not in os.environ or 'WORLD_SIZE' not in os.environ:  # not started by torchrun
         return Dist(device=torch.device(device))
-    rank, local = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0))
+    rank, local, world = int(os.environ['RANK']), int(os.environ.get('LOCAL_RANK', 0)), int(os.environ['WORLD_SIZE'])
     cuda = str(device).startswith('cuda')
     if cuda:
+        if local >= torch.cuda.device_count():
+            raise UserError(f'torchrun started process {local} of this machine, which has {torch.cuda.device_count()} '
+                            'GPU(s): pass --nproc_per_node at most that many')
         torch.cuda.set_device(local)
         device = f'cuda:{local}'
     dist.init_process_group('nccl' if cuda else 'gloo')
@@ -67,11 +69,20 @@ def reduce_mean(values, world):
     return values
 
 
+def wait_for_main(rt):
+    """Every process waits here until the main one has got here (e.g. has written a file they read)."""
+    if rt.world > 1:
+        dist.barrier()
+
+
 def configure_backends(args):
+    """cuDNN autotuning, or deterministic kernels where torch has them (the rest warn). Both ways: several runs
+    in one process (tests, notebooks) must not inherit an earlier run's setting."""
     torch.backends.cudnn.benchmark = not args.deterministic
-    if args.deterministic:
-        torch.backends.cudnn.deterministic = True
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = args.deterministic
+    if args.deterministic:  # cuBLAS reads it when its first handle is made, which is after this in a run
+        os.environ.setdefault('CUBLAS_WORKSPACE_CONFIG', ':4096:8')
+    torch.use_deterministic_algorithms(args.deterministic, warn_only=True)
 
 
 

@@ -9,7 +9,7 @@ import torch
 
 import train as train_module
 import training
-from conftest import ROOT, tiny
+from conftest import ROOT, free_port, tiny
 from config import parse_args
 from train import main, train
 from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
@@ -27,9 +27,10 @@ def run_main(argv, capsys):
 
 
 def test_resume_gives_the_same_results_as_an_uninterrupted_run(tiny_data, tmp_path):
-    train(parse_args(tiny(tiny_data, tmp_path / 'straight', '--epochs', '4')))
-    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '2')))
-    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '4', '--resume')))
+    cpu = ('--device', 'cpu')  # bitwise equality: CUDA has nondeterministic backward kernels (reflection padding, interpolation)
+    train(parse_args(tiny(tiny_data, tmp_path / 'straight', '--epochs', '4', *cpu)))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '2', *cpu)))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '4', '--resume', *cpu)))
     straight = read_csv(tmp_path / 'straight' / f'{PREFIX}_results.csv')
     resumed = read_csv(tmp_path / 'resumed' / f'{PREFIX}_results.csv')
     assert len(straight) == 4 and resumed == straight
@@ -159,7 +160,7 @@ def test_checkpoints_load_with_weights_only(tmp_path):
 def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):
     """torchrun with 2 CPU processes (batch 4 pairs each) against 1 process (batch 8 pairs): the same
     samples per step and averaged gradients, so the same metrics up to float error."""
-    common = tiny(tiny_data, tmp_path, '--epochs', '2', '--warmup', '1')
+    common = tiny(tiny_data, tmp_path, '--epochs', '2', '--warmup', '1', '--device', 'cpu')  # gloo: CPU processes
     single = common[:common.index('--batch_size') + 1] + ['16'] + common[common.index('--batch_size') + 2:]
     single[single.index('--save_root') + 1] = str(tmp_path / 'one')
     train(parse_args(single))
@@ -177,3 +178,43 @@ def test_two_gloo_processes_match_one_process(tiny_data, tmp_path):
     for a, b in zip(one, two):
         for name in ('class_loss', 'adv_loss', 'mAP@all', 'P@100', 'precise'):
             assert float(a[name]) == pytest.approx(float(b[name]), abs=1e-4), name  # measured: 1e-6
+
+
+def test_torchrun_with_one_process_still_starts_a_process_group(monkeypatch):
+    """`torchrun --nproc_per_node 1` is how a user checks the multi-GPU path on one GPU: it must run DDP."""
+    monkeypatch.setenv('MASTER_ADDR', '127.0.0.1')
+    monkeypatch.setenv('MASTER_PORT', str(free_port()))
+    for name, value in (('RANK', '0'), ('LOCAL_RANK', '0'), ('WORLD_SIZE', '1')):
+        monkeypatch.setenv(name, value)
+    rt = training.init_distributed('cpu')
+    try:
+        assert torch.distributed.is_initialized() and torch.distributed.get_backend() == 'gloo'
+        assert (rt.rank, rt.world, rt.device) == (0, 1, torch.device('cpu'))
+        assert isinstance(rt.ddp(torch.nn.Linear(2, 2)), torch.nn.parallel.DistributedDataParallel)
+    finally:
+        torch.distributed.destroy_process_group()
+    monkeypatch.delenv('RANK')
+    assert training.init_distributed('cpu').ddp is None  # a plain `python train.py`
+
+
+def test_more_torchrun_processes_than_gpus_is_one_line(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'device_count', lambda: 2)
+    for name, value in (('RANK', '2'), ('LOCAL_RANK', '2'), ('WORLD_SIZE', '3')):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r'torchrun started process 2 of this machine, which has 2 GPU\(s\): pass '
+                                        r'--nproc_per_node at most that many'):
+        training.init_distributed('cuda')
+
+
+@pytest.mark.parametrize('first', [True, False])
+def test_deterministic_is_set_both_ways(first):
+    """Runs in one process (tests, notebooks) must not inherit an earlier run's --deterministic."""
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    try:
+        for deterministic in (first, not first):
+            training.configure_backends(parse_args(['--deterministic'] if deterministic else []))
+            assert torch.are_deterministic_algorithms_enabled() == deterministic
+            assert torch.backends.cudnn.deterministic == deterministic and torch.backends.cudnn.benchmark != deterministic
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.backends.cudnn.benchmark = before[1]

@@ -69,17 +69,17 @@ def input_normalisation(method, tag):
     return (tuple(cfg.mean), tuple(cfg.std)) if cfg is not None else (IMAGENET_MEAN, IMAGENET_STD)
 
 
-def backbone_tag(method, backbone_type):
-    """The timm name (with pretrained tag) that `--backbone_type` stands for under `method`."""
+def backbone_tag(method, backbone_type, option='--backbone_type'):
+    """The timm name (with pretrained tag) that `--backbone_type` stands for under `method`; errors name `option`."""
     tag = SEED_BACKBONES[method].get(backbone_type, backbone_type)
     arch, pretrained_tag = timm.models.split_model_name_tag(tag)
     if not timm.is_model(arch):
         close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
         hint = f'close matches: {", ".join(close)}' if close else 'see timm.list_models()'
-        raise UserError(f'--backbone_type {backbone_type!r}: timm has no model {arch!r} ({hint})')
+        raise UserError(f'{option} {backbone_type!r}: timm has no model {arch!r} ({hint})')
     if pretrained_tag and tag not in timm.list_pretrained(f'{arch}.*'):
         tags = ', '.join(timm.list_pretrained(f'{arch}.*')[:8]) or 'none'
-        raise UserError(f'--backbone_type {backbone_type!r}: timm has no pretrained tag {pretrained_tag!r} '
+        raise UserError(f'{option} {backbone_type!r}: timm has no pretrained tag {pretrained_tag!r} '
                         f'for {arch} (it has: {tags})')
     return tag
 
@@ -558,10 +558,11 @@ class MSEdge(nn.Module):
 
     def to_input(self, images, domains):
         """uint8 images to edge maps (where edge_mode says), normalised as the backbone expects."""
-        x = images.float() / 255
-        if self.edge_mode != 'none':  # a select, not a data-dependent branch: no host sync, compiles whole
-            x = torch.where(edge_mask(domains, self.edge_mode).view(-1, 1, 1, 1), sobel_edges(x), x)
-        return (x - self.mean) / self.std
+        with torch.autocast(images.device.type, enabled=False):  # edge maps in fp32 under --amp, as the original
+            x = images.float() / 255
+            if self.edge_mode != 'none':  # a select, not a data-dependent branch: no host sync, compiles whole
+                x = torch.where(edge_mask(domains, self.edge_mode).view(-1, 1, 1, 1), sobel_edges(x), x)
+            return (x - self.mean) / self.std
 
     def forward(self, images, domains):
         """Embeddings (B, emb_dim) and the two attention maps."""

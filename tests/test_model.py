@@ -256,6 +256,8 @@ def test_edge_modes_choose_domains(mode, expected):
     edges = (sobel_edges(images.float() / 255) - model.mean) / model.std
     for i, use_edges in enumerate(expected):
         assert torch.allclose(x[i], (edges if use_edges else plain)[i], atol=1e-6)
+    with torch.autocast('cpu', dtype=torch.bfloat16):  # --amp: the edge maps stay fp32, as in the original
+        assert torch.equal(model.to_input(images, domains), x)
 
 
 @pytest.mark.parametrize('backbone, size, maps', [('resnet50', 64, [(8, 8), (4, 4)]), ('vgg16', 64, [(16, 16), (8, 8)]),

@@ -2,8 +2,10 @@
 
     python speed.py metrics                 # retrieval metrics at Sketchy, TU-Berlin and QuickDraw size, CPU (+GPU)
     python speed.py metrics --quick         # small sizes, seconds
+    python speed.py metrics --device cuda   # ours on the GPU only (ours on the CPU takes minutes at QuickDraw size)
     python speed.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
     python speed.py train --quick           # tiny sizes on the CPU, about a minute
+    python speed.py train --compile --methods acnet --backbones resnet50   # one row, torch.compile in 'ours'
     python speed.py backbones               # images/s and peak memory per backbone, +- gradient checkpointing
     python speed.py backbones --quick       # tiny backbones at 64 px on the CPU
     python speed.py search                  # search.py: index build images/s; query latency at 10k-1M photos
@@ -103,7 +105,8 @@ def run_child(kind, size, device, repeats, slow_queries):
 def bench_metrics(args):
     if args.repeats < 1 or args.slow_queries < 1:
         raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
-    devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
+    devices = [check_device(d).type for d in args.device] if args.device else \
+        ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     sizes = ['quick'] if args.quick else args.sizes
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
           f'{torch.__version__}' + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''))
@@ -214,6 +217,8 @@ def bench_train(args):
     if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
                         f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
+    for backbone in args.backbones:
+        backbone_tag('acnet', backbone, '--backbones')  # an unknown name: one line, before any work
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
@@ -226,8 +231,9 @@ def bench_train(args):
           f'{args.steps} timed steps, {args.workers} loader workers; images/s (higher is better)\n')
     print('| method | backbone | setting | train, memory | eval, memory | train, loader | eval, loader |')
     print('|---|---|---|---|---|---|---|')
-    for method in ('acnet', 'msedge'):
-        for backbone in ('resnet50', 'vgg16'):
+    val_rates = {}
+    for method in args.methods:
+        for backbone in args.backbones:
             results = {}
             for setting in ('seed', 'ours'):
                 s = settings(setting, device, args.compile)
@@ -249,6 +255,10 @@ def bench_train(args):
                 del model, optimizers, train_loader, eval_loader
             ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
             print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
+            val_rates[f'{method} {backbone}'] = results['ours'][3]
+    sketchy_val = sum(SIZES['sketchy'][:2])
+    print(f'\na Sketchy-size val set ({sketchy_val:,} images) embedded through the loader from the cache, at the rates '
+          'above (ours): ' + ', '.join(f'{name} {sketchy_val / rate:.0f} s' for name, rate in val_rates.items()))
     q, ql, g, gl = (t.to(device) for t in embeddings(*SIZES['sketchy']))
     retrieval_metrics(q[:8], ql[:8], g, gl)
     _sync(device)
@@ -294,7 +304,7 @@ def bench_backbones(args):
         raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
                         f'{args.batch_size}, {args.steps}, {args.img_size}')
     for backbone in backbones:
-        backbone_tag('acnet', backbone)  # an unknown name: one line, before any measurement
+        backbone_tag('acnet', backbone, '--backbones')  # an unknown name: one line, before any measurement
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
           f'{args.steps} timed steps; bf16 autocast on GPU; peak memory: {"allocated on the GPU" if device == "cuda" else "extra RSS"}\n')
@@ -418,6 +428,8 @@ def parse_args(argv=None):
     metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
     metrics.add_argument('--sizes', nargs='+', default=['sketchy', 'tuberlin', 'quickdraw'],
                          choices=['sketchy', 'tuberlin', 'quickdraw'], help='zero-shot test-set sizes to measure')
+    metrics.add_argument('--device', nargs='+', default=None,
+                         help="where ours runs (default: cpu, and cuda when there is one); the seeds' style runs on the CPU")
     train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours',
                                 renamed={'--cpu': ['--device', 'cpu']})
     train.add_argument('--quick', action='store_true', help='32 px, batch 8, 3 steps: about a minute on a CPU')
@@ -426,6 +438,8 @@ def parse_args(argv=None):
     train.add_argument('--steps', type=int, default=20, help='timed steps per measurement (after warm-up)')
     train.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
+    train.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
+    train.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], help='timm names')
     backbones = commands.add_parser('backbones', help='train speed and peak memory per backbone, +- grad checkpointing',
                                     renamed={'--cpu': ['--device', 'cpu']})
     backbones.add_argument('--backbones', nargs='+', default=None, help=f'timm names (default: {" ".join(BACKBONES)})')

@@ -108,7 +108,7 @@ def test_test_py_evaluates_and_queries_a_converted_release(tmp_path, tiny_data, 
     split = scan_split(tiny_data, 'synthetic', 'val')
     images = torch.stack([load_image(split.root / p, 32, 'bilinear') for p in split.paths])
     domains, labels = torch.tensor(split.domains), torch.tensor(split.labels)
-    vectors = original_embed(extractor, generator, images, domains)
+    vectors = original_embed(extractor.to(DEVICE), generator.to(DEVICE), images.to(DEVICE), domains).cpu()
     expected = retrieval_metrics(vectors[domains == SKETCH], labels[domains == SKETCH],
                                  vectors[domains == PHOTO], labels[domains == PHOTO])
     for name in ('mAP@200', 'mAP@all', 'P@100', 'P@200'):

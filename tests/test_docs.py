@@ -89,7 +89,7 @@ def test_every_command_parses_with_its_scripts_own_parser(page, command):
         elif 'pytest' in words:
             assert all((ROOT / w.split('::')[0]).exists() for w in words if w.startswith('tests/')), command
         else:
-            assert words[0] in ('python3', 'cd', 'git', 'pip', 'mkdir', 'ls', 'export') or \
+            assert words[0] in ('python3', 'python3.12', 'cd', 'git', 'grep', 'pip', 'mkdir', 'ls', 'export') or \
                 words[0].endswith('/pip'), f'{page}: unknown command {command!r}'
         return
     script, argv = call
@@ -173,3 +173,40 @@ def test_one_default_per_concept():
                plot.parse_args(['attention', '--data_base', 'm', '--query_name', 'd']),
                search.parse_args(['serve', '--index', 'i'])]
     assert len({args.device for args in devices}) == 1
+
+
+def gpu_check_commands(*stages):
+    out = subprocess.run(['bash', str(ROOT / '.ci/gpu'), *stages], capture_output=True, text=True, cwd=ROOT,
+                         env={'PATH': '/usr/bin:/bin', 'GPU_CHECK_DRY': '1', 'OUT': '/tmp/zs-sbir-gpu-dry',
+                              'PY': sys.executable}, check=True)
+    return [line for line in out.stdout.splitlines() if line.startswith(sys.executable)]
+
+
+def test_every_command_of_the_gpu_check_parses():
+    """A GPU session has minutes of device time: a renamed option must fail here, not there."""
+    lines = gpu_check_commands('wheels', 'tests', 'speed', 'compile', 'runs')
+    scripts = []
+    for line in lines:
+        words = shlex.split(line)[1:]
+        if words[:2] == ['-m', 'torch.distributed.run']:
+            words = words[2:]
+            while words[0].startswith('--'):  # the launcher's options, each with its value
+                words = words[2:]
+        if words and words[0].endswith('.py'):
+            scripts.append(words[0])
+            try:
+                args = PARSERS[words[0]](words[1:])
+            except SystemExit as stop:
+                pytest.fail(f'.ci/gpu: `{line}` does not parse (exit {stop.code})')
+            if words[0] == 'train.py':
+                config.check_args(args)  # e.g. --warmup beyond --epochs
+    assert scripts.count('train.py') == 4 and {'speed.py', 'prepare.py'} <= set(scripts)
+    tested = [w for w in shlex.split(next(line for line in lines if '-m pytest' in line)) if w.startswith('tests/')]
+    assert all((ROOT / path).is_file() for path in tested) and len(tested) == 11
+    download = next(shlex.split(line) for line in lines if ' pip download ' in line)
+    pins = dict(line.lower().split('==') for line in (ROOT / 'requirements.txt').read_text().split())
+    carried = {w.split('==')[0]: w.split('==')[1] for w in download if '==' in w}
+    assert all(pins[name] == version for name, version in carried.items() if name in pins) and \
+        {'kornia', 'pytorch-metric-learning', 'timm', 'faiss-cpu'} <= set(carried)
+    pytest_line = next(shlex.split(line) for line in lines if '-m pytest' in line)
+    assert pytest_line[pytest_line.index('-m', 2) + 1] == 'not web'

@@ -112,8 +112,8 @@ def test_training_free_features_are_the_backbones_pooled_features(tiny_data, cap
     val = scan_split(tiny_data, 'synthetic', 'val')
     from images import load_image
     with torch.no_grad():
-        vectors = msedge.embed(torch.stack([load_image(val.root / p, 32, 'bicubic') for p in val.paths]),
-                               torch.tensor(val.domains))
+        vectors = msedge.to(DEVICE).embed(torch.stack([load_image(val.root / p, 32, 'bicubic') for p in val.paths])
+                                          .to(DEVICE), torch.tensor(val.domains, device=DEVICE)).cpu()
     labels, kinds = torch.tensor(val.labels), torch.tensor(val.domains)
     reference = retrieval_metrics(vectors[kinds == SKETCH], labels[kinds == SKETCH], vectors[kinds == PHOTO],
                                   labels[kinds == PHOTO])

@@ -121,6 +121,7 @@ def test_approximate_indexes_find_the_exact_neighbours(kind):
         assert recall(ef_search=512) >= recall(ef_search=10) and recall(ef_search=10) < 1.0
 
 
+@pytest.mark.web
 def test_the_page_function_finds_drawings_for_a_drawing(checkpoints, gallery, tmp_path):
     build(checkpoints[0], gallery, tmp_path / 'index')
     app = search.make_app(search_index.Searcher(tmp_path / 'index'), 5)
@@ -135,6 +136,7 @@ def test_the_page_function_finds_drawings_for_a_drawing(checkpoints, gallery, tm
     assert app.search(None, 5) == [] and app.search({'composite': Image.new('RGBA', (9, 9), (0, 0, 0, 0))}, 5) == []
 
 
+@pytest.mark.web
 def test_drawing_in_a_real_browser_shows_drawings(checkpoints, gallery, tmp_path):
     """Chromium (headless, Debian's) opens the page; the brush draws an X; the strokes reach the server and
     the page shows exactly the searcher's top 6 for what it received, mostly drawings."""

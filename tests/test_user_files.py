@@ -312,6 +312,7 @@ def fetch(url):
         return error.code, error.read()
 
 
+@pytest.mark.web
 def test_the_page_hands_out_the_results_and_no_file(checkpoints, gallery, tmp_path):
     """Every request path an attacker might try, against the running server: no file comes back, whatever
     its place (under the photos folder, hidden there, the index, the system), and no other URL is fetched."""
@@ -375,6 +376,7 @@ def test_any_file_name_is_indexed_queried_and_printed(checkpoints, gallery, tmp_
 
 # ----------------------------------------------------------------------------------------------- probe round 3
 
+@pytest.mark.web
 def test_serve_fetches_no_url_and_no_file_of_other_gradio_apps(checkpoints, gallery, tmp_path):
     import tempfile
     shared = Path(tempfile.gettempdir()) / 'gradio' / 'zzprobe'  # Gradio's folder shared by every app
@@ -500,6 +502,7 @@ def test_a_dangling_link_at_an_output_path_is_refused(checkpoints, gallery, tmp_
     assert (tmp_path / 'out' / f'{query.stem}.png').is_symlink()
 
 
+@pytest.mark.web
 def test_the_page_takes_names_that_are_not_utf8(checkpoints, gallery, tmp_path):
     photos = tmp_path / os.fsdecode(b'ph\xffotos')
     shutil.copytree(gallery / 'drawing', photos / os.fsdecode(b'cl\xffass'))

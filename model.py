@@ -597,7 +597,15 @@ METHODS = {'acnet': ACNet, 'msedge': MSEdge}
 
 
 def compile_model(model):
-    """torch.compile the networks in place (state_dict keys stay the same, so checkpoints do too)."""
+    """torch.compile the networks in place (state_dict keys stay the same, so checkpoints do too).
+
+    Inductor keeps bf16 roundings where eager makes them (a process-wide setting): without it a fused kernel
+    compares an unrounded product with its stored bf16 maximum, finds no maximum, and the max-pooling
+    backward divides by a tie count of 0. MSEdge under --amp --compile had NaN gradients at its first step
+    (pytorch/pytorch#195214).
+    """
+    import torch._inductor.config
+    torch._inductor.config.emulate_precision_casts = True
     names = ('generator', 'discriminator', 'extractor') if model.method == 'acnet' else ()
     parts = [getattr(model, name) for name in names if hasattr(model, name)] or [model]
     for part in parts:

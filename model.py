@@ -527,7 +527,8 @@ class EdgeFusionHead(nn.Module):
         f3, f4, f5 = features
         g3, a3 = self.attend3(f3, f5)
         g4, a4 = self.attend4(f4, f5)
-        pooled = torch.cat([torch.amax(f, dim=(2, 3)) for f in (f5, g3, g4)], dim=1)
+        # max pooling with indices, as the original: its backward routes each gradient to one saved position
+        pooled = torch.cat([F.adaptive_max_pool2d(f, 1).flatten(1) for f in (f5, g3, g4)], dim=1)
         return F.normalize(self.proj(pooled), dim=-1), (a3, a4)
 
 
@@ -599,10 +600,9 @@ METHODS = {'acnet': ACNet, 'msedge': MSEdge}
 def compile_model(model):
     """torch.compile the networks in place (state_dict keys stay the same, so checkpoints do too).
 
-    Inductor keeps bf16 roundings where eager makes them (a process-wide setting): without it a fused kernel
-    compares an unrounded product with its stored bf16 maximum, finds no maximum, and the max-pooling
-    backward divides by a tie count of 0. MSEdge under --amp --compile had NaN gradients at its first step
-    (pytorch/pytorch#195214).
+    Inductor keeps bf16 roundings where eager makes them (a process-wide setting), so compiled bf16 steps
+    give eager's numbers. Without it, a fused kernel compared an unrounded product with its stored bf16
+    maximum: a tie-counting max backward (torch.amax) divided by 0 (pytorch/pytorch#195214).
     """
     import torch._inductor.config
     torch._inductor.config.emulate_precision_casts = True

@@ -103,18 +103,18 @@ def fail(message):
     sys.exit(2)
 
 
-def check_device(device):
-    """A --device that torch can use here, or a UserError saying what this machine has."""
+def check_device(device, option='--device'):
+    """A device that torch can use here, or a UserError naming `option` and saying what this machine has."""
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError) as error:
-        raise UserError(f"--device {device!r} is not a device name (use cpu, cuda or cuda:N)") from error
+        raise UserError(f"{option} {device!r} is not a device name (use cpu, cuda or cuda:N)") from error
     if parsed.type == 'cuda':
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if not count:
-            raise UserError(f'--device {device}: no CUDA GPU is visible here; use --device cpu')
+            raise UserError(f'{option} {device}: no CUDA GPU is visible here; use {option} cpu')
         if parsed.index is not None and parsed.index >= count:
-            raise UserError(f'--device {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}')
+            raise UserError(f'{option} {device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}')
     elif parsed.type != 'cpu':
-        raise UserError(f'--device {device}: only cpu and cuda devices are supported')
+        raise UserError(f'{option} {device}: only cpu and cuda devices are supported')
     return parsed

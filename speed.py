@@ -2,7 +2,7 @@
 
     python speed.py metrics                 # retrieval metrics at Sketchy, TU-Berlin and QuickDraw size, CPU (+GPU)
     python speed.py metrics --quick         # small sizes, seconds
-    python speed.py metrics --device cuda   # ours on the GPU only (ours on the CPU takes minutes at QuickDraw size)
+    python speed.py metrics --devices cuda  # ours on the GPU only (ours on the CPU takes minutes at QuickDraw size)
     python speed.py train                   # training/evaluation throughput, seed settings vs ours (GPU)
     python speed.py train --quick           # tiny sizes on the CPU, about a minute
     python speed.py train --compile --methods acnet --backbones resnet50   # one row, torch.compile in 'ours'
@@ -105,7 +105,7 @@ def run_child(kind, size, device, repeats, slow_queries):
 def bench_metrics(args):
     if args.repeats < 1 or args.slow_queries < 1:
         raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
-    devices = [check_device(d).type for d in args.device] if args.device else \
+    devices = [check_device(d, '--devices').type for d in args.devices] if args.devices else \
         ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     sizes = ['quick'] if args.quick else args.sizes
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
@@ -224,7 +224,7 @@ def bench_train(args):
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
                    num_val_photos=args.batch_size, img_size=args.img_size, workers=max(1, args.workers))
     train_split, val_split = scan_split(root, 'synthetic', 'train'), scan_split(root, 'synthetic', 'val')
-    for method in ('acnet', 'msedge'):
+    for method in args.methods:
         build_cache(root, 'synthetic', args.img_size, method, workers=args.workers)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'\ndevice: {name}; torch {torch.__version__}; image {args.img_size} px, batch {args.batch_size}, '
@@ -235,7 +235,7 @@ def bench_train(args):
     for method in args.methods:
         for backbone in args.backbones:
             results = {}
-            for setting in ('seed', 'ours'):
+            for setting in args.settings:
                 s = settings(setting, device, args.compile)
                 model, optimizers = prepared_model(method, backbone, len(train_split.classes), device, s)
                 train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
@@ -253,12 +253,13 @@ def bench_train(args):
                 results[setting] = row
                 print(f'| {method} | {backbone} | {setting} | ' + ' | '.join(f'{v:.0f}' for v in row) + ' |')
                 del model, optimizers, train_loader, eval_loader
-            ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
-            print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
-            val_rates[f'{method} {backbone}'] = results['ours'][3]
+            if len(results) == 2:
+                ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
+                print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
+            val_rates[f'{method} {backbone} {setting}'] = results[setting][3]
     sketchy_val = sum(SIZES['sketchy'][:2])
-    print(f'\na Sketchy-size val set ({sketchy_val:,} images) embedded through the loader from the cache, at the rates '
-          'above (ours): ' + ', '.join(f'{name} {sketchy_val / rate:.0f} s' for name, rate in val_rates.items()))
+    print(f'\na Sketchy-size val set ({sketchy_val:,} images) embedded through the loader, at the last setting\'s rates '
+          'above: ' + ', '.join(f'{name} {sketchy_val / rate:.0f} s' for name, rate in val_rates.items()))
     q, ql, g, gl = (t.to(device) for t in embeddings(*SIZES['sketchy']))
     retrieval_metrics(q[:8], ql[:8], g, gl)
     _sync(device)
@@ -428,7 +429,7 @@ def parse_args(argv=None):
     metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
     metrics.add_argument('--sizes', nargs='+', default=['sketchy', 'tuberlin', 'quickdraw'],
                          choices=['sketchy', 'tuberlin', 'quickdraw'], help='zero-shot test-set sizes to measure')
-    metrics.add_argument('--device', nargs='+', default=None,
+    metrics.add_argument('--devices', nargs='+', default=None,
                          help="where ours runs (default: cpu, and cuda when there is one); the seeds' style runs on the CPU")
     train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours',
                                 renamed={'--cpu': ['--device', 'cpu']})
@@ -440,6 +441,8 @@ def parse_args(argv=None):
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
     train.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
     train.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], help='timm names')
+    train.add_argument('--settings', nargs='+', default=['seed', 'ours'], choices=['seed', 'ours'],
+                       help='measure these (the ratio needs both)')
     backbones = commands.add_parser('backbones', help='train speed and peak memory per backbone, +- grad checkpointing',
                                     renamed={'--cpu': ['--device', 'cpu']})
     backbones.add_argument('--backbones', nargs='+', default=None, help=f'timm names (default: {" ".join(BACKBONES)})')

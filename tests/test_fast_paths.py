@@ -106,13 +106,13 @@ def test_compiled_networks_give_the_same_outputs():
 def test_compiled_bf16_training_steps_match_eager(method):
     """--amp --compile: two training steps give the eager bf16 losses, and no NaN. (Inductor used to fuse away
     a bf16 rounding before the max-pooling backward's tie count: MSEdge got NaN gradients at its first step.)"""
-    images, labels = rng_images(8, 32, seed=5), torch.arange(8) % 4
+    images, labels = rng_images(8, 32, seed=5).to(DEVICE), torch.arange(8, device=DEVICE) % 4
     batch = ([images[:4], images[4:], labels[:4]] if method == 'acnet' else
-             [images, labels, torch.arange(8) % 2, torch.arange(8)])
+             [images, labels, torch.arange(8, device=DEVICE) % 2, torch.arange(8, device=DEVICE)])
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = (ACNet if method == 'acnet' else MSEdge)(4, 'resnet18', 16, pretrained=False).train()
+        model = (ACNet if method == 'acnet' else MSEdge)(4, 'resnet18', 16, pretrained=False).to(DEVICE).train()
         model.set_warmup(False)
         if compiled:
             compile_model(model)

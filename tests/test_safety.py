@@ -415,7 +415,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
         (speed.main, ['metrics', '--repeats', '0'], '--repeats and --slow_queries must be at least 1'),
         (speed.main, ['train', '--steps', '0'], '--steps at least 1'),
         (speed.main, ['train', '--backbones', 'resnet50', 'resnt50'], r"--backbones 'resnt50': timm has no model"),
-        (speed.main, ['metrics', '--device', 'gpu0'], r"--device 'gpu0' is not a device name"),
+        (speed.main, ['metrics', '--devices', 'cpu', 'gpu0'], r"--devices 'gpu0' is not a device name"),
     ]
     for main, argv, match in cases:
         check_cli(capsys, main, argv, match, unchanged=[tiny_data, run])

@@ -527,8 +527,9 @@ class EdgeFusionHead(nn.Module):
         f3, f4, f5 = features
         g3, a3 = self.attend3(f3, f5)
         g4, a4 = self.attend4(f4, f5)
-        # max pooling with indices, as the original: its backward routes each gradient to one saved position
-        pooled = torch.cat([F.adaptive_max_pool2d(f, 1).flatten(1) for f in (f5, g3, g4)], dim=1)
+        # fp32 under --amp: compiled bf16 broke torch.amax's tie-counting backward (NaN; docs/speed.md). The
+        # original's adaptive_max_pool2d has the same values; its backward shifts these results in the 4th decimal.
+        pooled = torch.cat([torch.amax(f.float(), dim=(2, 3)) for f in (f5, g3, g4)], dim=1)
         return F.normalize(self.proj(pooled), dim=-1), (a3, a4)
 
 

@@ -528,7 +528,7 @@ class EdgeFusionHead(nn.Module):
         g3, a3 = self.attend3(f3, f5)
         g4, a4 = self.attend4(f4, f5)
         # fp32 under --amp: compiled bf16 broke torch.amax's tie-counting backward (NaN; docs/speed.md). The
-        # original's adaptive_max_pool2d has the same values; its backward shifts these results in the 4th decimal.
+        # original's adaptive_max_pool2d has the same values; its backward moves README's numbers in the 3rd decimal.
         pooled = torch.cat([torch.amax(f.float(), dim=(2, 3)) for f in (f5, g3, g4)], dim=1)
         return F.normalize(self.proj(pooled), dim=-1), (a3, a4)
 

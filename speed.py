@@ -256,7 +256,8 @@ def bench_train(args):
             if len(results) == 2:
                 ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
                 print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
-            val_rates[f'{method} {backbone} {setting}'] = results[setting][3]
+            last = args.settings[-1]
+            val_rates[f'{method} {backbone} {last}'] = results[last][3]
     sketchy_val = sum(SIZES['sketchy'][:2])
     print(f'\na Sketchy-size val set ({sketchy_val:,} images) embedded through the loader, at the last setting\'s rates '
           'above: ' + ', '.join(f'{name} {sketchy_val / rate:.0f} s' for name, rate in val_rates.items()))

@@ -23,6 +23,9 @@ DEVICE = os.environ.get('ZS_SBIR_TEST_DEVICE', 'cpu')
 # Tests compare GPU results with references at 1e-5 and rankings of near-tied random-init embeddings:
 # full fp32 convolutions (cuDNN's default TF32 keeps 10 mantissa bits).
 torch.backends.cudnn.allow_tf32 = False
+# Tests of bit-for-bit equality between two training runs: CUDA has no deterministic kernel for some
+# backward passes these models use (reflection padding, bilinear upsampling).
+BITWISE = ('--device', 'cpu')
 
 import search  # noqa: E402
 from safe_files import write_csv  # noqa: E402

@@ -201,12 +201,12 @@ def test_every_command_of_the_gpu_check_parses():
             if words[0] == 'train.py':
                 config.check_args(args)  # e.g. --warmup beyond --epochs
     assert scripts.count('train.py') == 4 and {'speed.py', 'prepare.py'} <= set(scripts)
-    tested = [w for w in shlex.split(next(line for line in lines if '-m pytest' in line)) if w.startswith('tests/')]
+    pytest_line = next(shlex.split(line) for line in lines if '-m pytest' in line)
+    tested = [w for w in pytest_line if w.startswith('tests/')]
     assert all((ROOT / path).is_file() for path in tested) and len(tested) == 10
     download = next(shlex.split(line) for line in lines if ' pip download ' in line)
     pins = dict(line.lower().split('==') for line in (ROOT / 'requirements.txt').read_text().split())
     carried = {w.split('==')[0]: w.split('==')[1] for w in download if '==' in w}
     assert all(pins[name] == version for name, version in carried.items() if name in pins) and \
         {'kornia', 'pytorch-metric-learning', 'timm', 'faiss-cpu'} <= set(carried)
-    pytest_line = next(shlex.split(line) for line in lines if '-m pytest' in line)
     assert pytest_line[pytest_line.index('-m', 2) + 1] == 'not web'

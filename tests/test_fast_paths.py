@@ -3,7 +3,7 @@ augmentations, bf16 autocast and torch.compile, each against the plain path."""
 import pytest
 import torch
 
-from conftest import DEVICE, rng_images
+from conftest import BITWISE, DEVICE, rng_images
 from model import compile_model, ACNet, MSEdge
 from training import step_of, training_nets
 from utils import build_cache
@@ -71,8 +71,8 @@ def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, met
     for name, extra in (('files', []), ('cache', ['--cache'])):
         train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
                           '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup', '0',
-                          '--workers', '0', '--emb_dim', '8', '--device', 'cpu', '--save_root', str(tmp_path / name),
-                          *extra]))  # bitwise equality: CUDA has nondeterministic backward kernels (reflection padding, interpolation)
+                          '--workers', '0', '--emb_dim', '8', *BITWISE, '--save_root', str(tmp_path / name),
+                          *extra]))
         rows.append(read_csv(tmp_path / name / f'synthetic_{method}_resnet50_8_results.csv'))
     assert rows[0] == rows[1]
 

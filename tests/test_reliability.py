@@ -9,7 +9,7 @@ import torch
 
 import train as train_module
 import training
-from conftest import ROOT, free_port, tiny
+from conftest import BITWISE, ROOT, free_port, tiny
 from config import parse_args
 from train import main, train
 from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
@@ -27,10 +27,9 @@ def run_main(argv, capsys):
 
 
 def test_resume_gives_the_same_results_as_an_uninterrupted_run(tiny_data, tmp_path):
-    cpu = ('--device', 'cpu')  # bitwise equality: CUDA has nondeterministic backward kernels (reflection padding, interpolation)
-    train(parse_args(tiny(tiny_data, tmp_path / 'straight', '--epochs', '4', *cpu)))
-    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '2', *cpu)))
-    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '4', '--resume', *cpu)))
+    train(parse_args(tiny(tiny_data, tmp_path / 'straight', '--epochs', '4', *BITWISE)))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '2', *BITWISE)))
+    train(parse_args(tiny(tiny_data, tmp_path / 'resumed', '--epochs', '4', '--resume', *BITWISE)))
     straight = read_csv(tmp_path / 'straight' / f'{PREFIX}_results.csv')
     resumed = read_csv(tmp_path / 'resumed' / f'{PREFIX}_results.csv')
     assert len(straight) == 4 and resumed == straight
@@ -218,7 +217,7 @@ def test_deterministic_is_set_both_ways(first, monkeypatch):
         for deterministic in (first, not first):
             training.configure_backends(parse_args(['--deterministic'] if deterministic else []))
             assert torch.are_deterministic_algorithms_enabled() == deterministic
-            assert torch.backends.cudnn.deterministic == deterministic and torch.backends.cudnn.benchmark != deterministic
+            assert cudnn.deterministic == deterministic and cudnn.benchmark != deterministic
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=True)
         cudnn.benchmark, cudnn.deterministic = before[1:]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from conftest import DEVICE, tiny
+from conftest import BITWISE, DEVICE, tiny
 from model import model_from_checkpoint
 from config import parse_args
 from train import main, train
@@ -78,7 +78,7 @@ def test_results_do_not_depend_on_worker_count(tiny_data, tmp_path):
     rows = []
     for workers in ('0', '2'):
         train(tiny_args(tiny_data, tmp_path / workers, '--epochs', '1', '--emb_dim', '8', '--workers', workers,
-                        '--device', 'cpu'))  # bitwise equality: CUDA has nondeterministic backward kernels (reflection padding, interpolation)
+                        *BITWISE))
         rows.append(read_csv(tmp_path / workers / 'synthetic_acnet_resnet50_8_results.csv'))
     assert rows[0] == rows[1]
 

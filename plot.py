@@ -22,14 +22,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
-from cli import ArgumentParser, UserError, check_device, default_device, run_cli
-from images import RESIZE, load_image, walk_image_files
-from model import load_trained
-from pictures import heatmap, save_png, sheet, to_pil
-from safe_files import (OUTPUT_MARK, atomic_write, check_replaceable, check_writable_dir, make_output_folder, unique_stems,
-                        writing_into)
-from utils import METRIC_NAMES, PHOTO, SKETCH, read_results, retrieval_metrics
+from methods import get_method, method_names
+from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
+from zs_sbir.cli import ArgumentParser, UserError, check_device, default_device, run_cli
+from zs_sbir.images import load_image, walk_image_files
+from zs_sbir.pictures import heatmap, save_png, sheet, to_pil
+from zs_sbir.results import read_results
+from zs_sbir.retrieval import load_model
+from zs_sbir.safe_files import (OUTPUT_MARK, atomic_write, check_replaceable, check_writable_dir, make_output_folder,
+                                unique_stems, writing_into)
 
 
 def pyplot():
@@ -253,11 +255,13 @@ def across_folders(files):
     return sorted(files, key=lambda path: (rank[path][0], str(rank[path][1])))
 
 
-def load_model(args, method, alternative):
-    model, checkpoint = load_trained(args.data_base, args.device)
-    if checkpoint['method'] != method:
-        raise UserError(f"'{args.data_base}' is a {checkpoint['method']} model: {args.command} needs a {method} "
-                        f"one (for {checkpoint['method']}, see `plot.py {alternative}`)")
+def model_drawing(args, picture):
+    """(model, its input size) of --data_base, refused in one line when its method does not draw `picture`."""
+    model, checkpoint = load_model(args.data_base, args.device)
+    if picture not in model.draws:
+        drawers = [name for name in method_names() if picture in get_method(name).draws]
+        raise UserError(f"the {checkpoint['method']} model in '{args.data_base}' draws no {picture}: `plot.py "
+                        f"{args.command}` needs a model of {' or '.join(drawers) or 'a method that draws it'}")
     return model, checkpoint['args']['img_size']
 
 
@@ -270,15 +274,15 @@ def batches(files, size, interpolation, batch_size=32):
 @torch.inference_mode()
 def generated(args):
     """The generator's image of each sketch, saved at the model's input size, and a contact sheet."""
-    model, size = load_model(args, 'acnet', 'attention')
+    model, size = model_drawing(args, 'generated')
     files = image_files(args.query_name, '--query_name')
     stem = run_stem(args.data_base)
     folder, sheet_path = Path(args.save_root) / f'{stem}_generated', Path(args.save_root) / f'{stem}_generated.png'
     check_replaceable(folder)
     check_replaceable(sheet_path)
     names, outputs, pairs = iter(unique_stems(files)), {}, []
-    for _, images in batches(files, size, RESIZE['acnet']):
-        for image, fake in zip(images, model.generate(images.to(args.device)).cpu()):
+    for _, images in batches(files, size, model.interpolation):
+        for image, fake in zip(images, model.pictures(images.to(args.device), SKETCH)['generated'].cpu()):
             outputs[next(names)] = fake
             pairs += [to_pil(image), to_pil(fake)]
     make_output_folder(folder)
@@ -304,23 +308,24 @@ def infer_domain(folder, domain):
 
 @torch.inference_mode()
 def attention(args):
-    """Each image, what the backbone sees of it, and the two attention maps over it, as one sheet."""
-    model, size = load_model(args, 'msedge', 'generated')
+    """Each image and what the model draws of it (MSEdge: the edge map its backbone sees, where its --edge_mode feeds
+    edges, and the two attention maps, laid over the image), as one sheet."""
+    model, size = model_drawing(args, 'attention 3')
     files = image_files(args.query_name, '--query_name')[:args.limit]
     domain = infer_domain(args.query_name, args.domain)
     path = Path(args.save_root) / f'{run_stem(args.data_base)}_attention.png'
     check_replaceable(path)
-    rows, maps = [], []
-    for chunk, images in batches(files, size, RESIZE['msedge']):
-        _, seen, a3, a4 = model.explain(images.to(args.device), torch.full((len(images),), domain, device=args.device))
-        for image, s, m3, m4 in zip(images, seen.cpu(), a3.cpu(), a4.cpu()):
+    rows, drawn = [], []
+    for chunk, images in batches(files, size, model.interpolation):
+        batch = {name: value.cpu() for name, value in model.pictures(images.to(args.device), domain).items()}
+        for i, image in enumerate(images):
             base = to_pil(image)
-            rows.append([base, to_pil(s), heatmap(m3, base), heatmap(m4, base)])
-            maps.append((m3, m4))
-    edge = 'edge map' if model.edge_mode == 'both' or (model.edge_mode == 'photo' and domain == PHOTO) else 'input'
-    save_png(sheet(rows, ['image', f'{edge} (seen)', 'attention 3', 'attention 4']), path)
+            pictures = {name: value[i] for name, value in batch.items()}
+            rows.append([base] + [heatmap(v, base) if v.ndim == 2 else to_pil(v) for v in pictures.values()])
+            drawn.append(pictures)
+    save_png(sheet(rows, ['image', *batch]), path)
     print(f'wrote {path} ({len(rows)} images)')
-    return maps
+    return drawn
 
 
 # -----------------------------------------------------------------------------------------------

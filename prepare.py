@@ -21,12 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from cli import DEFAULT_WORKERS, ArgumentParser, DataError, UserError, run_cli
-from images import RESIZE, is_image_file, read_rgb
-from safe_files import (acquire_lock, check_folder_replaceable, check_replaceable, check_writable_dir,
+from methods import get_method, method_names
+from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, DataError, UserError, run_cli
+from zs_sbir.images import is_image_file, read_rgb
+from zs_sbir.image_cache import build_cache
+from zs_sbir.safe_files import (acquire_lock, check_folder_replaceable, check_replaceable, check_writable_dir,
                         remove_stale_staging, staging_folder, swap_in)
-from synthetic import FAMILIES, make_synthetic, preview
-from utils import build_cache
+from zs_sbir.synthetic import FAMILIES, make_synthetic, preview
 
 # ----------------------------------------------------------------------------------------------
 # Real datasets: raw class folders -> {train,val}/{sketch,photo}/<class>/ for a zero-shot split
@@ -266,8 +267,9 @@ def parse_args(argv=None):
     cache.add_argument('--data_root', default='data')
     cache.add_argument('--data_name', default='sketchy')
     cache.add_argument('--img_size', type=int, default=224)
-    cache.add_argument('--method', default='acnet', choices=list(RESIZE),
-                       help='whose resize filter to use (acnet: bilinear, msedge: bicubic)')
+    cache.add_argument('--method', default='acnet', choices=method_names(),
+                       help='whose resize filter to use (' + ', '.join(f'{name}: {get_method(name).interpolation}'
+                                                                       for name in method_names()) + ')')
     cache.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='decoding processes')
     return parser.parse_args(argv)
 
@@ -293,7 +295,7 @@ def run(args):
         print_split_summary(build_real_split(args.command, args.split, args.sketch_dir, args.photo_dir,
                                              args.data_root, args.data_name, args.copy, args.overwrite))
     elif args.command == 'cache':
-        build_cache(args.data_root, args.data_name, args.img_size, args.method, args.workers)
+        build_cache(args.data_root, args.data_name, args.img_size, get_method(args.method).interpolation, args.workers)
 
 
 def main(argv=None):

@@ -24,25 +24,20 @@ from pathlib import Path
 
 import pandas as pd
 
-from cli import ArgumentParser, UserError, run_cli
-from config import parse_args as train_args, run_prefix
-from model import backbone_tag
-from safe_files import atomic_write
-from utils import SELECT_KEY, read_results
+from methods import get_method, method_names
+from utils import METRIC_NAMES
+from zs_sbir.cli import ArgumentParser, UserError, run_cli
+from zs_sbir.config import check_args, parse_args as train_args, run_prefix
+from zs_sbir.results import SELECT_KEY, read_results
+from zs_sbir.safe_files import atomic_write
 
-METRICS = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
-# {data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them
-RESULTS_NAME = re.compile(r'(?P<dataset>.+?)_(?P<method>acnet|msedge)_(?P<backbone>.+)_(?P<dim>\d+)'
-                          r'(?P<variant>(?:_extractor-[a-z]+|_ce|_triplet|_w[^_]+|_on-[a-z-]+|_edge-[a-z]+'
-                          r'|_levels-[\d-]+)*)(?P<gzs>_gzs)?_results\.csv')
-# The ablations of the original code's history (docs/training.md), run by --ablations beside each method's original.
-ABLATIONS = {'acnet': [['--loss_weights', '1', '0', '1', '--class_on', 'photo', 'fake'],  # 75f7311 train_adv.py
-                       ['--loss_weights', '1', '1', '1', '--class_on', 'photo', 'fake'],  # 75f7311 train_ind.py
-                       ['--loss_weights', '1', '0', '1'],  # 75f7311 train_reg.py
-                       ['--class_loss', 'ce'],  # 04de2e0 (reverted in f63739d)
-                       ['--extractor_only'],  # 61d156a-c9ca544 ablation/norm.py
-                       ['--extractor_only', '--class_loss', 'triplet']],  # 61d156a-c9ca544 ablation/triplet.py
-             'msedge': [['--feature_levels', '1', '2', '4']]}  # 75d71f0, ResNet50 only
+
+def results_name():
+    """{data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them (a variant:
+    what the method's file_suffix adds, each part `_` and a letter)."""
+    methods = '|'.join(re.escape(name) for name in method_names())
+    return re.compile(rf'(?P<dataset>.+?)_(?P<method>{methods})_(?P<backbone>.+)_(?P<dim>\d+)'
+                      r'(?P<variant>(?:_[a-z][^_]*)*?)(?P<gzs>_gzs)?_results\.csv')
 DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
                   'tuberlin': 'TU-Berlin Extended', 'quickdraw': 'QuickDraw Extended', 'synthetic': 'generated dataset'}
 # The metrics papers compare on each dataset (by the start of its folder name); all four elsewhere, as the
@@ -53,20 +48,9 @@ PAPER_METRICS = (('sketchy21', ('mAP@200', 'P@200')), ('sketchy25', ('mAP@all', 
 PUBLISHED_OTHERS = {'quickdraw': [('ZSE-SBIR', {'mAP@all': 14.5, 'P@200': 21.6}),
                                   ('SAKE', {'mAP@all': 13.0, 'P@200': 17.9}),
                                   ('Doodle2Search', {'mAP@all': 7.5, 'P@200': 6.8})]}
-# ACNet README, ResNet50/VGG16 x 64/512/4096: (Sketchy mAP@200, mAP@all, P@100, P@200, TU-Berlin ...)
-PUBLISHED_ACNET = {
-    ('vgg16', 64): (32.6, 38.0, 48.7, 44.7, 39.8, 37.1, 50.6, 48.0),
-    ('vgg16', 512): (38.3, 42.2, 53.3, 49.3, 47.2, 43.9, 58.1, 55.3),
-    ('vgg16', 4096): (40.0, 43.2, 54.6, 50.8, 51.7, 47.9, 62.3, 59.3),
-    ('resnet50', 64): (43.0, 46.0, 56.8, 52.7, 47.5, 44.9, 57.2, 54.9),
-    ('resnet50', 512): (51.7, 55.9, 64.3, 60.8, 57.7, 57.7, 65.8, 64.4),
-    ('resnet50', 4096): (51.1, 55.7, 63.8, 60.0, 57.3, 58.6, 64.6, 63.5),
-}
-
-
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
+    p.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
     p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'],
                    help='resnet50 and vgg16 (the seeds), or any timm name with an optional pretrained tag')
     p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
@@ -89,8 +73,8 @@ def grid(args):
     """(train.py argument list, parsed train.py args) for every configuration of the grid."""
     runs = []
     for method, backbone, dim, dataset in product(args.methods, args.backbones, args.emb_dims, args.datasets):
-        variants = [[]] + [v for v in ABLATIONS[method] if method == 'acnet' or backbone.startswith('resnet50')] \
-            if args.ablations else [[]]
+        ablations = [a['argv'] for a in get_method(method).ablations if backbone.startswith(a.get('backbones', ''))]
+        variants = [[]] + ablations if args.ablations else [[]]
         for variant in variants:
             argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
                     '--save_root', args.save_root, '--select_on', args.select_on, *variant,
@@ -127,7 +111,7 @@ def best_rows(save_root):
     train.py's are skipped with a note."""
     rows = []
     for path in sorted(Path(save_root).glob('*_results.csv')):
-        name = RESULTS_NAME.fullmatch(path.name)
+        name = results_name().fullmatch(path.name)
         if name is None:
             print(f'skipped {path}: not named as train.py names its results')
             continue
@@ -138,12 +122,12 @@ def best_rows(save_root):
             continue
         select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
         variant = name['variant'].replace('_', ' ').strip()
-        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{m}']) for m in METRICS if f'gzs_{m}' in best}
+        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{m}']) for m in METRIC_NAMES if f'gzs_{m}' in best}
         variant += ' gzs' if name['gzs'] else ''  # trained on fewer images: its own row
         variant = variant.strip()
         rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
-                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRICS},
+                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRIC_NAMES},
                      **gzs})
     return pd.DataFrame(rows)
 
@@ -154,15 +138,7 @@ def dataset_metrics(dataset, all_metrics=False):
         for prefix, metrics in PAPER_METRICS:
             if dataset.startswith(prefix):
                 return metrics
-    return METRICS
-
-
-def published_acnet(backbone, dim, dataset):
-    """The ACNet README's numbers for a dataset folder ({metric: value}), or {}."""
-    values = PUBLISHED_ACNET.get((backbone, dim))
-    if values is None or not (dataset == 'sketchy' or dataset.startswith('tuberlin')):
-        return {}
-    return dict(zip(METRICS, values[:4] if dataset == 'sketchy' else values[4:]))
+    return METRIC_NAMES
 
 
 def build_table(rows, all_metrics=False):
@@ -179,12 +155,13 @@ def build_table(rows, all_metrics=False):
         cells = [f'{values[d][m]:.1f}' if m in values.get(d, {}) else '' for d, m in columns]
         return f'| {label} | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |'
     for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
-        ours = {row['dataset']: {m: row[m] for m in row.index if (m in METRICS or m.startswith('GZS ')) and
+        ours = {row['dataset']: {m: row[m] for m in row.index if (m in METRIC_NAMES or m.startswith('GZS ')) and
                                  pd.notna(row[m])} for _, row in group.iterrows()}
         lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), ours))
-        published = {d: published_acnet(backbone, dim, d) for d in datasets} if method == 'acnet' else {}
+        published = {d: get_method(method).published(backbone, dim, d) for d in datasets} \
+            if method in method_names() else {}  # a variant ('acnet ce') has no published row
         if any(published.values()):
-            lines.append(line('acnet (published)', backbone, dim, 'test', published))
+            lines.append(line(f'{method} (published)', backbone, dim, 'test', published))
     for dataset in datasets:
         for name, values in PUBLISHED_OTHERS.get(dataset, []):
             lines.append(line(f'{name} (published, another method)', '', '', '', {dataset: values}))
@@ -198,7 +175,7 @@ def run(args):
     if not args.table_only:
         missing = set()
         for _, run_args in grid(args):
-            backbone_tag(run_args.method, run_args.backbone_type)  # an unknown name: one line, before any run
+            check_args(run_args)  # an unknown backbone, a bad option after --: one line, before any run
             folder = Path(run_args.data_root) / run_args.data_name
             if run_args.data_name != 'synthetic' and not folder.is_dir():  # train.py generates synthetic itself
                 if not args.dry_run:

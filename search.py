@@ -29,13 +29,15 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from cli import (DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, first_line,
+from zs_sbir.cli import (DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, first_line,
                  run_cli)
-from images import RESIZE, pillow_suffixes, query_files, read_rgb, to_rgb8
-from pictures import draw_retrieval, save_png
-from safe_files import plan_outputs, writing_into
-from search_index import (INDEX_FORMAT, INDEX_KINDS, JOURNAL, LOCK, Searcher, build_faiss, embed, file_key, is_index,
-                          load_model, photo_batches, photo_files, photo_folders, read_index, write_index)
+from zs_sbir.images import pillow_suffixes, query_files, read_rgb, to_rgb8
+from zs_sbir.pictures import draw_retrieval, save_png
+from zs_sbir.safe_files import plan_outputs, writing_into
+from zs_sbir.checkpoint import model_identity
+from zs_sbir.retrieval import load_model
+from zs_sbir.search_index import (INDEX_FORMAT, INDEX_KINDS, JOURNAL, LOCK, Searcher, build_faiss, embed_as, file_key,
+                                  is_index, photo_batches, photo_files, photo_folders, read_index, write_index)
 from utils import PHOTO
 
 
@@ -102,7 +104,8 @@ def build_index(args):
     photos = Path(args.photos).resolve()
     out = Path(args.index)
     files, skipped = photo_files(photos)
-    model, identity = load_model(args.data_base, args.device)
+    model, checkpoint = load_model(args.data_base, args.device)
+    identity = model_identity(checkpoint)
     with claimed(out):
         previous = previous_index(out, args.rebuild)
         check_replaceable_index(previous, out, identity, photos, args.rebuild)
@@ -130,11 +133,11 @@ def build_index(args):
         start, saved = time.perf_counter(), time.monotonic()
         try:
             for positions, images, bad in photo_batches([files[i] for i in todo], photos, identity['img_size'],
-                                                        RESIZE[identity['method']], args.batch_size, args.workers,
+                                                        model.interpolation, args.batch_size, args.workers,
                                                         args.device):
                 failed += [todo[i] for i in bad]
                 if images is not None:
-                    for i, vector in zip(positions, embed(model, images, PHOTO, args.device).numpy()):
+                    for i, vector in zip(positions, embed_as(model, images, PHOTO, args.device).numpy()):
                         embedded[todo[i]] = vector
                 if time.monotonic() - saved > args.save_every:
                     save(complete=False)
@@ -215,11 +218,11 @@ def answer(searcher, path, picture, num):
     start = time.perf_counter()
     query = searcher.embed_sketch(path)
     embedded = time.perf_counter()
-    results = searcher.results(query, num)
+    results = searcher.gallery.top_k(query, num)
     searched = time.perf_counter()
     query_class = path.parent.name if path.parent.name in searcher.classes else None
     tiles = []
-    for photo, similarity, name in results:
+    for _, similarity, photo, name in results:
         try:
             tiles.append((read_rgb(photo), f'{similarity:.3f}\n{name}', None if query_class is None
                           else name == query_class))
@@ -229,7 +232,7 @@ def answer(searcher, path, picture, num):
     save_png(draw_retrieval(read_rgb(path), [], tiles), picture)
     print(f'{path} -> {picture} (embed {1000 * (embedded - start):.1f} ms, search '
           f'{1000 * (searched - embedded):.2f} ms over {len(searcher.table)} photos)')
-    for rank, (photo, similarity, name) in enumerate(results, 1):
+    for rank, (_, similarity, photo, name) in enumerate(results, 1):
         print(f'  {rank:>3}  {similarity:.4f}  {name:<20} {photo}')
     return results
 
@@ -269,9 +272,9 @@ def make_app(searcher, k=8):
         image = sketch_image(value)
         if image is None:
             return []
-        results = searcher.results(searcher.embed_sketch(image), int(count))
+        results = searcher.gallery.top_k(searcher.embed_sketch(image), int(count))
         return [(ImageOps.contain(read_rgb(photo), (256, 256)), printable(f'{similarity:.3f} {name}'))
-                for photo, similarity, name in results]
+                for _, similarity, photo, name in results]
 
     photos = searcher.photos.relative_to(Path.cwd()) if searcher.photos.is_relative_to(Path.cwd()) else searcher.photos
     with gr.Blocks(title='Sketch search') as app:

@@ -38,19 +38,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
-from evaluation import embed_images, make_eval_loader, split_images, to_device
-from model import backbone_tag, build_model, compile_model
-from reference_metrics import reference_metrics
-from search_index import build_faiss, embed, photo_batches, top_rows, tune
-from synthetic import make_synthetic
-from training import make_train_loader, step_of, training_nets
-from utils import PHOTO, build_cache, retrieval_metrics, scan_split
+from methods import create_model, get_method, method_names, with_defaults
+from utils import METRIC_NAMES, PHOTO, Split, retrieval_metrics, scan_split
+from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
+from zs_sbir.datasets import EpochSampler
+from zs_sbir.evaluation import make_eval_loader, split_images, to_device
+from zs_sbir.image_cache import build_cache
+from zs_sbir.reference_metrics import reference_metrics
+from zs_sbir.retrieval import Gallery, embed
+from zs_sbir.search_index import build_faiss, embed_as, photo_batches, tune
+from zs_sbir.synthetic import make_synthetic
+from zs_sbir.training import compile_model, make_train_loader, training_nets
 
 # (queries, gallery, classes): the zero-shot test sets the seeds evaluate on
 SIZES = {'sketchy': (12694, 12553, 21), 'tuberlin': (2400, 27989, 30), 'quickdraw': (92291, 54151, 30),
          'quick': (1500, 2000, 10)}
-MAIN = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
 
 
 def embeddings(num_queries, num_gallery, num_classes, dim=512, seed=0):
@@ -86,14 +88,14 @@ def measure(kind, size, device, repeats, slow_queries):
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
         memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device == 'cuda' else _peak_rss_mb() - base
-        per_query = {name: result[name][:slow_queries].tolist() for name in MAIN}
-        return dict(seconds=statistics.median(times), memory_mb=memory, means={n: result[n].mean().item() for n in MAIN},
+        per_query = {name: result[name][:slow_queries].tolist() for name in METRIC_NAMES}
+        return dict(seconds=statistics.median(times), memory_mb=memory, means={n: result[n].mean().item() for n in METRIC_NAMES},
                     per_query=per_query)
     start = time.perf_counter()
     result = reference_metrics(q[:slow_queries].double().numpy(), ql[:slow_queries].numpy(),
                                g.double().numpy(), gl.numpy(), scipy_cosine=True)
     seconds = (time.perf_counter() - start) * len(q) / slow_queries
-    return dict(seconds=seconds, per_query={name: result[name].tolist() for name in MAIN})
+    return dict(seconds=seconds, per_query={name: result[name].tolist() for name in METRIC_NAMES})
 
 
 def run_child(kind, size, device, repeats, slow_queries):
@@ -119,8 +121,8 @@ def bench_metrics(args):
         slow = run_child('seed', size, 'cpu', 1, args.slow_queries)
         for device in devices:
             ours = run_child('ours', size, device, args.repeats, args.slow_queries)
-            worst = max(abs(a - b) for name in MAIN for a, b in zip(ours['per_query'][name], slow['per_query'][name]))
-            means = max(abs(np.mean(ours['per_query'][name]) - np.mean(slow['per_query'][name])) for name in MAIN)
+            worst = max(abs(a - b) for name in METRIC_NAMES for a, b in zip(ours['per_query'][name], slow['per_query'][name]))
+            means = max(abs(np.mean(ours['per_query'][name]) - np.mean(slow['per_query'][name])) for name in METRIC_NAMES)
             q, g, _ = SIZES[size]
             print(f'| {size} ({q} x {g}) | {device} | {ours["seconds"]:.3f} | {ours["memory_mb"]:.0f} | '
                   f'{slow["seconds"]:.1f} | {slow["seconds"] / ours["seconds"]:.0f}x | {means:.1e} | {worst:.1e} |')
@@ -144,14 +146,15 @@ def settings(name, device, compile_ours):
                 cache=True, fused=cuda)  # channels_last and bf16 pay off on GPUs, not on CPUs
 
 
-def prepared_model(method, backbone, num_classes, device, s):
+def prepared_model(method, backbone, classes, device, s):
     torch.backends.cudnn.benchmark = not s['deterministic']
     torch.backends.cudnn.deterministic = s['deterministic']
     torch.manual_seed(0)
-    model = build_model(method, num_classes, backbone, 512, pretrained=False).to(device)
+    options = with_defaults(method, dict(backbone_type=backbone, emb_dim=512, lr=1e-5))
+    model = create_model(method, classes, options, pretrained=False).to(device)
     if s['channels_last']:
         model.to(memory_format=torch.channels_last)
-    optimizers = model.make_optimizers(1e-5, fused=True if s['fused'] else None)
+    optimizers = model.make_optimizers(options, fused=True if s['fused'] else None)
     if not s['fused']:  # the seeds' torch 1.x Adam: one parameter at a time
         for optimizer in optimizers.values():
             optimizer.defaults['foreach'] = False
@@ -164,7 +167,7 @@ def prepared_model(method, backbone, num_classes, device, s):
 
 def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
     """Images/s of training steps over an iterable of CPU batches."""
-    nets, step = training_nets(model, s['amp']), step_of(model)
+    nets = training_nets(model, s['amp'])
     model.set_warmup(False)
     model.train()
     count, start = 0, None
@@ -172,7 +175,7 @@ def time_training(model, optimizers, batches, images_per_batch, device, s, warmu
         if i == warmup:
             _sync(device)
             start, count = time.perf_counter(), 0
-        losses = step(nets, optimizers, to_device(batch, device, s['channels_last']))
+        losses = model.training_step(nets, optimizers, to_device(batch, device, s['channels_last']))
         if s['sync_every_step']:
             [value.item() for value in losses.values()]
         count += images_per_batch
@@ -190,23 +193,25 @@ def time_embedding(model, batches, device, s, warmup=1):
                 _sync(device)
                 start, count = time.perf_counter(), 0
             images, _, domains, _ = to_device(batch, device, s['channels_last'])
-            embed_images(model, images, domains, s['amp'])
+            embed(model, images, domains, s['amp'])
             count += len(images)
     _sync(device)
     return count / (time.perf_counter() - start)
 
 
 def memory_batches(method, batch_size, size, num_classes, count):
+    """`count` copies of one training batch (as the method's train_dataset makes it) and of one evaluation batch,
+    of random images held in memory: what the model alone costs."""
     g = torch.Generator().manual_seed(0)
-    images = torch.randint(0, 256, (batch_size, 3, size, size), dtype=torch.uint8, generator=g)
-    labels = torch.arange(batch_size) % num_classes
-    domains = torch.arange(batch_size) % 2
-    if method == 'acnet':
-        half = batch_size // 2
-        train = [images[:half], images[half:2 * half], labels[:half]]
-    else:
-        train = [images, labels, domains, torch.arange(batch_size)]
-    return [train] * count, [[images, labels, domains, torch.arange(batch_size)]] * count
+    n = 2 * max(batch_size, 2 * num_classes)  # every class with sketches and photos, and a full batch
+    images = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    labels, domains = torch.arange(n) % num_classes, (torch.arange(n) // num_classes) % 2
+    split = Split(Path('.'), [str(c) for c in range(num_classes)], [str(i) for i in range(n)], labels.tolist(),
+                  domains.tolist())
+    dataset, per_batch, _ = get_method(method).train_dataset(split, list(images), batch_size)
+    train = next(iter(torch.utils.data.DataLoader(dataset, per_batch, sampler=EpochSampler(len(dataset), 0))))
+    evaluation = [images[:batch_size], labels[:batch_size], domains[:batch_size], torch.arange(batch_size)]
+    return [train] * count, [evaluation] * count
 
 
 def bench_train(args):
@@ -217,15 +222,16 @@ def bench_train(args):
     if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
                         f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
-    for backbone in args.backbones:
-        backbone_tag('acnet', backbone, '--backbones')  # an unknown name: one line, before any work
+    for method in args.methods:
+        for backbone in args.backbones:  # an unknown name: one line, before any work
+            get_method(method).check_backbone(backbone, '--backbones')
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
                    num_val_photos=args.batch_size, img_size=args.img_size, workers=max(1, args.workers))
     train_split, val_split = scan_split(root, 'synthetic', 'train'), scan_split(root, 'synthetic', 'val')
     for method in args.methods:
-        build_cache(root, 'synthetic', args.img_size, method, workers=args.workers)
+        build_cache(root, 'synthetic', args.img_size, get_method(method).interpolation, workers=args.workers)
     name = torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'\ndevice: {name}; torch {torch.__version__}; image {args.img_size} px, batch {args.batch_size}, '
           f'{args.steps} timed steps, {args.workers} loader workers; images/s (higher is better)\n')
@@ -237,12 +243,12 @@ def bench_train(args):
             results = {}
             for setting in args.settings:
                 s = settings(setting, device, args.compile)
-                model, optimizers = prepared_model(method, backbone, len(train_split.classes), device, s)
+                model, optimizers = prepared_model(method, backbone, train_split.classes, device, s)
                 train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
                                                      len(train_split.classes), args.steps + 2)
-                images = {name: split_images(split, method, args.img_size, (root, 'synthetic', name) if s['cache'] else None)
+                images = {name: split_images(split, model, args.img_size, (root, 'synthetic', name) if s['cache'] else None)
                           for name, split in (('train', train_split), ('val', val_split))}
-                train_loader = make_train_loader(method, train_split, images['train'], args.batch_size, 1, args.workers,
+                train_loader = make_train_loader(model, train_split, images['train'], args.batch_size, 1, args.workers,
                                                  device.type)
                 eval_loader = make_eval_loader(val_split, images['val'], 2 * args.batch_size, args.workers, device.type)
                 row = [time_training(model, optimizers, train_mem, args.batch_size, device, s),
@@ -282,7 +288,7 @@ def measure_backbone(method, backbone, img_size, batch_size, steps, checkpointin
     """One measurement (run in its own process): train images/s, peak memory, parameters, feature sizes."""
     device = torch.device(device)
     s = settings('ours', device, compile_ours=False)
-    model, optimizers = prepared_model(method, backbone, 10, device, s)
+    model, optimizers = prepared_model(method, backbone, [str(c) for c in range(10)], device, s)
     if checkpointing:
         model.set_grad_checkpointing()
     train_batches, _ = memory_batches(method, batch_size, img_size, 10, steps + 2)
@@ -291,8 +297,9 @@ def measure_backbone(method, backbone, img_size, batch_size, steps, checkpointin
     base = _peak_rss_mb()
     speed = time_training(model, optimizers, train_batches, batch_size, device, s)
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - base
-    backbone_net = model.extractor.backbone if method == 'acnet' else model.backbone
-    features = ([backbone_net.num_features] if method == 'acnet' else model.backbone.feature_info.channels())
+    backbone_net = model.timm_model()
+    info = getattr(backbone_net, 'feature_info', None)  # a features_only model's levels, else one pooled feature
+    features = info.channels() if hasattr(info, 'channels') else [backbone_net.num_features]
     return dict(images_per_s=speed, memory_mb=memory, features=features,
                 params_m=sum(p.numel() for p in backbone_net.parameters()) / 1e6, tag=model.backbone_tag)
 
@@ -306,14 +313,15 @@ def bench_backbones(args):
         raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
                         f'{args.batch_size}, {args.steps}, {args.img_size}')
     for backbone in backbones:
-        backbone_tag('acnet', backbone, '--backbones')  # an unknown name: one line, before any measurement
+        for method in method_names():  # an unknown name: one line, before any measurement
+            get_method(method).check_backbone(backbone, '--backbones')
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
           f'{args.steps} timed steps; bf16 autocast on GPU; peak memory: {"allocated on the GPU" if device == "cuda" else "extra RSS"}\n')
     print('| backbone (tag) | params (M) | method | features | grad checkpointing | train images/s | peak memory (MB) |')
     print('|---|---|---|---|---|---|---|')
     for backbone in backbones:
-        for method in ('acnet', 'msedge'):
+        for method in method_names():
             for checkpointing in (False, True):
                 out = run_backbone_child(method, backbone, args.img_size, args.batch_size, args.steps, checkpointing,
                                          device)
@@ -359,12 +367,13 @@ def embed_throughput(img_size, count, batch_size, workers, device):
                    num_val_photos=1, img_size=img_size, workers=max(1, workers))
     photo_dir = root / 'synthetic' / 'train' / 'photo'
     files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
-    model = build_model('msedge', 4, 'resnet50', 512, pretrained=False).to(device).eval()
-    batches = photo_batches(files, photo_dir, img_size, 'bicubic', batch_size, workers, device)
-    embed(model, next(batches)[1], PHOTO, device)  # warm-up
+    model = create_model('msedge', list('abcd'), dict(backbone_type='resnet50', emb_dim=512), pretrained=False)
+    model = model.to(device).eval()
+    batches = photo_batches(files, photo_dir, img_size, model.interpolation, batch_size, workers, device)
+    embed_as(model, next(batches)[1], PHOTO, device)  # warm-up
     _sync(torch.device(device))
     start = time.perf_counter()
-    done = sum(len(embed(model, images, PHOTO, device)) for _, images, _ in batches)
+    done = sum(len(embed_as(model, images, PHOTO, device)) for _, images, _ in batches)
     _sync(torch.device(device))
     return done / (time.perf_counter() - start)
 
@@ -401,12 +410,12 @@ def bench_search(args):
             index = None if kind == 'flat' else tune(build_faiss(vectors, kind))
             build = time.perf_counter() - start
             memory = vectors.nbytes if index is None else faiss.serialize_index(index).nbytes
-            times, found = [], []
+            gallery, times, found = Gallery(exact, range(size), [''] * size, index), [], []
             for query in queries:
                 start = time.perf_counter()
-                rows, _ = top_rows(query, 10, exact if index is None else None, index)
+                hits = gallery.top_k(query, 10)
                 times.append(time.perf_counter() - start)
-                found.append(rows)
+                found.append([hit.row for hit in hits])
             recall = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(found, truth)])
             print(f'| {size:,} | {kind} | {build:.1f} | {memory / 2 ** 20:.0f} | {1000 * statistics.median(times):.2f} '
                   f'| {recall:.3f} |', flush=True)
@@ -440,7 +449,7 @@ def parse_args(argv=None):
     train.add_argument('--steps', type=int, default=20, help='timed steps per measurement (after warm-up)')
     train.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
-    train.add_argument('--methods', nargs='+', default=['acnet', 'msedge'], choices=['acnet', 'msedge'])
+    train.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
     train.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], help='timm names')
     train.add_argument('--settings', nargs='+', default=['seed', 'ours'], choices=['seed', 'ours'],
                        help='measure these (the ratio needs both)')

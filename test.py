@@ -20,16 +20,18 @@ from pathlib import Path
 
 import torch
 
-from checkpoint import load_checkpoint_vectors, vectors_record
-from cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
-from evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader, split_images,
-                        split_metrics)
-from images import RESIZE, load_image, query_files, read_rgb
-from model import EDGE_MODES, METHODS, TrainingFree, edge_mask, load_trained
-from pictures import draw_retrieval, fit_tile, heatmap, save_png
-import safe_files
-from safe_files import atomic_write, make_output_folder
-from utils import PHOTO, SKETCH, hold_out, scan_split, seed_everything, top_k
+from methods import add_own_options, get_method, method_names
+from utils import PHOTO, SKETCH, hold_out, scan_split
+from zs_sbir import safe_files
+from zs_sbir.checkpoint import load_checkpoint_vectors, vectors_record
+from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
+from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
+                                split_images, split_metrics)
+from zs_sbir.images import load_image, query_files, read_rgb
+from zs_sbir.pictures import draw_retrieval, fit_tile, heatmap, save_png
+from zs_sbir.retrieval import Gallery, embed, load_model
+from zs_sbir.safe_files import atomic_write, make_output_folder
+from zs_sbir.seeding import seed_everything
 
 
 def parse_args(argv=None):
@@ -43,7 +45,8 @@ def parse_args(argv=None):
     p.add_argument('--save_root', default='result', help='where the pictures go')
     p.add_argument('--data_root', default=None, help='datasets root (default: the one used in training)')
     p.add_argument('--data_name', default=None, help='dataset name (default: the one used in training)')
-    p.add_argument('--show_generated', action='store_true', help="ACNet: add the generator's photo-like image")
+    p.add_argument('--show_generated', action='store_true',
+                   help="also draw what a method shows only on request (ACNet: the generator's photo-like image)")
     p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
     p.add_argument('--gzs', action='store_true', help='with --evaluate: generalized ZS-SBIR too (docs/metrics.md)')
     p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for --evaluate')
@@ -51,10 +54,11 @@ def parse_args(argv=None):
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
-    free.add_argument('--method', default='acnet', choices=list(METHODS), help='whose pooling and inputs')
+    free.add_argument('--method', default='acnet', choices=method_names(), help='whose pooling and inputs')
     free.add_argument('--backbone_type', default='resnet50', help="as train.py's, any timm name with a tag")
     free.add_argument('--img_size', type=int, default=224)
-    free.add_argument('--edge_mode', default='both', choices=EDGE_MODES, help='msedge: the edge maps fed')
+    for name in method_names():  # the options that shape a method's baseline (MSEdge: --edge_mode)
+        add_own_options(free, get_method(name), get_method(name).training_free_options)
     free.add_argument('--eval_batch_size', type=int, default=128)
     free.add_argument('--seed', type=int, default=1, help="random init (--no_pretrained) and GZS's draw")
     weights = free.add_mutually_exclusive_group()
@@ -68,7 +72,7 @@ def parse_args(argv=None):
 
 def load_run(args):
     """The model, its training arguments and (unless evaluating) the gallery embeddings, all checked."""
-    model, checkpoint = load_trained(args.data_base, args.device)
+    model, checkpoint = load_model(args.data_base, args.device)
     train_args = checkpoint['args']
     data_root = Path(args.data_root or train_args['data_root'])
     data_name = args.data_name or train_args['data_name']
@@ -104,9 +108,9 @@ def check_gallery(vectors, vectors_path, data_root, data_name):
                         f"on disk were not embedded; pass the --data_root used in training or retrain")
 
 
-def embed_images_of(args, model, method, img_size, batch_size, split, desc='embed val'):
+def embed_images_of(args, model, img_size, batch_size, split, desc='embed val'):
     """Embeddings of every image of a split, as the method's evaluation sees them."""
-    loader = make_eval_loader(split, split_images(split, method, img_size), batch_size, args.workers, args.device)
+    loader = make_eval_loader(split, split_images(split, model, img_size), batch_size, args.workers, args.device)
     return embed_split(model, loader, torch.device(args.device), desc=desc)
 
 
@@ -115,7 +119,7 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
     split = scan_split(data_root, data_name, 'val')
     split = split.subset(split.indices(PHOTO))
     print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
-    vectors = embed_images_of(args, model, checkpoint['method'], checkpoint['args']['img_size'],
+    vectors = embed_images_of(args, model, checkpoint['args']['img_size'],
                               checkpoint['args'].get('eval_batch_size', 128), split)
     return vectors_record(vectors, split, checkpoint['method'], data_root, data_name, checkpoint['epoch'],
                           checkpoint.get('run_id'))
@@ -134,39 +138,11 @@ def default_queries(data_root, data_name):
 # ----------------------------------------------------------------------------------------------
 # Retrieval and drawing
 
-@torch.inference_mode()
-def describe_query(model, image, device):
-    """The query's embedding plus the pictures that show what the model made of it."""
-    x = image.unsqueeze(0).to(device)
-    domain = torch.tensor([SKETCH], device=device)
-    extras = {}
-    if model.method == 'acnet':
-        embedding = model.embed(x, domain)[0]
-        extras['generated'] = model.generate(x)[0].cpu()
-    else:
-        embeddings, seen, a3, a4 = model.explain(x, domain)
-        embedding = embeddings[0]
-        if edge_mask(domain, model.edge_mode).item():
-            extras['edge map'] = seen[0].cpu()
-        extras['attention 3'], extras['attention 4'] = a3[0].cpu(), a4[0].cpu()
-    return embedding.float(), extras
-
-
-class Gallery:
-    """The val photos a query is ranked against: their rows in the vectors file and L2-normalised embeddings
-    (computed once), their folder and class names."""
-
-    def __init__(self, vectors, root):
-        self.vectors, self.root, self.classes = vectors, Path(root), vectors['classes']
-        self.rows = (vectors['domains'] == PHOTO).nonzero()[:, 0]
-        self.embeddings = torch.nn.functional.normalize(vectors['vectors'][self.rows].float(), dim=1)
-
-    def top(self, embedding, k):
-        """[(photo path, cosine similarity, class name)] of the k photos most similar to a query embedding."""
-        order, similarities = top_k(torch.nn.functional.normalize(embedding.cpu(), dim=0), self.embeddings, k)
-        rows = self.rows[order].tolist()
-        return [(self.root / self.vectors['paths'][row], similarity, self.classes[self.vectors['labels'][row]])
-                for row, similarity in zip(rows, similarities)]
+def photo_gallery(vectors, root):
+    """The val photos of a vectors record as a Gallery: their saved embeddings, paths under `root`, class names."""
+    rows = (vectors['domains'] == PHOTO).nonzero()[:, 0].tolist()
+    return Gallery(vectors['vectors'][rows].float(), [Path(root) / vectors['paths'][row] for row in rows],
+                   [vectors['classes'][vectors['labels'][row]] for row in rows])
 
 
 def plan_outputs(files, save_root, dataset):
@@ -185,11 +161,11 @@ def gallery_photo(path):
 
 def retrieve(args, model, checkpoint, vectors, data_root, data_name):
     img_size = checkpoint['args']['img_size']
-    gallery = Gallery(vectors, Path(data_root) / data_name / 'val')
+    gallery = photo_gallery(vectors, Path(data_root) / data_name / 'val')
     files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name)
     with safe_files.writing_into(args.save_root):
         for path, picture_path, folder in plan_outputs(files, args.save_root, Path(data_root) / data_name):
-            query_class = path.parent.name if path.parent.name in gallery.classes else None
+            query_class = path.parent.name if path.parent.name in vectors['classes'] else None
             shown, results = retrieval(args, model, img_size, gallery, path, query_class)
             query = read_rgb(path)
             save_png(draw_retrieval(query, shown, [(photo, f'{similarity:.3f}\n{name}', match)
@@ -205,12 +181,15 @@ def retrieve(args, model, checkpoint, vectors, data_root, data_name):
 def retrieval(args, model, img_size, gallery, path, query_class):
     """The pictures of what the model made of one query, and its top --num photos: [(path, similarity, class,
     picture, same class as the query (None when that is unknown))]."""
-    image = load_image(path, img_size, RESIZE[model.method])
-    embedding, extras = describe_query(model, image, args.device)
-    shown = [(name, heatmap(value, fit_tile(image)) if name.startswith('attention') else value)
-             for name, value in extras.items() if model.method == 'msedge' or args.show_generated]
-    results = [(photo, similarity, name, gallery_photo(photo), None if query_class is None else name == query_class)
-               for photo, similarity, name in gallery.top(embedding, args.num)]
+    image = load_image(path, img_size, model.interpolation)
+    x, domain = image.unsqueeze(0).to(args.device), torch.tensor([SKETCH], device=args.device)
+    query = embed(model, x, domain)[0]
+    with torch.inference_mode():
+        drawn = model.pictures(x, SKETCH)
+    shown = [(name, heatmap(value[0].cpu(), fit_tile(image)) if value.ndim == 3 else value[0].cpu())
+             for name, value in drawn.items() if name not in model.optional_pictures or args.show_generated]
+    results = [(hit.path, hit.similarity, hit.name, gallery_photo(hit.path),
+                None if query_class is None else hit.name == query_class) for hit in gallery.top_k(query, args.num)]
     return shown, results
 
 
@@ -232,8 +211,7 @@ def evaluate(args, model, checkpoint, data_root, data_name):
         print(f'leaving out the {skipped} val images that training left out (--skip_bad_images)')
     trained = checkpoint['args']
     seen = gzs_seen_of_run(checkpoint, data_root, data_name, split) if args.gzs else None
-    metrics = score(args, model, checkpoint['method'], trained['img_size'], trained.get('eval_batch_size', 128),
-                    split, seen)
+    metrics = score(args, model, trained['img_size'], trained.get('eval_batch_size', 128), split, seen)
     report(args.data_base, split, metrics)
     trained_on = (str(trained['data_root']), trained['data_name'])
     if checkpoint['metrics'] and (str(data_root), data_name) == trained_on:
@@ -253,12 +231,12 @@ def gzs_seen_of_run(checkpoint, data_root, data_name, val):
     return gzs_seen_items(heldout, val, trained.get('seed', 1))
 
 
-def score(args, model, method, img_size, batch_size, split, seen=None):
+def score(args, model, img_size, batch_size, split, seen=None):
     """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too."""
-    vectors = embed_images_of(args, model, method, img_size, batch_size, split)
+    vectors = embed_images_of(args, model, img_size, batch_size, split)
     metrics = split_metrics(vectors, split)
     if seen is not None:
-        seen_vectors = embed_images_of(args, model, method, img_size, batch_size, seen, 'embed GZS seen')
+        seen_vectors = embed_images_of(args, model, img_size, batch_size, seen, 'embed GZS seen')
         gzs = gzs_metrics(vectors, split, seen_vectors, seen)
         metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
     return metrics
@@ -277,12 +255,11 @@ def training_free(args):
             raise UserError(f'--{name} must be at least {32 if name == "img_size" else 1}, got {value}')
     data_root, data_name = args.data_root or 'data', args.data_name or 'sketchy'
     seed_everything(args.seed)
-    model = TrainingFree(args.method, args.backbone_type, not args.no_pretrained, args.weights,
-                         args.edge_mode).to(args.device)
+    model = get_method(args.method).training_free(args, not args.no_pretrained, args.weights).to(args.device).eval()
     split = scan_split(data_root, data_name, 'val')
     seen = gzs_seen_items(hold_out(scan_split(data_root, data_name, 'train'), 0.1, args.seed)[1], split, args.seed) \
         if args.gzs else None
-    metrics = score(args, model, args.method, args.img_size, args.eval_batch_size, split, seen)
+    metrics = score(args, model, args.img_size, args.eval_batch_size, split, seen)
     source = 'random init' if args.no_pretrained else args.weights or 'pretrained weights'
     report(f'{args.method} {model.backbone_tag} ({source}), no training', split, metrics)
     return metrics
@@ -305,6 +282,9 @@ def run(args):
         if args.training_free:
             return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)
+    if args.show_generated and not model.optional_pictures:
+        raise UserError(f"--show_generated: '{args.data_base}' ({checkpoint['method']}) draws nothing on request; "
+                        f'leave it out')
     if args.evaluate:
         return evaluate(args, model, checkpoint, data_root, data_name)
     retrieve(args, model, checkpoint, vectors, data_root, data_name)

@@ -25,21 +25,20 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
-from cli import UserError, run_cli
-from config import RUN_DEFINING, SELECT_TEXT, RunFiles, check_args, parse_args, run_files, run_prefix
-from evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader, sample_queries,
-                        split_images, split_metrics)
-from model import build_model, compile_model, variant_of
-from safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
-from synthetic import make_synthetic
-from training import (Dist, all_agree, configure_backends, init_distributed, make_train_loader, step_of, train_epoch,
-                      training_nets, wait_for_main)
-from utils import (PHOTO, SELECT_KEY, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out,
-                   scan_split, seed_everything, split_fingerprint)
-
-CSV_METRICS = ('P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise')
-
+from methods import create_model, get_method
+from utils import (PHOTO, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out, scan_split,
+                   split_fingerprint)
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
+from zs_sbir.cli import UserError, run_cli
+from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
+from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
+                                sample_queries, split_images, split_metrics)
+from zs_sbir.results import SELECT_KEY, results_row
+from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
+from zs_sbir.seeding import configure_backends, seed_everything
+from zs_sbir.synthetic import make_synthetic
+from zs_sbir.training import (Dist, all_agree, compile_model, init_distributed, make_train_loader, train_epoch,
+                              training_nets, wait_for_main)
 
 @dataclass
 class EvalSet:
@@ -148,7 +147,7 @@ def skip_bad_images(args, splits, files, rt, log=print):
 
 def eval_set(args, rt, split, split_name):
     cache = (args.data_root, args.data_name, split_name) if args.cache else None
-    images = split_images(split, args.method, args.img_size, cache)
+    images = split_images(split, get_method(args.method, args), args.img_size, cache)
     return EvalSet(split, make_eval_loader(split, images, args.eval_batch_size, args.workers, args.device, rt.rank,
                                            rt.world))
 
@@ -177,9 +176,10 @@ def prepare_data(run, train_split, val_split):
     run.train_classes = train_split.classes
     run.data = {'train': split_fingerprint(train_split), 'val': split_fingerprint(val_split)}
     cache = (args.data_root, args.data_name, 'train') if args.cache else None
-    images = split_images(train_split, args.method, args.img_size, cache)
-    return make_train_loader(args.method, train_split, images, args.batch_size, args.seed, args.workers, args.device,
-                             rt.rank, rt.world, pairs=args.method == 'acnet' and not args.extractor_only)
+    method = get_method(args.method, args)
+    images = split_images(train_split, method, args.img_size, cache)
+    return make_train_loader(method, train_split, images, args.batch_size, args.seed, args.workers, args.device,
+                             rt.rank, rt.world)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -201,12 +201,6 @@ def evaluate(run, evals=None):
         gzs = gzs_metrics(vectors, evals['val'].split, seen, evals['gzs'].split)
         metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
     return metrics, vectors
-
-
-def results_row(epoch, losses, metrics, select_on, eval_queries='all'):
-    extra = [f'{kind}_{name}' for kind in ('heldout', 'gzs') for name in CSV_METRICS if f'{kind}_{name}' in metrics]
-    return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *extra)},
-            'eval_queries': eval_queries, 'select_on': select_on}
 
 
 def evaluate_selected_epoch_fully(run):
@@ -231,7 +225,7 @@ def format_losses(losses):
 
 
 # ----------------------------------------------------------------------------------------------
-# Checkpoints (format: docs/checkpoints.md)
+# Checkpoints (format: docs/runs.md)
 
 def save_epoch(run, epoch, metrics, vectors, val_split, latest=None):
     """This epoch's files, written so that a failure (a full disk) changes none of them; `vectors` are the
@@ -265,8 +259,9 @@ def resume_state(run):
         raise UserError(f"'{path}' is a best-epoch checkpoint without optimiser states: resume from a _last.pth")
     # an option newer than the checkpoint counts as its default (what the run trained with)
     defaults = vars(parse_args(['--method', args.method]))
-    before = {k: last['args'].get(k, defaults[k]) for k in RUN_DEFINING}
-    changed = [f'--{k} {before[k]} -> {getattr(args, k)}' for k in RUN_DEFINING if before[k] != getattr(args, k)]
+    defining = run_defining()
+    before = {k: last['args'].get(k, defaults[k]) for k in defining}
+    changed = [f'--{k} {before[k]} -> {getattr(args, k)}' for k in defining if before[k] != getattr(args, k)]
     if last.get('world_size', 1) != run.rt.world:
         changed.append(f'{last.get("world_size", 1)} -> {run.rt.world} processes (the effective batch size)')
     if changed:
@@ -322,16 +317,15 @@ def resume(run):
 
 # ----------------------------------------------------------------------------------------------
 
-def prepare_model(args, num_classes, device):
+def prepare_model(args, train_classes, device):
     # A resumed run's weights come from its checkpoint: nothing to download.
-    model = build_model(args.method, num_classes, args.backbone_type, args.emb_dim,
-                        pretrained=not (args.no_pretrained or args.resume), weights=None if args.resume else args.weights,
-                        **variant_of(args.method, args)).to(device)
+    model = create_model(args.method, train_classes, args, pretrained=not (args.no_pretrained or args.resume),
+                         weights=None if args.resume else args.weights).to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     if args.grad_checkpointing:
         model.set_grad_checkpointing()
-    optimizers = model.make_optimizers(args.lr, fused=True if device.type == 'cuda' else None)
+    optimizers = model.make_optimizers(args, fused=True if device.type == 'cuda' else None)
     if args.compile:
         compile_model(model)
     return model, optimizers
@@ -345,7 +339,7 @@ def train(args):
     run = Run(args, files, rt, print if rt.main else (lambda *a, **k: None))
     check_outputs(args, files)  # on every process: all of them stop, or none
     seed_everything(args.seed)
-    configure_backends(args)
+    configure_backends(args.deterministic)
     splits = load_splits(args, run.log)
     release = claim_outputs(args, files, rt)
     try:
@@ -358,11 +352,11 @@ def fit(run, train_split, val_split):
     """Train and evaluate epoch after epoch, saving each; returns the best epoch's metrics."""
     args, rt, log = run.args, run.rt, run.log
     train_loader = prepare_data(run, train_split, val_split)
-    run.model, run.optimizers = prepare_model(args, len(run.train_classes), rt.device)
+    run.model, run.optimizers = prepare_model(args, run.train_classes, rt.device)
     source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
               args.weights or 'ImageNet weights (timm, Hugging Face hub)')
     log(f'backbone {run.model.backbone_tag}: {source}')
-    step, key = step_of(run.model), SELECT_KEY[args.select_on]
+    key = SELECT_KEY[args.select_on]
     if rt.world > 1:
         log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
 
@@ -378,9 +372,9 @@ def fit(run, train_split, val_split):
         if warming_up != (epoch <= args.warmup):  # DDP wrappers must see the parameters that train now
             warming_up = epoch <= args.warmup
             run.model.set_warmup(warming_up)
-            nets = training_nets(run.model, args.amp, rt.ddp, args.loss_weights, args.class_on)
+            nets = training_nets(run.model, args.amp, rt.ddp)
         train_loader.sampler.set_epoch(epoch)
-        losses = train_epoch(nets, run.optimizers, train_loader, step, rt, f'epoch {epoch}/{args.epochs}',
+        losses = train_epoch(nets, run.optimizers, train_loader, rt, f'epoch {epoch}/{args.epochs}',
                              channels_last=args.channels_last)
         metrics, vectors = evaluate(run)
         run.rows.append(results_row(epoch, losses, metrics, args.select_on,

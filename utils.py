@@ -1,25 +1,19 @@
-"""Dataset folders and retrieval metrics, shared by every script.
+"""Dataset folders and retrieval metrics: the two things every script shares.
 
 Dataset layout (docs/data.md):  <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>
 Domain codes: photo = 0, sketch = 1. Labels: class index in sorted class-name order.
+Metrics (docs/metrics.md): mAP@200, mAP@all, P@100, P@200 and `precise`, their mean, exactly, for every query.
 """
 import hashlib
-import json
 import os
-import random
-import tempfile
 from dataclasses import dataclass, field
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
-from tqdm import tqdm
 
-from cli import DataError, UserError, check_workers, first_line
-from images import IMAGE_SUFFIXES, RESIZE, is_image_file, load_image, read_rgb
-from safe_files import UMASK, acquire_lock, atomic_write, check_writable_dir, remove_stale_temporaries
+from zs_sbir.cli import DataError
+from zs_sbir.images import IMAGE_SUFFIXES, is_image_file, read_rgb
 
 PHOTO, SKETCH = 0, 1
 DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
@@ -218,243 +212,6 @@ def describe_split(split, name):
     return '\n'.join(lines)
 
 
-
-# ----------------------------------------------------------------------------------------------
-# Image datasets: decoded files, or the pre-resized cache of prepare.py cache
-
-def train_transform(method, p=None):
-    """Per-image training augmentation on uint8 tensors (the resize already happened at load time).
-
-    `p` overrides every probability (p=0: identity), for tests that compare input paths.
-    """
-    from torchvision.transforms import v2
-    if method == 'acnet':
-        return v2.RandomHorizontalFlip(0.5 if p is None else p)
-    return v2.Compose([
-        v2.RandomApply([v2.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8 if p is None else p),
-        v2.RandomHorizontalFlip(0.5 if p is None else p),
-        # bilinear: the original's PIL transform interpolates bicubic, which tensors do not offer here
-        v2.RandomApply([v2.RandomAffine(degrees=30, translate=(0.1, 0.1), scale=(0.7, 1.3),
-                                        interpolation=v2.InterpolationMode.BILINEAR)],
-                       p=0.5 if p is None else p)])
-
-
-CACHE_FORMAT = 'zs-sbir-cache-2'  # -2: the index records each image's size and modification time
-
-
-def file_stats(root, paths):
-    """[size, modification time in ns] of every file (links followed): what tells that an image changed."""
-    stats = []
-    for path in paths:
-        try:
-            info = os.stat(Path(root) / path)
-            stats.append([info.st_size, info.st_mtime_ns])
-        except OSError:
-            stats.append(None)
-    return stats
-
-
-def cache_path(data_root, data_name, split, size, interpolation):
-    """Where `prepare.py cache` puts a split's pre-resized images (.npy) and their index (.json)."""
-    return Path(data_root) / data_name / 'cache' / f'{split}_{size}_{interpolation}.npy'
-
-
-class CachedImages:
-    """Pre-resized uint8 images of a split from one memory-mapped .npy file: no image is decoded.
-
-    Opened lazily, so a DataLoader worker maps the file itself instead of receiving a copy.
-    """
-
-    def __init__(self, data_root, data_name, split_name, split, size, method):
-        self.path = cache_path(data_root, data_name, split_name, size, RESIZE[method])
-        build = (f'python prepare.py cache --data_root {data_root} --data_name {data_name} '
-                 f'--img_size {size} --method {method}')
-        index_file = self.path.with_suffix('.json')
-        if not index_file.is_file() or not self.path.is_file():
-            raise DataError(f"no image cache at '{self.path}': build it with `{build}` or leave out --cache")
-        try:
-            index = json.loads(index_file.read_text())
-        except ValueError:
-            index = {}
-        if index.get('format') != CACHE_FORMAT:
-            raise DataError(f"image cache '{self.path}' was built by another version of prepare.py: rebuild it "
-                            f"with `{build}`")
-        row_of = {path: row for row, path in enumerate(index['paths'])}
-        missing = [p for p in split.paths if p not in row_of]
-        if missing:
-            raise DataError(f"image cache '{self.path}' does not match the {split_name} folder "
-                            f"({len(missing)} images are not in it): rebuild it with `{build}`")
-        self.rows, self._array = [row_of[p] for p in split.paths], None  # a split may be a subset
-        now = file_stats(split.root, split.paths)
-        changed = [p for p, row, stat in zip(split.paths, self.rows, now) if index['stats'][row] != stat]
-        if changed:
-            raise DataError(f"image cache '{self.path}' is stale: {len(changed)} images changed since it was built "
-                            f"(size or modification time), e.g. '{changed[0]}': rebuild it with `{build}`")
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, index):
-        if self._array is None:
-            self._array = np.load(self.path, mmap_mode='r')
-        return torch.from_numpy(np.array(self._array[self.rows[index]]))
-
-    def __getstate__(self):
-        return {**self.__dict__, '_array': None}
-
-
-
-def _fill(task):
-    array_path, root, paths, start, size, interpolation = task
-    array = np.load(array_path, mmap_mode='r+')
-    for offset, path in enumerate(paths):
-        array[start + offset] = load_image(Path(root) / path, size, interpolation).numpy()
-    array.flush()
-    return len(paths)
-
-
-def build_cache(data_root, data_name, size, method, workers=os.cpu_count()):
-    """Write cache/<split>_<size>_<interpolation>.npy and .json for train and val; returns their paths.
-
-    The index records every image's path, size and modification time, so a changed image is noticed.
-    """
-    if not 32 <= size <= 2048 or size % 4:
-        raise UserError(f'--img_size must be a multiple of 4 from 32 to 2048 (as train.py takes), got {size}')
-    check_workers(workers, minimum=1)
-    interpolation, written = RESIZE[method], []
-    folder = cache_path(data_root, data_name, 'train', size, interpolation).parent
-    splits = {name: scan_split(data_root, data_name, name) for name in ('train', 'val')}
-    check_writable_dir(folder, 'cache folder')
-    folder.mkdir(exist_ok=True)
-    release = acquire_lock(folder / f'.{size}_{interpolation}.lock', f"the {size}-px {interpolation} cache of "
-                           f"'{folder.parent}'", hint='wait for it to finish')
-    try:
-        for split_name, split in splits.items():
-            path = cache_path(data_root, data_name, split_name, size, interpolation)
-            written.append(_write_cache(split, split_name, path, size, interpolation, workers))
-    finally:
-        release()
-    return written
-
-
-def _write_cache(split, split_name, path, size, interpolation, workers):
-    stats = file_stats(split.root, split.paths)  # before decoding: a change during the build is noticed too
-    print(describe_split(split, split_name))
-    path.with_suffix('.json').unlink(missing_ok=True)  # no index: an old cache is never half-valid
-    remove_stale_temporaries(path)
-    fd, partial = tempfile.mkstemp(dir=path.parent, prefix=f'.{path.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
-        chunk = 256
-        tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
-                 for i in range(0, len(split), chunk)]
-        with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
-            for done in pool.imap_unordered(_fill, tasks):
-                bar.update(done)
-    except BaseException as error:
-        os.remove(partial)
-        if isinstance(error, (OSError, ValueError, MemoryError)):
-            raise UserError(f"could not write the image cache '{path}' ({first_line(error)}): nothing was kept") \
-                from error
-        raise
-    os.chmod(partial, 0o666 & ~UMASK)
-    os.replace(partial, path)
-    index = {'format': CACHE_FORMAT, 'size': size, 'interpolation': interpolation, 'paths': list(split.paths),
-             'stats': stats}
-    atomic_write(path.with_suffix('.json'), lambda tmp: Path(tmp).write_text(json.dumps(index)))
-    print(f'wrote {path} ({path.stat().st_size / 2 ** 30:.2f} GiB)')
-    return path
-
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, item_seed): the epoch's order and every item's random draws depend only on
-    (seed, epoch, index), never on the number of workers or on where a run was resumed.
-
-    With `num_replicas` > 1 each rank takes every num_replicas-th position of the (padded) order,
-    as DistributedSampler does; `shuffle=False` keeps dataset order and adds no padding.
-    """
-
-    def __init__(self, size, seed, shuffle=True, rank=0, num_replicas=1):
-        self.size, self.seed, self.shuffle = size, seed, shuffle
-        self.rank, self.num_replicas, self.epoch = rank, num_replicas, 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def _epoch_seed(self):
-        return self.seed * 100_003 + self.epoch
-
-    def __iter__(self):
-        epoch_seed = self._epoch_seed()
-        if self.shuffle:
-            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
-            order += order[:len(self) * self.num_replicas - self.size]  # equal share per rank
-        else:
-            order = list(range(self.size))
-        return ((i, epoch_seed) for i in order[self.rank::self.num_replicas])
-
-    def __len__(self):
-        if not self.shuffle:
-            return len(range(self.rank, self.size, self.num_replicas))
-        return -(-self.size // self.num_replicas)
-
-
-def _item_rng(key):
-    """Seed torch's RNG for one item (inside fork_rng) from the sampler's (index, epoch_seed) key."""
-    index, epoch_seed = key if isinstance(key, tuple) else (key, 0)
-    torch.manual_seed(epoch_seed * 1_000_003 + index)
-    return index
-
-
-class SplitDataset(Dataset):
-    """Single images of a split: (uint8 image, label, domain, index). MSEdge training and evaluation."""
-
-    def __init__(self, split, images, transform=None):
-        self.split, self.images, self.transform = split, images, transform
-
-    def __len__(self):
-        return len(self.split)
-
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            index = _item_rng(key)
-            image = self.images[index]
-            if self.transform is not None:
-                image = self.transform(image)
-        return image, self.split.labels[index], self.split.domains[index], index
-
-
-class SketchPhotoPairs(Dataset):
-    """ACNet training items: each sketch with a photo drawn at random from the same class.
-
-    The draw and the augmentations are seeded from the EpochSampler's key, so pairs are reproducible.
-    """
-
-    def __init__(self, split, images, transform=None):
-        self.split, self.images, self.transform = split, images, transform
-        self.sketches = split.indices(SKETCH)
-        self.photos_of_class = [[] for _ in split.classes]
-        for i in split.indices(PHOTO):
-            self.photos_of_class[split.labels[i]].append(i)
-
-    def __len__(self):
-        return len(self.sketches)
-
-    def __getitem__(self, key):
-        with torch.random.fork_rng(devices=[]):
-            sketch_index = self.sketches[_item_rng(key)]
-            label = self.split.labels[sketch_index]
-            candidates = self.photos_of_class[label]
-            photo_index = candidates[torch.randint(len(candidates), ()).item()]
-            sketch, photo = self.images[sketch_index], self.images[photo_index]
-            if self.transform is not None:
-                sketch, photo = self.transform(sketch), self.transform(photo)
-        return sketch, photo, label
-
-
-
 # ----------------------------------------------------------------------------------------------
 # Retrieval metrics
 
@@ -485,14 +242,6 @@ def rank_gallery(similarity):
     keys |= torch.arange(similarity.shape[1], dtype=torch.int64)
     keys = torch.from_numpy(np.sort(keys.numpy(), axis=1))
     return keys & 0xFFFFFFFF
-
-
-def top_k(query, gallery, k):
-    """(gallery rows, similarities) of the k rows most similar to one query vector, best first: the float32
-    products of unit vectors that the metrics rank by, ties to the lower row."""
-    similarity = gallery @ query
-    order = rank_gallery(similarity.unsqueeze(0))[0, :k]
-    return order.tolist(), similarity[order].tolist()
 
 
 def _reverse_cummax(x):
@@ -590,48 +339,3 @@ def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labe
 
 
 # How each --select_on rule picks the best epoch: the column it maximises.
-SELECT_KEY = {'test': 'precise', 'heldout': 'heldout_precise'}
-
-
-def read_results(path):
-    """A results CSV of train.py as a pandas DataFrame, and the epoch row its selection rule picked;
-    a UserError naming the file when it is not one (unreadable, empty, other columns)."""
-    import pandas as pd
-    try:
-        frame = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError) as error:
-        raise UserError(f"'{path}' is not a results CSV of train.py ({first_line(error)})") from error
-    select_on = frame['select_on'].iloc[-1] if 'select_on' in frame and len(frame) else 'test'
-    needed = ['epoch', *METRIC_NAMES, SELECT_KEY.get(select_on, 'precise')]
-    if frame.empty or select_on not in SELECT_KEY or any(c not in frame for c in needed):
-        raise UserError(f"'{path}' is not a results CSV of train.py: it has no rows, or not the columns "
-                        f"epoch, {', '.join(METRIC_NAMES)} and {SELECT_KEY.get(select_on, 'precise')}")
-    for column in frame:
-        if column in needed or column in METRIC_NAMES or column == 'precise' or column.startswith('heldout_') or \
-                column.endswith('_loss'):
-            values = pd.to_numeric(frame[column], errors='coerce')
-            # losses are empty in the row of a full evaluation (--eval_queries); nothing else may be
-            wrong = (values.isna() & frame[column].notna()) | (values.isna() & (column in needed)) | \
-                ~np.isfinite(values.fillna(0))
-            if wrong.any():
-                row = int(wrong.to_numpy().nonzero()[0][0])
-                raise UserError(f"'{path}' is not a results CSV of train.py: row {row + 2}, column {column} holds "
-                                f"{str(frame[column].iloc[row])!r}, not a number")
-            frame[column] = values
-    if (frame['epoch'] % 1 != 0).any() or (frame['epoch'] < 0).any():
-        raise UserError(f"'{path}' is not a results CSV of train.py: its epochs are not whole numbers")
-    frame['epoch'] = frame['epoch'].astype(int)
-    # With --eval_queries the epochs were scored on a sample of the queries (eval_queries = its size) and
-    # the selected epoch again on all of them, in a last row with eval_queries 'all': that row is reported.
-    full = frame['eval_queries'].astype(str) == 'all' if 'eval_queries' in frame else pd.Series(True, frame.index)
-    epochs = frame if full.all() else frame[~full]
-    best = epochs.loc[epochs[SELECT_KEY[select_on]].idxmax()]
-    final = frame[full & (frame['epoch'] == best['epoch'])] if not full.all() else epochs.loc[[best.name]]
-    return epochs, (final.iloc[-1] if len(final) else best)
-
-
-def seed_everything(seed):
-    random.seed(seed)
-    np.random.seed(seed % 2 ** 32)
-    torch.manual_seed(seed)
-

@@ -1,58 +1,13 @@
-"""Shared fixtures: tiny image trees and a tiny generated dataset (32 px, a few images per class)."""
-import hashlib
-import os
-import re
+"""The fixtures the tests share: a tiny generated dataset (32 px, a few images per class), tiny trained runs of each
+method, two MSEdge checkpoints for search.py, and a folder of photos. The helpers are in helpers.py."""
 import shutil
-import socket
-import sys
-import threading
-import time
-from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from PIL import Image, ImageDraw
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-torch.set_num_threads(2)
-# ZS_SBIR_TEST_DEVICE=cuda runs the tests that name a device on the GPU (the rest follow train.py's default,
-# which is cuda wherever one is visible).
-DEVICE = os.environ.get('ZS_SBIR_TEST_DEVICE', 'cpu')
-# Tests compare GPU results with references at 1e-5 and rankings of near-tied random-init embeddings:
-# full fp32 convolutions (cuDNN's default TF32 keeps 10 mantissa bits).
-torch.backends.cudnn.allow_tf32 = False
-# Tests of bit-for-bit equality between two training runs: CUDA has no deterministic kernel for some
-# backward passes these models use (reflection padding, bilinear upsampling).
-BITWISE = ('--device', 'cpu')
-
-import search  # noqa: E402
-from safe_files import write_csv  # noqa: E402
-from config import parse_args  # noqa: E402
-from synthetic import make_synthetic  # noqa: E402
-from train import train  # noqa: E402
-
-TINY = dict(num_classes=6, num_val_classes=2, num_sketches=4, num_photos=4, num_val_photos=6, img_size=32, seed=3)
-
-
-def write_image(path, mode='RGB', size=(12, 10), colour=None, fmt=None):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if colour is None:
-        colour = {'RGB': (200, 30, 40), 'L': 90, 'RGBA': (10, 20, 30, 0), 'LA': (90, 255), 'P': 3}[mode]
-    Image.new(mode, size, colour).save(path, format=fmt)
-    return path
-
-
-def make_tree(root, layout):
-    """layout: {split: {side: {class: number_of_images}}} -> <root>/<split>/<side>/<class>/img_i.png"""
-    for split, sides in layout.items():
-        for side, classes in sides.items():
-            for name, count in classes.items():
-                (root / split / side / name).mkdir(parents=True, exist_ok=True)
-                for i in range(count):
-                    write_image(root / split / side / name / f'img_{i}.png', size=(4, 4))
-    return root
+from helpers import DEVICE, TINY  # helpers puts the repository root on sys.path
+from train import train
+from zs_sbir.config import parse_args
+from zs_sbir.synthetic import make_synthetic
 
 
 @pytest.fixture(scope='session')
@@ -63,18 +18,30 @@ def tiny_data(tmp_path_factory):
     return root
 
 
+def tiny_run(data_root, save_root, method, epochs, *extra):
+    """A tiny run (32 px, 8-d, random init, lr 1e-3); `extra` options come last, so they win."""
+    train(parse_args(['--method', method, '--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained',
+                      '--img_size', '32', '--batch_size', '8', '--epochs', str(epochs), '--warmup', '0', '--workers',
+                      '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE, '--save_root', str(save_root),
+                      *extra]))
+
+
+@pytest.fixture(scope='session')
+def runs(tiny_data, tmp_path_factory):
+    """A 3-epoch ACNet run and a 2-epoch MSEdge run (8-d, random init): {method: checkpoint path}."""
+    out = tmp_path_factory.mktemp('runs')
+    for method, epochs in (('acnet', 3), ('msedge', 2)):
+        tiny_run(tiny_data, out, method, epochs)
+    return {m: out / f'synthetic_{m}_resnet50_8_model.pth' for m in ('acnet', 'msedge')}
+
+
 @pytest.fixture(scope='session')
 def checkpoints(tiny_data, tmp_path_factory):
     """Two tiny MSEdge runs (seeds 1 and 2): the model an index is built with, and another one."""
     out = tmp_path_factory.mktemp('search-runs')
-    paths = []
     for seed in ('1', '2'):
-        train(parse_args(['--method', 'msedge', '--data_root', str(tiny_data), '--data_name', 'synthetic',
-                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1', '--warmup', '0',
-                          '--workers', '0', '--emb_dim', '8', '--device', DEVICE, '--seed', seed,
-                          '--save_root', str(out / seed)]))
-        paths.append(out / seed / 'synthetic_msedge_resnet50_8_model.pth')
-    return paths
+        tiny_run(tiny_data, out / seed, 'msedge', 1, '--seed', seed, '--lr', '1e-5')
+    return [out / seed / 'synthetic_msedge_resnet50_8_model.pth' for seed in ('1', '2')]
 
 
 @pytest.fixture()
@@ -86,87 +53,3 @@ def gallery(tiny_data, tmp_path):
         for path in sorted((tiny_data / 'synthetic' / 'train' / side).rglob('*.*'))[:10]:
             shutil.copy(path, root / name / f'{path.parent.name}_{path.name}')
     return root
-
-
-def rng_images(n, size=32, seed=0):
-    return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
-
-
-def tiny(data_root, save_root, *extra):
-    """train.py options for a tiny, fast, repeatable run on the tiny dataset (random init, 32 px, 8-d);
-    options in `extra` come last, so they win."""
-    return ['--data_root', str(data_root), '--data_name', 'synthetic', '--no_pretrained', '--img_size', '32',
-            '--batch_size', '8', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
-            '--deterministic', '--save_root', str(save_root), *map(str, extra)]
-
-
-def digests(*folders):
-    """Every file under the folders (links followed) with the SHA-256 of its bytes."""
-    return {str(p): hashlib.sha256(p.read_bytes()).hexdigest()
-            for folder in folders for p in sorted(Path(folder).rglob('*')) if p.is_file()}
-
-
-def check_cli(capsys, main, argv, match, unchanged=()):
-    """main(argv) exits 2 with one line on stderr matching the regex `match`, no traceback, and every file
-    under the `unchanged` folders byte-identical."""
-    before = digests(*unchanged)
-    with pytest.raises(SystemExit) as exit_info:
-        main([str(a) for a in argv])
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert 'Traceback' not in err and len(err.strip().splitlines()) == 1, err
-    assert re.search(match, err), err
-    assert digests(*unchanged) == before
-    return err
-
-
-def cli_checker(main, literal=False):
-    """check_cli for one command: check(capsys, argv, match, unchanged=()); `literal`: match is plain text."""
-    def check(capsys, argv, match, unchanged=()):
-        return check_cli(capsys, main, argv, re.escape(match) if literal else match, unchanged)
-    return check
-
-
-def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0):
-    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns)."""
-    rows = []
-    for epoch, value in enumerate(precise, 1):
-        row = {'epoch': epoch, 'class_loss': 1.0, **{m: value * metric_scale for m in ('mAP@200', 'mAP@all', 'P@100', 'P@200')},
-               'precise': value}
-        if heldout is not None:
-            row['heldout_precise'] = heldout[epoch - 1]
-        row['select_on'] = select_on
-        rows.append(row)
-    write_csv(rows, folder / f'{prefix}_results.csv')
-
-
-# ----------------------------------------------------------------------------------------------- search.py
-
-def build(checkpoint, gallery, index, *extra):
-    return search.main(['index', '--data_base', str(checkpoint), '--photos', str(gallery), '--index', str(index),
-                        '--workers', '0', '--device', DEVICE, *map(str, extra)])
-
-
-def drawn_x(size=384):
-    image = Image.new('RGB', (size, size), 'white')
-    draw = ImageDraw.Draw(image)
-    draw.line([(size * 0.4, size * 0.25), (size * 0.65, size * 0.75)], fill='black', width=4)
-    draw.line([(size * 0.65, size * 0.25), (size * 0.4, size * 0.75)], fill='black', width=4)
-    return image
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def running(server):
-    """A uvicorn server started in a thread, once it accepts connections."""
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started and time.time() < deadline:
-        time.sleep(0.1)
-    assert server.started
-    return server

@@ -7,17 +7,22 @@ import pytest
 import timm
 import torch
 
-import model as model_module
-from conftest import DEVICE, rng_images
-from model import backbone_tag, create_timm, input_normalisation, model_from_checkpoint, ACNet, MSEdge
-from config import parse_args
+from helpers import DEVICE, lr, make_model, rng_images
+from methods import acnet as acnet_method, msedge as msedge_method
 from train import train
-from training import acnet_step, msedge_step, training_nets
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from cli import UserError
-from images import load_image
-from safe_files import read_csv
 from utils import PHOTO, SKETCH
+from zs_sbir import backbones
+from zs_sbir.backbones import backbone_tag, create_timm, input_normalisation
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.cli import UserError
+from zs_sbir.config import parse_args
+from zs_sbir.images import load_image
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.safe_files import read_csv
+from zs_sbir.training import training_nets
+
+SEEDS = {'acnet': (acnet_method.SEED_BACKBONES, acnet_method.SEED_NORMALISATION),
+         'msedge': (msedge_method.SEED_BACKBONES, msedge_method.SEED_NORMALISATION)}
 
 TINY_BACKBONES = ['vit_tiny_patch16_224', 'convnext_atto', 'resnet18']
 HEADS = {'vit_tiny_patch16_224': 'head', 'convnext_atto': 'head.fc', 'resnet18': 'fc'}
@@ -37,7 +42,7 @@ def test_a_tiny_run_trains_saves_and_reloads(tiny_data, tmp_path, backbone, meth
     losses = [k for k in rows[0] if k.endswith('_loss')]
     assert all(float(r[k]) == float(r[k]) for r in rows for k in losses)  # finite, not NaN
     checkpoint = load_torch(f'{prefix}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
-    assert checkpoint['backbone_tag'] == backbone_tag(method, backbone) and checkpoint['epoch'] == best['epoch']
+    assert checkpoint['backbone_tag'] == backbone_tag(SEEDS[method][0], backbone) and checkpoint['epoch'] == best['epoch']
     vectors = load_torch(f'{prefix}_vectors.pth', VECTORS_FORMAT, 'vectors')
     reloaded = model_from_checkpoint(checkpoint)
     picks = [0, len(vectors['paths']) - 1]
@@ -51,12 +56,12 @@ def test_a_tiny_run_trains_saves_and_reloads(tiny_data, tmp_path, backbone, meth
 @pytest.mark.parametrize('backbone', TINY_BACKBONES)
 def test_warmup_freezes_all_but_what_trains_from_scratch(backbone):
     torch.manual_seed(0)
-    acnet = ACNet(3, backbone, 8, pretrained=False)
+    acnet = make_model('acnet', 3, backbone, 8, pretrained=False)
     acnet.set_warmup(True)
     trainable = [n for n, p in acnet.extractor.backbone.named_parameters() if p.requires_grad]
     assert trainable == [f'{HEADS[backbone]}.weight', f'{HEADS[backbone]}.bias']  # the new classifier only
     assert all(p.requires_grad for p in acnet.generator.parameters())
-    msedge = MSEdge(3, backbone, 8, pretrained=False)
+    msedge = make_model('msedge', 3, backbone, 8, pretrained=False)
     msedge.set_warmup(True)
     assert not any(p.requires_grad for p in msedge.backbone.parameters())
     assert all(p.requires_grad for m in (msedge.head, msedge.proxy_loss) for p in m.parameters())
@@ -73,7 +78,7 @@ def test_warmup_freezes_all_but_what_trains_from_scratch(backbone):
     ('vgg16', 64, [(256, 16, 16), (512, 8, 8), (512, 4, 4)]),
 ])
 def test_msedge_fuses_the_last_three_levels(backbone, size, expected):
-    model = MSEdge(3, backbone, 8, pretrained=False).eval()
+    model = make_model('msedge', 3, backbone, 8, pretrained=False).eval()
     images = rng_images(4, size)
     with torch.no_grad():
         levels = model.backbone(model.to_input(images, DOMAINS))
@@ -88,13 +93,13 @@ def test_msedge_fuses_the_last_three_levels(backbone, size, expected):
 
 def test_each_backbone_gets_the_normalisation_its_weights_expect():
     clip = timm.models.get_pretrained_cfg('vit_base_patch16_clip_224.openai')
-    assert input_normalisation('acnet', 'vit_base_patch16_clip_224.openai') == (tuple(clip.mean), tuple(clip.std))
-    assert input_normalisation('msedge', 'convnext_tiny.fb_in1k') == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
-    assert input_normalisation('acnet', 'resnet50.a1_in1k') == ((0.5,) * 3, (0.5,) * 3)  # a seed architecture
-    assert input_normalisation('msedge', 'vgg16.tv_in1k') == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_normalisation('vit_base_patch16_clip_224.openai', SEEDS['acnet'][1]) == (tuple(clip.mean), tuple(clip.std))
+    assert input_normalisation('convnext_tiny.fb_in1k', SEEDS['msedge'][1]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert input_normalisation('resnet50.a1_in1k', SEEDS['acnet'][1]) == ((0.5,) * 3, (0.5,) * 3)  # a seed architecture
+    assert input_normalisation('vgg16.tv_in1k', SEEDS['msedge'][1]) == ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     # ACNet's extractor brings its [-1, 1] inputs to the backbone's normalisation
     torch.manual_seed(0)
-    acnet = ACNet(3, 'convnext_atto', 8, pretrained=False).eval()
+    acnet = make_model('acnet', 3, 'convnext_atto', 8, pretrained=False).eval()
     seen = []
     acnet.extractor.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     images = rng_images(2, 32)
@@ -102,13 +107,13 @@ def test_each_backbone_gets_the_normalisation_its_weights_expect():
         acnet.embed(images, torch.tensor([PHOTO, PHOTO]))
     mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
     assert torch.allclose(seen[0], (images.float() / 255 - mean) / std, atol=1e-5)
-    seed = ACNet(3, 'resnet50', 8, pretrained=False).eval()
+    seed = make_model('acnet', 3, 'resnet50', 8, pretrained=False).eval()
     seen.clear()
     seed.extractor.backbone.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     with torch.no_grad():
         seed.embed(images, torch.tensor([PHOTO, PHOTO]))
     assert torch.equal(seen[0], images.float() / 127.5 - 1)  # the seed's [-1, 1], untouched
-    msedge = MSEdge(3, 'convnext_atto', 8, edge_mode='none', pretrained=False)
+    msedge = make_model('msedge', 3, 'convnext_atto', 8, edge_mode='none', pretrained=False)
     assert torch.allclose(msedge.to_input(images, torch.tensor([PHOTO, PHOTO])), (images.float() / 255 - mean) / std)
 
 
@@ -131,16 +136,15 @@ def test_local_weights_load_into_a_vit(tmp_path, kwargs):
 @pytest.mark.parametrize('method', ['acnet', 'msedge'])
 def test_gradient_checkpointing_gives_the_same_step(backbone, method):
     torch.manual_seed(4)
-    plain = (ACNet if method == 'acnet' else MSEdge)(3, backbone, 8, pretrained=False).train()
+    plain = make_model(method, 3, backbone, 8, pretrained=False).train()
     checkpointed = copy.deepcopy(plain)
     checkpointed.set_grad_checkpointing()
     sketch, photo, labels = rng_images(4, 32, seed=1), rng_images(4, 32, seed=2), torch.tensor([0, 1, 2, 0])
     batch = [sketch, photo, labels] if method == 'acnet' else [sketch, labels, DOMAINS, torch.arange(4)]
-    step = acnet_step if method == 'acnet' else msedge_step
     results = []
     for model in (plain, checkpointed):
         torch.manual_seed(5)
-        losses = step(training_nets(model), model.make_optimizers(1e-3), batch)
+        losses = model.training_step(training_nets(model), model.make_optimizers(lr(1e-3)), batch)
         results.append((losses, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
     (losses_a, grads_a), (losses_b, grads_b) = results
     assert all(torch.allclose(losses_a[k], losses_b[k], atol=1e-6) for k in losses_a)
@@ -150,7 +154,7 @@ def test_gradient_checkpointing_gives_the_same_step(backbone, method):
 
 def test_a_model_without_max_pooling_keeps_its_own():
     """LeViT only averages: the extractor keeps timm's pooling and says so."""
-    extractor = ACNet(3, 'levit_128s', 8, pretrained=False).extractor.eval()
+    extractor = make_model('acnet', 3, 'levit_128s', 8, pretrained=False).extractor.eval()
     assert extractor.pool == 'avg'
     with torch.no_grad():
         out = extractor(torch.rand(2, 3, 224, 224) * 2 - 1)
@@ -159,12 +163,12 @@ def test_a_model_without_max_pooling_keeps_its_own():
 
 def test_unknown_names_fail_cleanly(monkeypatch, tmp_path):
     with pytest.raises(UserError, match=r"timm has no model 'vit_tiny_patch16' \(close matches: .*vit_tiny_patch16_"):
-        backbone_tag('acnet', 'vit_tiny_patch16')
+        backbone_tag(SEEDS['acnet'][0], 'vit_tiny_patch16')
     with pytest.raises(UserError, match=r"no pretrained tag 'nope' for convnext_atto \(it has: convnext_atto\."):
-        backbone_tag('msedge', 'convnext_atto.nope')
+        backbone_tag(SEEDS['msedge'][0], 'convnext_atto.nope')
     monkeypatch.setattr(timm.models, 'get_pretrained_cfg', lambda tag: None)
     with pytest.raises(UserError, match='timm has no pretrained weights for resnet18'):
-        model_module.check_pretrained_available('resnet18')
+        backbones.check_pretrained_available('resnet18')
 
 
 def test_a_vit_at_224_px_equals_its_fixed_size_self():
@@ -189,7 +193,7 @@ def test_bench_backbones_reports_speed_memory_and_sizes(method, backbone):
     features = timm.create_model(backbone, pretrained=False, features_only=True, out_indices=(-3, -2, -1))
     for checkpointing in (False, True):
         out = speed.measure_backbone(method, backbone, 32, 4, 1, checkpointing, DEVICE)
-        assert out['images_per_s'] > 0 and out['memory_mb'] >= 0 and out['tag'] == backbone_tag(method, backbone)
+        assert out['images_per_s'] > 0 and out['memory_mb'] >= 0 and out['tag'] == backbone_tag(SEEDS[method][0], backbone)
         if method == 'msedge':
             assert out['features'] == features.feature_info.channels()
             assert out['params_m'] == pytest.approx(sum(p.numel() for p in features.parameters()) / 1e6)

@@ -9,10 +9,10 @@ import torch.nn.functional as F
 
 import convert
 import test as retrieval
-from conftest import DEVICE, cli_checker, rng_images
-from model import model_from_checkpoint
-from checkpoint import CHECKPOINT_FORMAT, load_torch
-from images import load_image
+from helpers import DEVICE, cli_checker, rng_images
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
+from zs_sbir.images import load_image
 from utils import PHOTO, SKETCH, retrieval_metrics, scan_split
 
 
@@ -164,3 +164,11 @@ def test_convert_never_replaces_its_own_input(tmp_path, capsys):
     for save, option in ((paths[0], 'extractor'), (paths[1], 'generator')):
         check_error(capsys, convert_args(paths, 'resnet50', 16, save, '--overwrite'),
                     f"is the --{option} file: converting never replaces a released file", unchanged=[tmp_path])
+
+
+def test_the_files_of_one_release_are_needed(tmp_path, capsys):
+    paths, _, _ = released(tmp_path, 'resnet50', 16)
+    check_error(capsys, ['--save', tmp_path / 'out.pth'], 'name the released files of one method (acnet: --extractor '
+                                                          'and --generator)')
+    check_error(capsys, ['--extractor', paths[0], '--save', tmp_path / 'out.pth'], '--extractor and --generator go '
+                                                                                   'together')

@@ -6,11 +6,12 @@ import pytest
 import torch
 
 import prepare
-from conftest import TINY, make_tree, write_image
-from synthetic import FAMILIES, make_synthetic, random_shape, render_photo, render_sketch, synthetic_classes
-from cli import DataError
-from images import load_image, FileImages
-from utils import PHOTO, SKETCH, describe_split, hold_out, scan_split, EpochSampler, SketchPhotoPairs, SplitDataset
+from helpers import TINY, make_tree, write_image
+from zs_sbir.synthetic import FAMILIES, make_synthetic, random_shape, render_photo, render_sketch, synthetic_classes
+from zs_sbir.cli import DataError
+from zs_sbir.images import load_image, FileImages
+from utils import PHOTO, SKETCH, describe_split, hold_out, scan_split
+from zs_sbir.datasets import EpochSampler, SketchPhotoPairs, SplitDataset
 
 
 def test_scan_labels_domains_and_formats(tmp_path):

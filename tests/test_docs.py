@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-import config
+from methods import registry
+from zs_sbir import config
 import convert
 import plot
 import prepare
@@ -17,8 +18,8 @@ import reproduce
 import search
 import speed
 import test as retrieval
-from cli import DEFAULT_WORKERS
-from conftest import ROOT
+from zs_sbir.cli import DEFAULT_WORKERS
+from helpers import ROOT
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
 PARSERS = {'train.py': config.parse_args, 'test.py': retrieval.parse_args, 'search.py': search.parse_args,
@@ -79,8 +80,25 @@ def test_the_pages_show_commands():
     assert len(ALL) > 50 and {page.name for page in PAGES} >= {'README.md', 'data.md', 'search.md'}
 
 
+def register_examples(page_name, monkeypatch):
+    """Run the python blocks of a page that register a method (docs/methods.md's toy) into a copy of the registry,
+    so that its commands parse as they would with the method's file in methods/."""
+    blocks = [b for b in re.findall(r'```python\n(.*?)```', (ROOT / 'docs' / page_name).read_text(), flags=re.S)
+              if '@register_method' in b] if (ROOT / 'docs' / page_name).is_file() else []
+    if blocks:
+        monkeypatch.setattr(registry, '_REGISTRY', dict(registry._REGISTRY))
+        for block in blocks:
+            exec(compile(block, page_name, 'exec'), {'__name__': f'docs.{page_name}'})
+    return len(blocks)
+
+
+def test_the_worked_example_registers_its_method(monkeypatch):
+    assert register_examples('methods.md', monkeypatch) == 1 and 'toy' in registry.method_names()
+
+
 @pytest.mark.parametrize('page, command', ALL, ids=[f'{p}:{c[:60]}' for p, c in ALL])
-def test_every_command_parses_with_its_scripts_own_parser(page, command):
+def test_every_command_parses_with_its_scripts_own_parser(page, command, monkeypatch):
+    register_examples(page, monkeypatch)
     call = script_call(command)
     if call is None:  # not one of the repo's scripts: its own checks below
         words = shlex.split(command)

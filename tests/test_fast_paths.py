@@ -3,24 +3,24 @@ augmentations, bf16 autocast and torch.compile, each against the plain path."""
 import pytest
 import torch
 
-from conftest import BITWISE, DEVICE, rng_images
-from model import compile_model, ACNet, MSEdge
-from training import step_of, training_nets
-from utils import build_cache
-from config import parse_args
+from helpers import BITWISE, DEVICE, lr, make_model, rng_images
+from methods import get_method
 from train import train
-from cli import DataError
-from images import RESIZE, FileImages
-from safe_files import read_csv
-from utils import PHOTO, SKETCH, cache_path, scan_split, train_transform, CachedImages
+from utils import PHOTO, SKETCH, scan_split
+from zs_sbir.cli import DataError
+from zs_sbir.config import parse_args
+from zs_sbir.image_cache import CachedImages, build_cache, cache_path
+from zs_sbir.images import FileImages
+from zs_sbir.safe_files import read_csv
+from zs_sbir.training import compile_model, training_nets
 
 DOMAINS = torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
 
 
 def models():
     torch.manual_seed(0)
-    return [ACNet(3, 'resnet50', 16, pretrained=False).eval(), MSEdge(3, 'vgg16', 16, pretrained=False).eval(),
-            MSEdge(3, 'resnet50', 16, pretrained=False).eval()]
+    return [make_model('acnet', 3, 'resnet50', 16, pretrained=False).eval(), make_model('msedge', 3, 'vgg16', 16, pretrained=False).eval(),
+            make_model('msedge', 3, 'resnet50', 16, pretrained=False).eval()]
 
 
 @torch.no_grad()
@@ -30,7 +30,7 @@ def test_channels_last_gives_the_same_embeddings():
         plain = model.embed(images, DOMAINS)
         model.to(memory_format=torch.channels_last)
         fast = model.embed(images.contiguous(memory_format=torch.channels_last), DOMAINS)
-        assert torch.allclose(plain, fast, atol=1e-4), model.method
+        assert torch.allclose(plain, fast, atol=1e-4), model.name
 
 
 @torch.no_grad()
@@ -42,31 +42,32 @@ def test_bf16_autocast_stays_close(device):
         plain = model.embed(images, domains)
         with torch.autocast(torch.device(device).type, torch.bfloat16):
             fast = model.embed(images, domains).float()
-        assert torch.nn.functional.cosine_similarity(plain, fast).min() > 0.98, model.method
+        assert torch.nn.functional.cosine_similarity(plain, fast).min() > 0.98, model.name
 
 
 @pytest.mark.parametrize('method', ['acnet', 'msedge'])
 def test_augmentations_at_p0_are_the_identity(method):
     images = rng_images(3, 32)
-    assert all(torch.equal(train_transform(method, p=0)(image), image) for image in images)
-    flipped = train_transform('acnet', p=1)(images[0])
+    assert all(torch.equal(get_method(method).train_transform(p=0)(image), image) for image in images)
+    flipped = get_method('acnet').train_transform(p=1)(images[0])
     assert torch.equal(flipped, images[0].flip(-1))
 
 
 def test_cache_holds_exactly_the_decoded_images(tiny_data):
     for method in ('acnet', 'msedge'):
-        build_cache(tiny_data, 'synthetic', 32, method, workers=2)
+        interpolation = get_method(method).interpolation
+        build_cache(tiny_data, 'synthetic', 32, interpolation, workers=2)
         for split_name in ('train', 'val'):
             split = scan_split(tiny_data, 'synthetic', split_name)
-            cached = CachedImages(tiny_data, 'synthetic', split_name, split, 32, method)
-            files = FileImages(split.root, split.paths, 32, RESIZE[method])
+            cached = CachedImages(tiny_data, 'synthetic', split_name, split, 32, method, interpolation)
+            files = FileImages(split.root, split.paths, 32, interpolation)
             assert len(cached) == len(files)
             assert all(torch.equal(cached[i], files[i]) for i in range(len(files)))
 
 
 @pytest.mark.parametrize('method', ['acnet', 'msedge'])
 def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, method):
-    build_cache(tiny_data, 'synthetic', 32, method, workers=2)
+    build_cache(tiny_data, 'synthetic', 32, get_method(method).interpolation, workers=2)
     rows = []
     for name, extra in (('files', []), ('cache', ['--cache'])):
         train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
@@ -80,25 +81,25 @@ def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, met
 def test_missing_or_stale_cache_is_a_clear_error(tiny_data, tmp_path):
     split = scan_split(tiny_data, 'synthetic', 'val')
     with pytest.raises(DataError, match=r'no image cache at .*prepare.py cache .*--img_size 48 --method msedge'):
-        CachedImages(tiny_data, 'synthetic', 'val', split, 48, 'msedge')
-    build_cache(tiny_data, 'synthetic', 32, 'acnet', workers=1)
+        CachedImages(tiny_data, 'synthetic', 'val', split, 48, 'msedge', 'bicubic')
+    build_cache(tiny_data, 'synthetic', 32, 'bilinear', workers=1)
     assert cache_path(tiny_data, 'synthetic', 'val', 32, 'bilinear').is_file()
     subset = split.subset([0, 3, 5])  # a subset of a split reads its own rows
-    cached = CachedImages(tiny_data, 'synthetic', 'val', subset, 32, 'acnet')
+    cached = CachedImages(tiny_data, 'synthetic', 'val', subset, 32, 'acnet', 'bilinear')
     assert torch.equal(cached[1], FileImages(split.root, split.paths, 32, 'bilinear')[3])
     split.paths[2] = 'photo/new-class/new.png'  # an image the cache has never seen
     with pytest.raises(DataError, match=r'does not match the val folder \(1 images are not in it\): rebuild'):
-        CachedImages(tiny_data, 'synthetic', 'val', split, 32, 'acnet')
+        CachedImages(tiny_data, 'synthetic', 'val', split, 32, 'acnet', 'bilinear')
 
 
 @torch.no_grad()
 def test_compiled_networks_give_the_same_outputs():
     torch.manual_seed(0)
-    model = ACNet(3, 'resnet50', 16, pretrained=False).eval()
+    model = make_model('acnet', 3, 'resnet50', 16, pretrained=False).eval()
     x = model.to_input(rng_images(4, 32))
     plain = model.generator(x)
     compile_model(model)  # compiles lazily: only the generator is exercised here, to keep the test short
-    assert list(model.state_dict()) == list(ACNet(3, 'resnet50', 16, pretrained=False).state_dict())
+    assert list(model.state_dict()) == list(make_model('acnet', 3, 'resnet50', 16, pretrained=False).state_dict())
     assert torch.allclose(model.generator(x), plain, atol=1e-4)
 
 
@@ -112,12 +113,12 @@ def test_compiled_bf16_training_steps_match_eager(method):
     runs = []
     for compiled in (False, True):
         torch.manual_seed(0)
-        model = (ACNet if method == 'acnet' else MSEdge)(4, 'resnet18', 16, pretrained=False).to(DEVICE).train()
+        model = make_model(method, 4, 'resnet18', 16, pretrained=False).to(DEVICE).train()
         model.set_warmup(False)
         if compiled:
             compile_model(model)
-        nets, optimizers = training_nets(model, amp=True), model.make_optimizers(1e-4)
-        runs.append([{k: v.item() for k, v in step_of(model)(nets, optimizers, batch).items()} for _ in range(2)])
+        nets, optimizers = training_nets(model, amp=True), model.make_optimizers(lr(1e-4))
+        runs.append([{k: v.item() for k, v in model.training_step(nets, optimizers, batch).items()} for _ in range(2)])
         assert all(torch.isfinite(p).all() for p in model.parameters()), f'compiled {compiled}: non-finite weights'
     eager, compiled = runs
     for a, b in zip(eager, compiled):

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cli import DataError, UserError
-from images import load_image, query_files, read_rgb, to_rgb8, walk_image_files
+from zs_sbir.cli import DataError, UserError
+from zs_sbir.images import load_image, query_files, read_rgb, to_rgb8, walk_image_files
 
 RED = (200, 30, 40)
 

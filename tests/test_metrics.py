@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEVICE
-from reference_metrics import reference_means as reference_metrics
+from helpers import DEVICE
+from zs_sbir.reference_metrics import reference_means as reference_metrics
 from utils import rank_gallery, retrieval_metrics
 
 

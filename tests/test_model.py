@@ -9,25 +9,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from conftest import rng_images
-from conftest import ROOT
-from cli import UserError
-from model import (ACNet, Discriminator, Generator, MSEdge, backbone_tag, create_timm, edge_mask,
-                   model_from_checkpoint, sobel_edges)
-from training import acnet_step, msedge_step, training_nets
+from helpers import ROOT, lr, make_model, rng_images
+from methods import get_method
+from methods.acnet import SEED_BACKBONES as ACNET_BACKBONES
+from methods.msedge import SEED_BACKBONES as MSEDGE_BACKBONES, edge_mask
+from model import Discriminator, Generator, sobel_edges
 from utils import PHOTO, SKETCH
+from zs_sbir.backbones import backbone_tag, create_timm
+from zs_sbir.cli import UserError
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.training import training_nets
 
 
 @pytest.fixture(scope='module')
 def acnet():
     torch.manual_seed(0)
-    return ACNet(num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
+    return make_model('acnet', num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
 
 
 @pytest.fixture(scope='module')
 def msedge():
     torch.manual_seed(0)
-    return MSEdge(num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
+    return make_model('msedge', num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
 
 
 # ------------------------------------------------------------------------------------- ACNet
@@ -75,7 +78,7 @@ def test_generator_and_discriminator_carry_the_original_layer_names():
 @pytest.mark.parametrize('backbone, size', [('resnet50', 32), ('vgg16', 32), ('resnet50', 64)])
 def test_acnet_embeddings_shape_and_norm(backbone, size):
     torch.manual_seed(0)
-    model = ACNet(num_classes=4, backbone_type=backbone, emb_dim=24, pretrained=False).eval()
+    model = make_model('acnet', num_classes=4, backbone_type=backbone, emb_dim=24, pretrained=False).eval()
     images, domains = rng_images(4, size), torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
     with torch.no_grad():
         emb = model.embed(images, domains)
@@ -90,7 +93,7 @@ def test_acnet_embeddings_shape_and_norm(backbone, size):
 @pytest.mark.parametrize('backbone', ['resnet50', 'vgg16'])
 def test_acnet_warmup_freezes_what_the_original_freezes(backbone):
     """The original: every parameter of extractor.backbone except the last two (the new classifier)."""
-    model = ACNet(num_classes=3, backbone_type=backbone, emb_dim=16, pretrained=False)
+    model = make_model('acnet', num_classes=3, backbone_type=backbone, emb_dim=16, pretrained=False)
     model.set_warmup(True)
     frozen = {id(p) for p in model.parameters() if not p.requires_grad}
     assert frozen == {id(p) for p in list(model.extractor.backbone.parameters())[:-2]}
@@ -108,7 +111,7 @@ def test_acnet_extractor_is_the_original_timm_model():
     reference = json.loads((ROOT / 'tests' / 'fixtures' / 'timm0412_extractor_keys.json').read_text())
     for backbone in ('resnet50', 'vgg16'):
         torch.manual_seed(0)
-        extractor = ACNet(3, backbone, 512, pretrained=False).extractor
+        extractor = make_model('acnet', 3, backbone, 512, pretrained=False).extractor
         assert [[k, list(v.shape)] for k, v in extractor.backbone.state_dict().items()] == reference[backbone]
         assert extractor.backbone.global_pool.pool_type == 'max' if backbone == 'resnet50' else \
             extractor.backbone.head.global_pool.pool_type == 'max'
@@ -125,16 +128,16 @@ def test_acnet_extractor_is_the_original_timm_model():
 def test_backbone_names_and_default_weights():
     """resnet50/vgg16 stand for each method's original ImageNet weights; any timm tag is accepted."""
     import timm
-    assert backbone_tag('acnet', 'resnet50') == 'resnet50.ram_in1k'  # timm 0.4.12's resnet50 file
+    assert backbone_tag(ACNET_BACKBONES, 'resnet50') == 'resnet50.ram_in1k'  # timm 0.4.12's resnet50 file
     assert timm.models.get_pretrained_cfg('resnet50.ram_in1k').url.endswith('/resnet50_ram-a26f946b.pth')
-    assert backbone_tag('msedge', 'resnet50') == 'resnet50.tv_in1k'  # torchvision's, as the edge-fusion commits
-    assert backbone_tag('acnet', 'vgg16') == backbone_tag('msedge', 'vgg16') == 'vgg16.tv_in1k'
-    assert backbone_tag('acnet', 'resnet50.a1_in1k') == 'resnet50.a1_in1k'
-    assert ACNet(2, 'resnet50.a1_in1k', 8, pretrained=False).backbone_tag == 'resnet50.a1_in1k'
+    assert backbone_tag(MSEDGE_BACKBONES, 'resnet50') == 'resnet50.tv_in1k'  # torchvision's, as the edge-fusion commits
+    assert backbone_tag(ACNET_BACKBONES, 'vgg16') == backbone_tag(MSEDGE_BACKBONES, 'vgg16') == 'vgg16.tv_in1k'
+    assert backbone_tag(ACNET_BACKBONES, 'resnet50.a1_in1k') == 'resnet50.a1_in1k'
+    assert make_model('acnet', 2, 'resnet50.a1_in1k', 8, pretrained=False).backbone_tag == 'resnet50.a1_in1k'
     with pytest.raises(UserError, match=r"timm has no model 'resnt50' \(close matches: .*resnet50"):
-        backbone_tag('acnet', 'resnt50')
+        backbone_tag(ACNET_BACKBONES, 'resnt50')
     with pytest.raises(UserError, match=r"no pretrained tag 'b9_in1k' for resnet50 \(it has: resnet50.a1_in1k"):
-        backbone_tag('msedge', 'resnet50.b9_in1k')
+        backbone_tag(MSEDGE_BACKBONES, 'resnet50.b9_in1k')
 
 
 def test_acnet_backbone_batchnorm_stays_in_eval(acnet):
@@ -173,7 +176,7 @@ def _acnet_reference_grads(model, sketch, photo, labels, weights=(1, 0.1, 10), c
 @pytest.mark.parametrize('warmup', [True, False])
 def test_acnet_step_matches_spec_losses_and_touches_only_what_it_should(warmup):
     torch.manual_seed(1)
-    model = ACNet(num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
+    model = make_model('acnet', num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False)
     model.set_warmup(warmup)
     model.train()
     reference = copy.deepcopy(model)
@@ -181,7 +184,7 @@ def test_acnet_step_matches_spec_losses_and_touches_only_what_it_should(warmup):
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     buffers = {n: b.clone() for n, b in model.named_buffers()}
 
-    losses = acnet_step(training_nets(model), model.make_optimizers(lr=1e-5), [sketch, photo, labels])
+    losses = model.training_step(training_nets(model), model.make_optimizers(lr(1e-5)), [sketch, photo, labels])
     assert list(losses) == ['adv_loss', 'identity_loss', 'class_loss', 'dis_loss']
 
     expected_losses, trained, g_e, g_d = _acnet_reference_grads(reference, sketch, photo, labels)
@@ -212,11 +215,11 @@ def test_acnet_step_matches_spec_losses_and_touches_only_what_it_should(warmup):
 ])
 def test_acnet_loss_variants_match_a_hand_computation(weights, class_on):
     torch.manual_seed(3)
-    model = ACNet(num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False).train()
+    model = make_model('acnet', num_classes=3, backbone_type='resnet50', emb_dim=16, pretrained=False,
+                       loss_weights=weights, class_on=class_on).train()
     reference = copy.deepcopy(model)
     sketch, photo, labels = rng_images(4, 32, seed=4), rng_images(4, 32, seed=5), torch.tensor([2, 1, 0, 2])
-    nets = training_nets(model, loss_weights=weights, class_on=class_on)
-    losses = acnet_step(nets, model.make_optimizers(lr=1e-5), [sketch, photo, labels])
+    losses = model.training_step(training_nets(model), model.make_optimizers(lr(1e-5)), [sketch, photo, labels])
     expected, trained, g_e, _ = _acnet_reference_grads(reference, sketch, photo, labels, weights, class_on)
     assert list(losses) == list(expected)  # no identity_loss column when its weight is 0
     for name, value in expected.items():
@@ -249,7 +252,7 @@ def test_edge_map_of_a_line():
 def test_edge_modes_choose_domains(mode, expected):
     domains = torch.tensor([SKETCH, PHOTO])
     assert edge_mask(domains, mode).tolist() == expected
-    model = MSEdge(num_classes=2, emb_dim=8, edge_mode=mode, pretrained=False)
+    model = make_model('msedge', num_classes=2, emb_dim=8, edge_mode=mode, pretrained=False)
     images = rng_images(2, 32)
     x = model.to_input(images, domains)
     plain = (images.float() / 255 - model.mean) / model.std
@@ -263,7 +266,7 @@ def test_edge_modes_choose_domains(mode, expected):
 @pytest.mark.parametrize('backbone, size, maps', [('resnet50', 64, [(8, 8), (4, 4)]), ('vgg16', 64, [(16, 16), (8, 8)]),
                                                   ('resnet50', 32, [(4, 4), (2, 2)])])
 def test_msedge_head_and_attention_shapes(backbone, size, maps):
-    model = MSEdge(num_classes=3, backbone_type=backbone, emb_dim=12, pretrained=False).eval()
+    model = make_model('msedge', num_classes=3, backbone_type=backbone, emb_dim=12, pretrained=False).eval()
     expected_channels = {'resnet50': [512, 1024, 2048], 'vgg16': [256, 512, 512]}[backbone]
     assert model.backbone.feature_info.channels() == expected_channels
     with torch.no_grad():
@@ -291,7 +294,7 @@ def test_msedge_warmup_freezes_backbone_weights_but_batchnorm_statistics_move(ms
 
 def test_msedge_attention_blocks_follow_the_original():
     """1x1 projections of l and g to C_l channels without bias; SE as a bias-free C/16 bottleneck."""
-    model = MSEdge(num_classes=2, backbone_type='resnet50', emb_dim=8, pretrained=False)
+    model = make_model('msedge', num_classes=2, backbone_type='resnet50', emb_dim=8, pretrained=False)
     for block, (c_l, c_g) in ((model.head.attend3, (512, 2048)), (model.head.attend4, (1024, 2048))):
         assert (block.project_local.in_channels, block.project_local.out_channels) == (c_l, c_l)
         assert (block.project_global.in_channels, block.project_global.out_channels) == (c_g, c_l)
@@ -308,22 +311,21 @@ def test_msedge_attention_blocks_follow_the_original():
 
 def test_msedge_affine_augmentation_is_not_nearest():
     from torchvision.transforms import v2
-    from utils import train_transform
-    affine = [t for t in train_transform('msedge').transforms if isinstance(t, v2.RandomApply)][-1].transforms[0]
+    affine = [t for t in get_method('msedge').train_transform().transforms if isinstance(t, v2.RandomApply)][-1].transforms[0]
     assert isinstance(affine, v2.RandomAffine) and affine.interpolation == v2.InterpolationMode.BILINEAR
 
 
 @pytest.mark.parametrize('warmup', [True, False])
 def test_msedge_step_matches_proxy_anchor_gradient(warmup):
     torch.manual_seed(2)
-    model = MSEdge(num_classes=3, emb_dim=16, pretrained=False)
+    model = make_model('msedge', num_classes=3, emb_dim=16, pretrained=False)
     model.set_warmup(warmup)
     model.train()
     reference = copy.deepcopy(model)
     images, labels = rng_images(6, 32, seed=3), torch.tensor([0, 1, 2, 0, 1, 2])
     domains = torch.tensor([SKETCH, PHOTO] * 3)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    msedge_step(training_nets(model), model.make_optimizers(lr=1e-4), [images, labels, domains, torch.arange(6)])
+    model.training_step(training_nets(model), model.make_optimizers(lr(1e-4)), [images, labels, domains, torch.arange(6)])
 
     loss = reference.proxy_loss(reference(images, domains)[0], labels)
     trained = [(n, p) for n, p in reference.named_parameters() if p.requires_grad]
@@ -350,7 +352,7 @@ KINDS = {'features': dict(features_only=True, out_indices=(2, 3, 4)),  # MSEdge
 def test_local_torchvision_and_timm_weights_load(tmp_path, name, kind):
     import timm
     import torchvision
-    tag = backbone_tag('acnet', name)
+    tag = backbone_tag(ACNET_BACKBONES, name)
     state = getattr(torchvision.models, name)().state_dict()
     torch.save(state, tmp_path / 'tv.pth')
     torch.manual_seed(0)
@@ -391,10 +393,10 @@ def test_bad_weights_and_offline_errors_are_clear(tmp_path, monkeypatch):
     import torchvision
     torch.save(torchvision.models.vgg16().state_dict(), tmp_path / 'vgg.pth')
     with pytest.raises(UserError, match="is not a resnet50.ram_in1k ImageNet checkpoint"):
-        ACNet(2, 'resnet50', 8, weights=tmp_path / 'vgg.pth')
+        make_model('acnet', 2, 'resnet50', 8, weights=tmp_path / 'vgg.pth')
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / 'r18.pth')
     with pytest.raises(UserError, match=r"resnet50.tv_in1k ImageNet checkpoint: it lacks .*e\.g\. layer1.0.conv3"):
-        MSEdge(2, 'resnet50', 8, weights=tmp_path / 'r18.pth')
+        make_model('msedge', 2, 'resnet50', 8, weights=tmp_path / 'r18.pth')
     (tmp_path / 'garbage.pth').write_bytes(b'not a checkpoint')
     with pytest.raises(UserError, match="garbage.pth' cannot be read as a --weights file: it is not a file written by torch.save"):
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'garbage.pth', **features)
@@ -407,10 +409,10 @@ def test_bad_weights_and_offline_errors_are_clear(tmp_path, monkeypatch):
         create_timm('vgg16.tv_in1k', weights=tmp_path / 'list.pth', **features)
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
     monkeypatch.setenv('HF_HUB_CACHE', str(tmp_path / 'empty-cache'))
-    for build, tag in ((lambda: ACNet(2, 'resnet50', 8), 'resnet50.ram_in1k'),
-                       (lambda: MSEdge(2, 'resnet50', 8), 'resnet50.tv_in1k'),
-                       (lambda: ACNet(2, 'vgg16', 8), 'vgg16.tv_in1k'),
-                       (lambda: MSEdge(2, 'resnet50.a1_in1k', 8), 'resnet50.a1_in1k')):
+    for build, tag in ((lambda: make_model('acnet', 2, 'resnet50', 8), 'resnet50.ram_in1k'),
+                       (lambda: make_model('msedge', 2, 'resnet50', 8), 'resnet50.tv_in1k'),
+                       (lambda: make_model('acnet', 2, 'vgg16', 8), 'vgg16.tv_in1k'),
+                       (lambda: make_model('msedge', 2, 'resnet50.a1_in1k', 8), 'resnet50.a1_in1k')):
         with pytest.raises(UserError, match=rf'pretrained {tag} weights \(timm/{tag}\).*--weights PATH.*--no_pretrained'):
             build()
 

@@ -7,28 +7,15 @@ import pytest
 import torch
 from PIL import Image
 
-import pictures
+from zs_sbir import pictures
 import plot
-from conftest import DEVICE, cli_checker, fake_run
-from model import model_from_checkpoint
-from config import parse_args
-from train import train
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from images import load_image
-from safe_files import read_csv, save_torch, written_by_this_repo
+from helpers import DEVICE, cli_checker, fake_run
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.images import load_image
+from zs_sbir.safe_files import read_csv, save_torch, written_by_this_repo
+from model import sobel_edges
 from utils import PHOTO, SKETCH
-
-
-@pytest.fixture(scope='module')
-def runs(tiny_data, tmp_path_factory):
-    """A 3-epoch ACNet run and a 2-epoch MSEdge run: their checkpoint paths."""
-    out = tmp_path_factory.mktemp('runs')
-    for method, epochs in (('acnet', '3'), ('msedge', '2')):
-        train(parse_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
-                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', epochs, '--warmup',
-                          '0', '--workers', '0', '--lr', '1e-3', '--emb_dim', '8', '--device', DEVICE,
-                          '--save_root', str(out)]))
-    return {m: out / f'synthetic_{m}_resnet50_8_model.pth' for m in ('acnet', 'msedge')}
 
 
 check_error = cli_checker(plot.main)
@@ -121,7 +108,7 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
     assert sorted(outputs) == [f.stem for f in files]
     model = model_from_checkpoint(load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'))
     with torch.no_grad():
-        expected = model.generate(torch.stack([load_image(f, 32, 'bilinear') for f in files]))
+        expected = model.pictures(torch.stack([load_image(f, 32, 'bilinear') for f in files]), SKETCH)['generated']
     for f, image in zip(files, expected):
         saved = torch.from_numpy(np.array(Image.open(tmp_path / 'synthetic_acnet_resnet50_8_generated' / f'{f.stem}.png')))
         assert torch.equal(saved.permute(2, 0, 1), image)
@@ -132,16 +119,19 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
 
 def test_attention_maps_are_the_models(runs, tiny_data, tmp_path, capsys):
     photos = sorted((tiny_data / 'synthetic' / 'val' / 'photo').iterdir())[0]
-    maps = plot.main(['attention', '--data_base', str(runs['msedge']), '--query_name', str(photos), '--save_root',
-                      str(tmp_path), '--device', DEVICE, '--limit', '3'])
+    drawn = plot.main(['attention', '--data_base', str(runs['msedge']), '--query_name', str(photos), '--save_root',
+                       str(tmp_path), '--device', DEVICE, '--limit', '3'])
     files = sorted(photos.glob('*.jpg'))[:3]
     model = model_from_checkpoint(load_torch(runs['msedge'], CHECKPOINT_FORMAT, 'checkpoint'))
     with torch.no_grad():
         _, (a3, a4) = model(torch.stack([load_image(f, 32, 'bicubic') for f in files]),
                             torch.full((3,), PHOTO))
-    assert len(maps) == 3
-    for (m3, m4), e3, e4 in zip(maps, a3[:, 0], a4[:, 0]):
-        assert torch.allclose(m3, e3, atol=1e-6) and torch.allclose(m4, e4, atol=1e-6)
+    assert len(drawn) == 3 and all(list(d) == ['edge map', 'attention 3', 'attention 4'] for d in drawn)  # both
+    for pictures_, e3, e4, f in zip(drawn, a3[:, 0], a4[:, 0], files):
+        assert torch.allclose(pictures_['attention 3'], e3, atol=1e-6)
+        assert torch.allclose(pictures_['attention 4'], e4, atol=1e-6)
+        edges = sobel_edges(load_image(f, 32, 'bicubic')[None].float() / 255)[0]
+        assert torch.equal(pictures_['edge map'], (edges * 255).byte())
     assert written_by_this_repo(tmp_path / 'synthetic_msedge_resnet50_8_attention.png')
     loose = tmp_path / 'mixed'
     loose.mkdir()
@@ -158,8 +148,9 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
     vectors = runs['acnet'].with_name('synthetic_acnet_resnet50_8_vectors.pth')
     check_error(capsys, ['tsne', '--data_base', vectors], 'is not a checkpoint of this repo')
     check_error(capsys, ['generated', '--data_base', runs['msedge'], '--query_name', tiny_data],
-                r"is a msedge model: generated needs a acnet one \(for msedge, see `plot.py attention`\)")
-    check_error(capsys, ['attention', '--data_base', runs['acnet'], '--query_name', tiny_data], 'needs a msedge one')
+                r"the msedge model in '.*' draws no generated: `plot.py generated` needs a model of acnet")
+    check_error(capsys, ['attention', '--data_base', runs['acnet'], '--query_name', tiny_data],
+                r"the acnet model in '.*' draws no attention 3: `plot.py attention` needs a model of msedge")
     check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', tmp_path / 'nowhere'],
                 "--query_name folder not found")
     converted = {**load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'), 'vectors_file': None}

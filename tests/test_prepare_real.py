@@ -3,7 +3,7 @@ import pytest
 from PIL import Image
 
 from prepare import FOLDER_ALIASES, build_real_split, class_key, print_split_summary, read_class_list
-from cli import DataError, UserError
+from zs_sbir.cli import DataError, UserError
 from utils import PHOTO, SKETCH, scan_split
 
 

@@ -10,16 +10,19 @@ from pytorch_metric_learning import losses
 
 import reproduce
 import test as retrieval
-from checkpoint import CHECKPOINT_FORMAT, load_torch
-from config import parse_args, run_prefix
-from conftest import DEVICE, check_cli, fake_run, rng_images, tiny
-from evaluation import GZS_SHARE, gzs_metrics, gzs_seen_items
-from model import ACNet, MSEdge, TrainingFree
-from reference_metrics import reference_means
+from argparse import Namespace
+
+from helpers import DEVICE, check_cli, fake_run, lr, make_model, rng_images, tiny
+from methods import get_method
+from methods.acnet import ACNet
 from train import main as train_main, train
-from training import step_of, training_nets
-from safe_files import read_csv
-from utils import PHOTO, SKETCH, hold_out, retrieval_metrics, scan_split
+from utils import METRIC_NAMES, PHOTO, SKETCH, hold_out, retrieval_metrics, scan_split
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
+from zs_sbir.config import parse_args, run_prefix
+from zs_sbir.evaluation import GZS_SHARE, gzs_metrics, gzs_seen_items
+from zs_sbir.reference_metrics import reference_means
+from zs_sbir.safe_files import read_csv
+from zs_sbir.training import training_nets
 
 
 # ----------------------------------------------------------------------------------------------- GZS-SBIR
@@ -89,7 +92,7 @@ def test_a_gzs_run_holds_its_seen_items_out_and_test_py_gives_its_numbers(tiny_d
 def test_training_free_features_are_the_backbones_pooled_features(tiny_data, capsys):
     images, domains = rng_images(4, 32, seed=3), torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
     torch.manual_seed(0)
-    acnet = TrainingFree('acnet', 'resnet18', pretrained=False).eval()
+    acnet = get_method('acnet').training_free(Namespace(backbone_type='resnet18'), pretrained=False).eval()
     direct = timm.create_model('resnet18', pretrained=False, num_classes=8, global_pool='max')
     direct.load_state_dict(acnet.net.extractor.backbone.state_dict())
     with torch.no_grad():
@@ -100,7 +103,8 @@ def test_training_free_features_are_the_backbones_pooled_features(tiny_data, cap
         expected = F.normalize(maps.amax(dim=(2, 3)), dim=1)
         assert torch.allclose(acnet.embed(images, domains), expected, atol=1e-5)
         torch.manual_seed(1)  # as test.py --seed 1 does: the command below builds the same random network
-        msedge = TrainingFree('msedge', 'resnet18', pretrained=False, edge_mode='none').eval()
+        msedge = get_method('msedge').training_free(Namespace(backbone_type='resnet18', edge_mode='none'),
+                                                    pretrained=False).eval()
         features = timm.create_model('resnet18', pretrained=False, features_only=True, out_indices=(-3, -2, -1))
         features.load_state_dict(msedge.net.backbone.state_dict())
         top = features.eval()(x)[-1]
@@ -110,7 +114,7 @@ def test_training_free_features_are_the_backbones_pooled_features(tiny_data, cap
                               '--no_pretrained', '--edge_mode', 'none', '--data_root', str(tiny_data), '--data_name',
                               'synthetic', '--img_size', '32', '--workers', '0', '--device', DEVICE])
     val = scan_split(tiny_data, 'synthetic', 'val')
-    from images import load_image
+    from zs_sbir.images import load_image
     with torch.no_grad():
         vectors = msedge.to(DEVICE).embed(torch.stack([load_image(val.root / p, 32, 'bicubic') for p in val.paths])
                                           .to(DEVICE), torch.tensor(val.domains, device=DEVICE)).cpu()
@@ -125,7 +129,7 @@ def test_training_free_features_are_the_backbones_pooled_features(tiny_data, cap
 
 def test_cross_entropy_head_is_04de2e0s_loss():
     torch.manual_seed(0)
-    model = ACNet(3, 'resnet18', 8, pretrained=False, class_loss='ce').train()  # backbone BatchNorm frozen
+    model = make_model('acnet', 3, 'resnet18', 8, pretrained=False, class_loss='ce').train()  # backbone BatchNorm frozen
     nets = training_nets(model)
     sketch, photo, labels = rng_images(2, 32, 1), rng_images(2, 32, 2), torch.tensor([0, 2])
     torch.manual_seed(1)
@@ -134,19 +138,20 @@ def test_cross_entropy_head_is_04de2e0s_loss():
         raw = model.extractor(torch.cat([x[:2], x[2:], model.generator(x[:2])]))  # sketch, photo, fake: not normalised
         expected = F.cross_entropy(raw @ model.class_loss.fc.weight.T + model.class_loss.fc.bias, labels.repeat(3))
     assert raw.norm(dim=1).sub(1).abs().max() > 1e-2  # the head sees unnormalised embeddings
-    losses_ = step_of(model)(nets, model.make_optimizers(), [sketch, photo, labels])
+    losses_ = model.training_step(nets, model.make_optimizers(lr()), [sketch, photo, labels])
     assert losses_['class_loss'].item() == pytest.approx(expected.item(), rel=1e-4)
     with torch.no_grad():
         assert torch.allclose(model.eval().embed(photo, torch.tensor([PHOTO] * 2)).norm(dim=1), torch.ones(2))
-    groups = model.make_optimizers(lr=1e-5)['extractor'].param_groups
+    groups = model.make_optimizers(lr(1e-5))['extractor'].param_groups
     assert [g['lr'] for g in groups] == [1e-5, 1e-5]  # the head sat in the extractor, at its rate
 
 
 @pytest.mark.parametrize('class_loss', ['normsoftmax', 'triplet'])
 def test_extractor_only_baselines_train_the_extractor_alone(class_loss):
     torch.manual_seed(0)
-    model = ACNet(3, 'resnet18', 8, pretrained=False, class_loss=class_loss, extractor_only=True)
-    assert not hasattr(model, 'generator') and list(model.make_optimizers()) == ['extractor']
+    model = make_model('acnet', 3, 'resnet18', 8, pretrained=False, class_loss=class_loss, extractor_only=True)
+    assert type(model).__name__ == 'ACNetExtractor' and not model.listed
+    assert not hasattr(model, 'generator') and list(model.make_optimizers(lr())) == ['extractor']
     images, labels = rng_images(6, 32, 4), torch.tensor([0, 1, 2, 0, 1, 2])
     domains = torch.tensor([SKETCH, PHOTO] * 3)
     bn = model.extractor.backbone.bn1
@@ -158,7 +163,7 @@ def test_extractor_only_baselines_train_the_extractor_alone(class_loss):
             reference.load_state_dict(model.class_loss.state_dict())
         expected = reference(embeddings, labels)
     assert not torch.equal(bn.running_mean, before)  # BatchNorm trains, as in the original baselines
-    out = step_of(model)(training_nets(model), model.make_optimizers(1e-4), [images, labels, domains, None])
+    out = model.training_step(training_nets(model), model.make_optimizers(lr(1e-4)), [images, labels, domains, None])
     assert out['class_loss'].item() == pytest.approx(expected.item(), rel=1e-3)
     with torch.no_grad():  # sketches are embedded as they are: no generator
         assert torch.allclose(model.eval().embed(images, domains),
@@ -168,7 +173,7 @@ def test_extractor_only_baselines_train_the_extractor_alone(class_loss):
 
 
 def test_every_ablation_is_one_command_with_its_own_files(tiny_data, tmp_path, capsys):
-    prefixes = {run_prefix(parse_args(list(v))) for v in reproduce.ABLATIONS['acnet']}
+    prefixes = {run_prefix(parse_args(list(a['argv']))) for a in get_method('acnet').ablations}
     assert len(prefixes) == 6 and 'sketchy_acnet_resnet50_512_ce' in prefixes
     train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '1', '--extractor_only', '--class_loss', 'triplet')))
     assert (tmp_path / 'synthetic_acnet_resnet50_8_extractor-triplet_model.pth').is_file()
@@ -186,13 +191,13 @@ def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
     names = [run_prefix(args) for _, args in grid]
     assert len(names) == len(set(names)) == 2 * 7 + 2 + 1  # MSEdge's 1 2 4 levels are ResNet50's only
     for name in names + [n + '_gzs' for n in names]:
-        assert reproduce.RESULTS_NAME.fullmatch(f'{name}_results.csv'), name
+        assert reproduce.results_name().fullmatch(f'{name}_results.csv'), name
     fake_run(tmp_path, 'synthetic_msedge_resnet50_512_gzs', [0.3, 0.5])
     path = tmp_path / 'synthetic_msedge_resnet50_512_gzs_results.csv'
     rows = read_csv(path)
     for row in rows:
-        row.update({f'gzs_{m}': float(row['precise']) / 2 for m in reproduce.METRICS})
-    from safe_files import write_csv
+        row.update({f'gzs_{m}': float(row['precise']) / 2 for m in METRIC_NAMES})
+    from zs_sbir.safe_files import write_csv
     write_csv(rows, path)
     table = reproduce.build_table(reproduce.best_rows(tmp_path)).splitlines()
     assert 'GZS mAP@200' in table[0] and '| msedge gzs (ours) | resnet50 | 512 | test | 50.0 | 50.0 | 50.0 | 50.0 | ' \
@@ -202,8 +207,8 @@ def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
 # ----------------------------------------------------------------------------------------------- MSEdge levels
 
 def test_msedge_feature_levels_of_the_last_edge_fusion_commit():
-    default = MSEdge(2, 'resnet50', 8, pretrained=False)
-    layer124 = MSEdge(2, 'resnet50', 8, pretrained=False, feature_levels=(1, 2, 4))
+    default = make_model('msedge', 2, 'resnet50', 8, pretrained=False)
+    layer124 = make_model('msedge', 2, 'resnet50', 8, pretrained=False, feature_levels=(1, 2, 4))
     assert default.backbone.feature_info.channels() == [512, 1024, 2048] and default.head.proj.in_features == 3584
     assert layer124.backbone.feature_info.channels() == [256, 512, 2048] and layer124.head.proj.in_features == 2816
     assert layer124.backbone.feature_info.reduction() == [4, 8, 32]

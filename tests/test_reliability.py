@@ -8,13 +8,15 @@ import pytest
 import torch
 
 import train as train_module
-import training
-from conftest import BITWISE, ROOT, free_port, tiny
-from config import parse_args
+from methods.acnet import ACNet
+from zs_sbir import training
+from zs_sbir.seeding import configure_backends
+from helpers import BITWISE, ROOT, free_port, tiny
+from zs_sbir.config import parse_args
 from train import main, train
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from cli import UserError
-from safe_files import atomic_write, read_csv
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.cli import UserError
+from zs_sbir.safe_files import atomic_write, read_csv
 from utils import scan_split
 
 PREFIX = 'synthetic_acnet_resnet50_8'
@@ -56,10 +58,10 @@ def test_earlier_results_are_never_silently_replaced(tiny_data, tmp_path):
 def _fail_in_epoch(monkeypatch, epoch, error):
     real = train_module.train_epoch
 
-    def train_epoch(nets, optimizers, loader, step, rt, desc, **kw):
+    def train_epoch(nets, optimizers, loader, rt, desc, **kw):
         if desc.startswith(f'epoch {epoch}/'):
             raise error
-        return real(nets, optimizers, loader, step, rt, desc, **kw)
+        return real(nets, optimizers, loader, rt, desc, **kw)
     monkeypatch.setattr(train_module, 'train_epoch', train_epoch)
 
 
@@ -76,16 +78,16 @@ def test_ctrl_c_keeps_the_last_complete_epoch(tiny_data, tmp_path, monkeypatch, 
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path, monkeypatch, capsys):
-    real_step = training.STEPS['acnet']
+    real_step = ACNet.training_step
     calls = {'n': 0}
 
-    def step(nets, optimizers, batch):
-        losses = real_step(nets, optimizers, batch)
+    def step(self, nets, optimizers, batch):
+        losses = real_step(self, nets, optimizers, batch)
         calls['n'] += 1
         if calls['n'] > 4:  # 16 train sketches, 4 pairs per step: 4 steps per epoch, so epoch 2 goes wrong
             losses['class_loss'] = losses['class_loss'] * float('nan')
         return losses
-    monkeypatch.setitem(training.STEPS, 'acnet', step)
+    monkeypatch.setattr(ACNet, 'training_step', step)
     code, err = run_main(tiny(tiny_data, tmp_path, '--epochs', '3'), capsys)
     assert code == 2 and 'epoch 2/3: a loss became NaN or infinite' in err and 'lower --lr' in err
     assert load_torch(tmp_path / f'{PREFIX}_last.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 1
@@ -215,7 +217,7 @@ def test_deterministic_is_set_both_ways(first, monkeypatch):
     before = torch.are_deterministic_algorithms_enabled(), cudnn.benchmark, cudnn.deterministic
     try:
         for deterministic in (first, not first):
-            training.configure_backends(parse_args(['--deterministic'] if deterministic else []))
+            configure_backends(parse_args(['--deterministic'] if deterministic else []).deterministic)
             assert torch.are_deterministic_algorithms_enabled() == deterministic
             assert cudnn.deterministic == deterministic and cudnn.benchmark != deterministic
     finally:

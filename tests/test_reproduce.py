@@ -1,6 +1,6 @@
 """reproduce.py (formerly benchmark.py): the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
 import reproduce
-from conftest import fake_run
+from helpers import fake_run
 
 
 def test_best_rows_follow_each_runs_selection_rule(tmp_path):

@@ -6,30 +6,18 @@ import torch
 from PIL import Image
 
 import test as retrieval
-import pictures
-from conftest import cli_checker, write_image
-from model import model_from_checkpoint
-from config import parse_args as train_args
+from zs_sbir import pictures
+from helpers import DEVICE, cli_checker, tiny, write_image
+from methods import get_method
 from train import train
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from images import load_image
-from safe_files import FOLDER_MARK, read_csv
-from utils import PHOTO
+from utils import METRIC_NAMES, PHOTO
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.config import parse_args as train_args
+from zs_sbir.images import load_image
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.safe_files import FOLDER_MARK, read_csv
 
 K = 3
-
-
-@pytest.fixture(scope='module')
-def runs(tiny_data, tmp_path_factory):
-    """One tiny trained run per method: {method: checkpoint path}."""
-    out = tmp_path_factory.mktemp('runs')
-    paths = {}
-    for method in ('acnet', 'msedge'):
-        train(train_args(['--method', method, '--data_root', str(tiny_data), '--data_name', 'synthetic',
-                          '--no_pretrained', '--img_size', '32', '--batch_size', '8', '--epochs', '1',
-                          '--warmup', '0', '--workers', '0', '--emb_dim', '16', '--save_root', str(out)]))
-        paths[method] = out / f'synthetic_{method}_resnet50_16_model.pth'
-    return paths
 
 
 check_error = cli_checker(retrieval.main, literal=True)
@@ -62,8 +50,7 @@ def test_picture_size_frames_and_loose_files(runs, tiny_data, tmp_path, method, 
     # the expected top K, computed independently from the saved gallery embeddings
     model = model_from_checkpoint(checkpoint)
     with torch.no_grad():
-        q = model.embed(load_image(query, 32, 'bilinear' if method == 'acnet' else 'bicubic')[None],
-                        torch.tensor([1]))[0]
+        q = model.embed(load_image(query, 32, get_method(method).interpolation)[None], torch.tensor([1]))[0]
     photos = (vectors['domains'] == PHOTO).nonzero()[:, 0]
     sims = vectors['vectors'][photos] @ q
     top = photos[torch.sort(sims, descending=True, stable=True).indices[:K]]
@@ -106,7 +93,7 @@ def test_evaluate_matches_the_training_log(runs):
     for method, path in runs.items():
         metrics = run('--evaluate', '--data_base', path, '--workers', 0)
         best = max(read_csv(str(path).replace('_model.pth', '_results.csv')), key=lambda r: float(r['precise']))
-        for name in ('mAP@200', 'mAP@all', 'P@100', 'P@200', 'precise'):
+        for name in (*METRIC_NAMES, 'precise'):
             assert metrics[name] == pytest.approx(float(best[name]), abs=1e-6), (method, name)
 
 
@@ -123,3 +110,17 @@ def test_errors(runs, tiny_data, tmp_path, capsys):
     next((changed / 'synthetic' / 'val' / 'photo').rglob('*.jpg')).unlink()
     check_error(capsys, ['--data_base', runs['acnet'], '--data_root', changed], 'do not match the dataset at')
     check_error(capsys, ['--data_base', runs['acnet'], '--num', 0], '--num must be at least 1')
+
+
+def test_an_extractor_only_model_retrieves_and_only_show_generated_is_refused(tiny_data, tmp_path, capsys):
+    train(train_args(tiny(tiny_data, tmp_path, '--epochs', '1', '--extractor_only')))
+    checkpoint = tmp_path / 'synthetic_acnet_resnet50_8_extractor-normsoftmax_model.pth'
+    query = sorted((tiny_data / 'synthetic' / 'val' / 'sketch').rglob('*.png'))[0]
+    run('--query_name', query, '--data_base', checkpoint, '--num', K, '--save_root', tmp_path / 'out', '--device',
+        DEVICE)
+    picture = Image.open(tmp_path / 'out' / f'{query.stem}.png')  # the query and its K photos, nothing generated
+    assert picture.size[0] == pictures.GAP + (1 + K) * (pictures.TILE + pictures.GAP)
+    assert f'{K}' in capsys.readouterr().out
+    check_error(capsys, ['--query_name', query, '--data_base', checkpoint, '--show_generated', '--save_root',
+                         tmp_path / 'other'], "--show_generated: '")
+    assert not (tmp_path / 'other').exists()

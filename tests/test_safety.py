@@ -18,13 +18,13 @@ import convert
 import prepare
 import test as retrieval
 import train as train_module
-import training
-from conftest import DEVICE, ROOT, check_cli, digests, fake_run, tiny
-from utils import build_cache
-from config import parse_args
+from zs_sbir import training
+from helpers import DEVICE, ROOT, check_cli, digests, fake_run, tiny
+from zs_sbir.image_cache import build_cache
+from zs_sbir.config import parse_args
 from train import main as train_main, train
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from safe_files import read_csv, save_torch
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.safe_files import read_csv, save_torch
 
 PREFIX = 'synthetic_acnet_resnet50_8'
 
@@ -220,7 +220,7 @@ def test_a_run_with_skipped_images_works_in_test_py(tiny_data, tmp_path, capsys)
 def test_a_stale_image_cache_is_refused(tiny_data, tmp_path, capsys):
     data = tmp_path / 'data'
     shutil.copytree(tiny_data, data)
-    build_cache(data, 'synthetic', 32, 'acnet', workers=1)
+    build_cache(data, 'synthetic', 32, 'bilinear', workers=1)
     photo = sorted((data / 'synthetic' / 'train' / 'photo').rglob('*.jpg'))[0]
     Image.new('RGB', (32, 32), (255, 0, 0)).save(photo, quality=50)  # same name, new content
     os.utime(photo, ns=(time.time_ns(), time.time_ns() + 10 ** 9))
@@ -458,7 +458,7 @@ def test_round_two_probe_one_line_each(run, tmp_path, capsys):
 def test_a_killed_loader_process_is_one_line_naming_workers(tiny_data, tmp_path, capsys, monkeypatch):
     """What the out-of-memory killer does to a data-loader worker: one line that suggests the remedy."""
     import signal
-    import images
+    from zs_sbir import images
     from torch.utils.data import get_worker_info
     read = images.FileImages.__getitem__
 

@@ -13,13 +13,13 @@ import torch
 from PIL import Image, ImageOps
 
 import search
-import search_index
-from model import model_from_checkpoint
-from checkpoint import CHECKPOINT_FORMAT, load_torch
-from images import load_image
-from safe_files import written_by_this_repo
+from zs_sbir import search_index
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
+from zs_sbir.images import load_image
+from zs_sbir.safe_files import written_by_this_repo
 from utils import PHOTO, SKETCH
-from conftest import DEVICE, build, cli_checker, drawn_x, free_port, running  # fixtures: checkpoints, gallery
+from helpers import DEVICE, build, cli_checker, drawn_x, free_port, running  # fixtures: checkpoints, gallery
 
 
 check_error = cli_checker(search.main)
@@ -71,8 +71,8 @@ def test_exact_queries_rank_as_test_py_and_draw_its_picture(checkpoints, gallery
     for results, query in zip(answers, q):
         similarity = (g @ query).double()
         order = sorted(range(len(photos)), key=lambda i: (-similarity[i].item(), i))[:5]  # best first, ties: lower
-        assert [str(path.relative_to(gallery)) for path, _, _ in results] == [photos[i] for i in order]
-        assert [s for _, s, _ in results] == pytest.approx([similarity[i].item() for i in order], abs=1e-5)
+        assert [str(hit.path.relative_to(gallery)) for hit in results] == [photos[i] for i in order]
+        assert [hit.similarity for hit in results] == pytest.approx([similarity[i].item() for i in order], abs=1e-5)
     out = capsys.readouterr().out
     assert re.search(r'embed \d+\.\d ms, search \d+\.\d\d ms over 20 photos', out)
     assert written_by_this_repo(tmp_path / 'pictures' / f'{queries[0].stem}.png')
@@ -129,8 +129,8 @@ def test_the_page_function_finds_drawings_for_a_drawing(checkpoints, gallery, tm
     assert len(shown) == 5 and all(caption.endswith(' drawing') for _, caption in shown)
     # pictures, not paths: the page hands out copies of the result photos, never a file of the machine
     searcher = search_index.Searcher(tmp_path / 'index')
-    top = searcher.results(searcher.embed_sketch(drawn_x()), 5)
-    for (picture, _), (path, _, _) in zip(shown, top):
+    top = searcher.gallery.top_k(searcher.embed_sketch(drawn_x()), 5)
+    for (picture, _), (_, _, path, _) in zip(shown, top):
         assert isinstance(picture, Image.Image) and np.array_equal(np.asarray(picture), np.asarray(
             ImageOps.contain(Image.open(path).convert('RGB'), (256, 256))))
     assert app.search(None, 5) == [] and app.search({'composite': Image.new('RGBA', (9, 9), (0, 0, 0, 0))}, 5) == []
@@ -177,7 +177,7 @@ def test_drawing_in_a_real_browser_shows_drawings(checkpoints, gallery, tmp_path
         drawn = np.asarray(received[-1].convert('L')) < 128  # the X: dark pixels on both diagonals
         half = drawn.shape[0] // 2
         assert 200 < drawn.sum() < 0.2 * drawn.size and drawn[:half, :half].any() and drawn[half:, :half].any()
-        expected = [f'{similarity:.3f} {name}' for _, similarity, name in searcher.results(embed(received[-1]), 6)]
+        expected = [f'{hit.similarity:.3f} {hit.name}' for hit in searcher.gallery.top_k(embed(received[-1]), 6)]
         assert captions == expected
         assert index or sum(caption.endswith(' drawing') for caption in captions) >= 4, captions
         driver.save_screenshot(str(tmp_path / 'page.png'))

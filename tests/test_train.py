@@ -2,14 +2,15 @@
 import pytest
 import torch
 
-from conftest import BITWISE, DEVICE, tiny
-from model import model_from_checkpoint
-from config import parse_args
+from helpers import BITWISE, DEVICE, tiny
+from zs_sbir.retrieval import model_from_checkpoint
+from zs_sbir.config import parse_args
 from train import main, train
-from checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
-from cli import UserError
-from images import RESIZE, load_image
-from safe_files import read_csv
+from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
+from zs_sbir.cli import UserError
+from methods import get_method
+from zs_sbir.images import load_image
+from zs_sbir.safe_files import read_csv
 from utils import SKETCH, retrieval_metrics
 
 
@@ -54,7 +55,7 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
     model = model_from_checkpoint(checkpoint)
     picks = [0, len(v) // 2, len(v) - 1]
     root = tiny_data / 'synthetic' / 'val'
-    images = torch.stack([load_image(root / vectors['paths'][i], 32, RESIZE[method]) for i in picks])
+    images = torch.stack([load_image(root / vectors['paths'][i], 32, get_method(method).interpolation) for i in picks])
     with torch.no_grad():
         again = model.embed(images, vectors['domains'][picks])
     assert torch.allclose(again, v[picks], atol=1e-5)
@@ -102,9 +103,12 @@ def test_loss_variants_and_edge_modes_get_their_own_files(tiny_data, tmp_path):
 
 @pytest.mark.parametrize('extra, message', [
     (['--loss_weights', '1', '0.1', '0'], '--loss_weights must be >= 0 with a class weight above 0'),
-    (['--method', 'msedge', '--class_on', 'photo'], '--loss_weights, --class_on, --class_loss and --extractor_only apply to --method acnet only'),
+    (['--method', 'msedge', '--class_on', 'photo'], '--class_on applies to --method acnet only'),
+    (['--method', 'msedge', '--class_loss', 'ce', '--extractor_only'],
+     '--class_loss and --extractor_only apply to --method acnet only'),
+    (['--edge_mode', 'photo'], '--edge_mode applies to --method msedge only'),
     (['--backbone_type', 'resnt50'], r"timm has no model 'resnt50' \(close matches: "),
-    (['--batch_size', '1'], '--batch_size must be at least 2'),
+    (['--batch_size', '1'], '--batch_size must be at least 2 for --method acnet'),
     (['--emb_dim', '0'], '--emb_dim must be at least 1'),
     (['--warmup', '3'], r'--warmup must be between 0 and --epochs \(2\)'),
     (['--img_size', '30'], '--img_size must be a multiple of 4'),
@@ -127,7 +131,8 @@ def test_cli_prints_one_line_and_exits_2(tmp_path, capsys):
 def test_eval_queries_scores_epochs_on_a_sample_and_the_selected_epoch_on_all(tiny_data, tmp_path):
     import test as retrieval
     from train import sample_queries
-    from utils import PHOTO, read_results, scan_split
+    from utils import PHOTO, scan_split
+    from zs_sbir.results import read_results
     args = tiny_args(tiny_data, tmp_path, '--epochs', '2', '--emb_dim', '8', '--eval_queries', '3', '--device', DEVICE)
     best = train(args)
     prefix = tmp_path / 'synthetic_acnet_resnet50_8'

@@ -17,11 +17,11 @@ from PIL import Image
 
 import prepare
 import search
-import search_index
-from conftest import DEVICE, TINY, build, check_cli, digests, drawn_x, free_port, running
+from zs_sbir import search_index
+from helpers import DEVICE, ROOT, TINY, build, check_cli, digests, drawn_x, free_port, running
 from prepare import read_class_list
-from safe_files import FOLDER_MARK, acquire_lock
-from synthetic import make_synthetic
+from zs_sbir.safe_files import FOLDER_MARK, acquire_lock
+from zs_sbir.synthetic import make_synthetic
 from utils import scan_split
 
 
@@ -130,7 +130,6 @@ def test_one_writer_of_a_generated_dataset_at_a_time(tmp_path, tiny_data, capsys
 def test_two_generators_at_once_write_one_complete_dataset(tmp_path):
     import subprocess
     import sys
-    from conftest import ROOT
     argv = [sys.executable, str(ROOT / 'prepare.py'), 'synthetic', '--data_root', str(tmp_path), '--num_classes', '6',
             '--num_val_classes', '2', '--num_sketches', '3', '--num_photos', '3', '--num_val_photos', '3',
             '--img_size', '16']
@@ -198,20 +197,20 @@ def test_a_second_writer_of_an_index_is_refused(checkpoints, gallery, tmp_path, 
 
 
 def test_an_interrupted_first_build_keeps_what_it_embedded(checkpoints, gallery, tmp_path, capsys, monkeypatch):
-    index, calls, embed = tmp_path / 'index', [], search.embed
+    index, calls, embed = tmp_path / 'index', [], search.embed_as
 
     def interrupted(*args):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return embed(*args)
-    monkeypatch.setattr(search, 'embed', interrupted)
+    monkeypatch.setattr(search, 'embed_as', interrupted)
     with pytest.raises(SystemExit) as exit_info:
         build(checkpoints[0], gallery, index, '--batch_size', 4)
     assert exit_info.value.code == 130 and 'kept the 8 photos embedded so far' in capsys.readouterr().out
     meta, table, _ = search_index.read_index(index)
     assert meta['complete'] is False and len(table) == 8
-    monkeypatch.setattr(search, 'embed', embed)
+    monkeypatch.setattr(search, 'embed_as', embed)
     meta = build(checkpoints[0], gallery, index, '--batch_size', 4)
     assert '8 unchanged, 12 to embed' in capsys.readouterr().out and meta['complete'] and meta['count'] == 20
     # a periodic save: every batch with --save_every 0, so that even kill -9 loses at most one interval
@@ -285,7 +284,7 @@ def test_an_approximate_index_stays_approximate(checkpoints, gallery, tmp_path, 
     assert search.commit(index, meta, rows, many, 'ivf', complete=True)['kind'] == 'ivf'
     release()
     faiss_file = index / json.loads((index / 'meta.json').read_text())['files']['index']
-    assert search_index.Searcher(index).index.ntotal == 2000
+    assert search_index.Searcher(index).gallery.index.ntotal == 2000
     query = ['query', '--index', index, '--query_name', gallery / 'drawing', '--save_root', tmp_path / 'q']
     faiss_file.write_bytes(b'not a faiss index')
     check_cli(capsys, search.main, query, r"index '.*index': 'index-.*\.faiss' is missing or not a FAISS index: run "
@@ -369,8 +368,8 @@ def test_any_file_name_is_indexed_queried_and_printed(checkpoints, gallery, tmp_
     query = photos / 'cls' / names[3]
     answers = search.main(['query', '--index', str(tmp_path / 'index'), '--query_name', str(query), '--save_root',
                            str(tmp_path / 'out'), '--device', DEVICE, '--num', '4'])
-    assert sorted(str(path.name) for path, _, _ in answers[0]) == sorted(names)
-    assert answers[0][0][0].name == names[3]  # a photo is its own best match
+    assert sorted(str(hit.path.name) for hit in answers[0]) == sorted(names)
+    assert answers[0][0].path.name == names[3]  # a photo is its own best match
     assert [p.name for p in (tmp_path / 'out').iterdir()] == [os.fsdecode(b'bytes\xff.png')]
 
 

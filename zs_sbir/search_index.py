@@ -19,13 +19,12 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from checkpoint import model_identity
-from cli import UserError, first_line
-from evaluation import embed_images
-from images import RESIZE, FileImages, image_tensor, load_image, pillow_suffixes, to_rgb8, walk_image_files
-from model import load_trained
-from safe_files import atomic_write, save_together
-from utils import SKETCH, top_k
+from utils import SKETCH
+from zs_sbir.checkpoint import model_identity
+from zs_sbir.cli import UserError, first_line
+from zs_sbir.images import FileImages, image_tensor, load_image, pillow_suffixes, to_rgb8, walk_image_files
+from zs_sbir.retrieval import Gallery, embed, load_model
+from zs_sbir.safe_files import atomic_write, save_together
 
 # -2: data files named per write (listed in meta.json); -1 (fixed names) is still read
 INDEX_FORMAT, READABLE_FORMATS = 'zs-sbir-index-2', ('zs-sbir-index-1', 'zs-sbir-index-2')
@@ -36,16 +35,10 @@ FORMAT_1_FILES = {'vectors': 'vectors.npy', 'table': 'files.csv', 'index': 'inde
 TABLE_COLUMNS = ['row', 'path', 'size', 'mtime_ns']
 
 
-def load_model(data_base, device):
-    model, checkpoint = load_trained(data_base, device)
-    return model, model_identity(checkpoint)
-
-
-def embed(model, images, domain, device):
-    """L2-normalised float32 embeddings (on the CPU) of uint8 images (B, 3, H, W), all taken as `domain`."""
+def embed_as(model, images, domain, device):
+    """Embeddings (on the CPU) of uint8 images (B, 3, H, W), all taken as `domain`."""
     images = images.to(device)
-    domains = torch.full((len(images),), domain, device=device)
-    return torch.nn.functional.normalize(embed_images(model, images, domains), dim=1).cpu()
+    return embed(model, images, torch.full((len(images),), domain, device=device)).cpu()
 
 
 # ----------------------------------------------------------------------------------------------- photos
@@ -242,16 +235,6 @@ def build_faiss(vectors, kind):
 
 # ----------------------------------------------------------------------------------------------- query
 
-def top_rows(query, k, exact=None, index=None):
-    """(rows, similarities) of the k best gallery rows for one query vector: exactly over the float32
-    tensor `exact` (test.py's products and tie rule), or through the FAISS `index`."""
-    if exact is not None:
-        return top_k(query, exact, k)
-    scores, rows = index.search(query.numpy()[None], k)
-    keep = rows[0] >= 0
-    return rows[0][keep].tolist(), scores[0][keep].tolist()
-
-
 def tune(index, nprobe=32, ef_search=128):
     """The search-time settings of an approximate index (more: slower, higher recall)."""
     if hasattr(index, 'nprobe'):
@@ -262,47 +245,38 @@ def tune(index, nprobe=32, ef_search=128):
 
 
 class Searcher:
-    """An index with the model it was built with: top-k photos for a sketch image."""
+    """An index with the model it was built with: the top photos for a sketch image (its `gallery`)."""
 
     def __init__(self, index, data_base=None, device='cpu', nprobe=32, ef_search=128):
         import faiss
         self.folder = Path(index)
         self.meta, self.table, self.vectors = read_index(self.folder)
         data_base = data_base or self.meta['checkpoint']
-        self.model, identity = load_model(data_base, device)
-        if identity != self.meta['model']:
+        self.model, checkpoint = load_model(data_base, device)
+        if model_identity(checkpoint) != self.meta['model']:
             raise UserError(f"'{data_base}' is not the model index '{self.folder}' was built with "
                             f"({self.meta['checkpoint']}): query it with that model, or build the index again")
         self.device, self.photos, self.photo_folders = device, Path(self.meta['photos']), photo_folders(self.meta)
         self.classes = {Path(row['path']).parent.name for row in self.table}
         self.embed_sketch(Image.new('RGB', (8, 8), 'white'))  # warm up, so that timings are of steady state
-        if self.meta['kind'] == 'flat':
-            self.index, self.exact = None, torch.from_numpy(self.vectors)
-            return
-        path = self.folder / data_files(self.meta)['index']
-        try:
-            self.index, self.exact = tune(faiss.read_index(str(path)), nprobe, ef_search), None
-        except RuntimeError as error:
-            raise UserError(f"index '{self.folder}': '{path.name}' is missing or not a FAISS index: run "
-                            f"`search.py index` on it again (it reuses the embeddings)") from error
-        if self.index.ntotal != len(self.table):
-            raise UserError(f"index '{self.folder}': '{path.name}' holds {self.index.ntotal} rows, not "
-                            f"{len(self.table)}: run `search.py index` on it again (it reuses the embeddings)")
+        index = None
+        if self.meta['kind'] != 'flat':
+            path = self.folder / data_files(self.meta)['index']
+            try:
+                index = tune(faiss.read_index(str(path)), nprobe, ef_search)
+            except RuntimeError as error:
+                raise UserError(f"index '{self.folder}': '{path.name}' is missing or not a FAISS index: run "
+                                f"`search.py index` on it again (it reuses the embeddings)") from error
+            if index.ntotal != len(self.table):
+                raise UserError(f"index '{self.folder}': '{path.name}' holds {index.ntotal} rows, not "
+                                f"{len(self.table)}: run `search.py index` on it again (it reuses the embeddings)")
+        # a photo's class is its folder's name
+        self.gallery = Gallery(torch.from_numpy(self.vectors), [self.photos / row['path'] for row in self.table],
+                               [Path(row['path']).parent.name for row in self.table], index)
 
     def embed_sketch(self, image):
         """A query's embedding from a PIL image or an image file."""
-        size, interpolation = self.meta['model']['img_size'], RESIZE[self.meta['model']['method']]
+        size, interpolation = self.meta['model']['img_size'], self.model.interpolation
         tensor = (load_image(image, size, interpolation) if isinstance(image, (str, Path))
                   else image_tensor(to_rgb8(image), size, interpolation))
-        return embed(self.model, tensor[None], SKETCH, self.device)[0]
-
-    def top_k(self, query, k):
-        """(rows, similarities) of the k best photos, best first. The exact index ranks with the same
-        float32 products and tie rule (lower row first) as test.py."""
-        return top_rows(query, min(k, len(self.table)), self.exact, self.index)
-
-    def results(self, query, k):
-        """[(path, similarity, class)] for the top k: the class is the photo's folder name."""
-        rows, sims = self.top_k(query, k)
-        return [(self.photos / self.table[row]['path'], sim, Path(self.table[row]['path']).parent.name)
-                for row, sim in zip(rows, sims)]
+        return embed_as(self.model, tensor[None], SKETCH, self.device)[0]

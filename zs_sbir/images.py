@@ -7,16 +7,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cli import DataError, UserError, first_line
+from zs_sbir.cli import DataError, UserError, first_line
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png')
 
 
 INTERPOLATION = {'bilinear': Image.BILINEAR, 'bicubic': Image.BICUBIC}
-
-
-# Resize filter of each method's input transform.
-RESIZE = {'acnet': 'bilinear', 'msedge': 'bicubic'}
 
 
 def is_image_file(path):

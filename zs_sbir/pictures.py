@@ -3,7 +3,7 @@ Every PNG is saved marked as this repo's (safe_files.written_by_this_repo), atom
 import torch
 from PIL import Image, ImageDraw, ImageOps
 
-from safe_files import OUTPUT_MARK, atomic_write
+from zs_sbir.safe_files import OUTPUT_MARK, atomic_write
 
 def save_png(image, path):
     """Save a PIL image as a marked PNG, atomically."""

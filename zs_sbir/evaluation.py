@@ -1,13 +1,16 @@
-"""Embedding a split and scoring it: the data loaders that feed a model its images, the one embedding loop every
-command uses (train.py each epoch, test.py --evaluate, search.py index, speed.py), and the unseen-class metrics."""
+"""Embedding a split and scoring it: the data loaders that feed a model its images, the embedding loop over a split
+(train.py each epoch, test.py --evaluate, speed.py), and the unseen-class and generalized metrics."""
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from images import RESIZE, FileImages
-from utils import METRIC_NAMES, PHOTO, SKETCH, CachedImages, EpochSampler, SplitDataset, retrieval_metrics
+from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics
+from zs_sbir.datasets import EpochSampler, SplitDataset
+from zs_sbir.image_cache import CachedImages
+from zs_sbir.images import FileImages
+from zs_sbir.retrieval import embed
 
 
 def loader_options(workers, device):
@@ -15,11 +18,11 @@ def loader_options(workers, device):
 
 
 def split_images(split, method, img_size, cache=None):
-    """Where a split's uint8 images come from: decoded files, or with `cache` = (data_root, data_name,
-    split name) the pre-resized arrays of `prepare.py cache`."""
+    """Where a split's uint8 images come from, resized with the method's filter: decoded files, or with `cache` =
+    (data_root, data_name, split name) the pre-resized arrays of `prepare.py cache`."""
     if cache:
-        return CachedImages(*cache, split, img_size, method)
-    return FileImages(split.root, split.paths, img_size, RESIZE[method])
+        return CachedImages(*cache, split, img_size, method.name, method.interpolation)
+    return FileImages(split.root, split.paths, img_size, method.interpolation)
 
 
 def make_eval_loader(split, images, batch_size, workers=0, device='cpu', rank=0, world=1):
@@ -57,20 +60,13 @@ def gather_rows(rows, index, total, world):
 
 
 @torch.inference_mode()
-def embed_images(model, images, domains, amp=False):
-    """float32 embeddings of a batch of uint8 images (already on the model's device), each taken as its domain."""
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
-        return model.embed(images, domains).float()
-
-
-@torch.inference_mode()
 def embed_split(model, loader, device, desc='embed val', amp=False, channels_last=False, world=1, show=True):
     """Embeddings of every item of the loader's split, in split order (row i = split item i)."""
     model.eval()
     chunks, order = [], []
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=None if show else True):
         images, _, domains, index = to_device(batch, device, channels_last)
-        chunks.append(embed_images(model, images, domains, amp))
+        chunks.append(embed(model, images, domains, amp))
         order.append(index)
     return gather_rows(torch.cat(chunks), torch.cat(order), len(loader.dataset), world)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from cli import MAX_WORKERS, DataError, UserError
-from images import load_image
-from pictures import save_png
-from safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
+from zs_sbir.cli import MAX_WORKERS, DataError, UserError
+from zs_sbir.images import load_image
+from zs_sbir.pictures import save_png
+from zs_sbir.safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
                         staging_folder, swap_in)
 from utils import PHOTO, SKETCH, scan_split
 

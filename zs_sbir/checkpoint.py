@@ -1,11 +1,11 @@
-"""The files a trained model lives in (docs/checkpoints.md): reading any .pth file safely, the checkpoint and
+"""The files a trained model lives in (docs/runs.md): reading any .pth file safely, the checkpoint and
 val-embedding records train.py and convert.py write, and what identifies a model's weights."""
 import hashlib
 from pathlib import Path
 
 import torch
 
-from cli import UserError, first_line
+from zs_sbir.cli import UserError, first_line
 
 # -2: the networks carry the original code's layer names and ACNet's extractor is the whole timm model;
 # checkpoints and vectors carry the run's id and the data's fingerprint.
@@ -55,7 +55,7 @@ def load_torch(path, expected_format, what):
     found = obj.get('format') if isinstance(obj, dict) else None
     if isinstance(found, str) and found != expected_format and found.startswith(expected_format.rsplit('-', 1)[0]):
         raise UserError(f"'{path}' is a {what} of an earlier version of this repo (format {found!r}; this version "
-                        f"reads {expected_format!r}, see docs/checkpoints.md): train it again")
+                        f"reads {expected_format!r}, see docs/runs.md): train it again")
     if found != expected_format:
         raise UserError(f"'{path}' is not a {what} of this repo (format {found!r}, expected {expected_format!r})")
     missing = [key for key in REQUIRED_KEYS[expected_format] if key not in obj]
@@ -74,7 +74,7 @@ def checkpoint_record(model, args, epoch=None, metrics=None, train_classes=(), r
     if parts is not None:
         state = {k: v for k, v in state.items() if k.split('.')[0] in parts}
         extra['parts'] = list(parts)
-    return {'format': CHECKPOINT_FORMAT, 'method': model.method, 'args': dict(vars(args)), 'epoch': epoch,
+    return {'format': CHECKPOINT_FORMAT, 'method': args.method, 'args': dict(vars(args)), 'epoch': epoch,
             'metrics': metrics or {}, 'train_classes': list(train_classes), 'model': state,
             'backbone_tag': model.backbone_tag, 'vectors_file': vectors_file, 'run_id': run_id, 'data': data,
             'skipped_images': skipped or {'train': [], 'val': []}, **extra}

@@ -1,67 +1,53 @@
-"""train.py's options (the seeds' names and defaults), their checks, and the names of a run's files: shared by
-train.py, and by the scripts that start or read runs (reproduce.py, convert.py)."""
+"""train.py's options (the seeds' names and defaults; each method adds its own, methods/), their checks, and the
+names of a run's files: shared by train.py and by the scripts that start or read runs (reproduce.py,
+convert.py)."""
 import argparse
 from dataclasses import dataclass
 from pathlib import Path
 
-
-from cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, UserError, check_device, default_device
-from model import CLASS_LOSSES, EDGE_MODES, METHODS, backbone_tag, default_levels
-from utils import SELECT_KEY
-
-DEFAULT_WARMUP = {'acnet': 1, 'msedge': 2}
-
+from methods import get_method, method_names, option_owners
+from zs_sbir.cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, UserError, check_device, default_device
+from zs_sbir.results import SELECT_KEY
 
 SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
 
+# Options that define a run's results (with every method's own options): --resume refuses to continue a run under
+# different ones.
+COMMON_RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'img_size',
+                       'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'eval_queries', 'gzs')
 
-# Options that define a run's results: --resume refuses to continue a run under different ones.
-RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'edge_mode',
-                'img_size', 'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'loss_weights', 'class_on',
-                'eval_queries', 'class_loss', 'extractor_only', 'feature_levels', 'gzs')
+
+def run_defining():
+    return COMMON_RUN_DEFINING + tuple(dest for dest in option_owners() if dest not in COMMON_RUN_DEFINING)
 
 
-# ACNet's loss: adversarial + 0.1 * identity + 10 * class, the class loss on E(sketch), E(photo), E(G(sketch)).
-DEFAULT_LOSS_WEIGHTS, CLASS_INPUTS = (1.0, 0.1, 10.0), ('sketch', 'photo', 'fake')
+def method_default_text(option):
+    """`--help`'s account of a default that each method sets, e.g. '1 for acnet, 2 for msedge'."""
+    return ', '.join(f'{get_method(name).defaults[option]} for {name}' for name in method_names())
 
 
 def parse_args(argv=None, description=None):
     """train.py's options; `description`: the --help text (train.py's docstring)."""
     p = ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument('--method', default='acnet', choices=list(METHODS))
+    p.add_argument('--method', default='acnet', choices=method_names())
     p.add_argument('--data_root', default='data', help='datasets root path')
     p.add_argument('--data_name', default='sketchy',
                    help='sketchy, tuberlin, synthetic, or any dataset folder under data_root (tuberlin* folders '
                         'get the TU-Berlin val rule)')
-    p.add_argument('--backbone_type', default='resnet50',
+    p.add_argument('--backbone_type', default=None,
                    help="resnet50 or vgg16 with each method's original ImageNet weights, or any timm name "
-                        'with an optional pretrained tag (e.g. resnet50.a1_in1k)')
-    p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=512, help='embedding dim')
+                        f'with an optional pretrained tag (e.g. resnet50.a1_in1k); default: '
+                        f'{method_default_text("backbone_type")}')
+    p.add_argument('--emb_dim', '--proj_dim', dest='emb_dim', type=int, default=None,
+                   help=f'embedding dim (default: {method_default_text("emb_dim")})')
     p.add_argument('--batch_size', type=int, default=64,
-                   help='images per step and process (ACNet: batch_size // 2 sketch-photo pairs)')
+                   help='images per step and process (a method trained on pairs takes batch_size // 2 of them)')
     p.add_argument('--epochs', type=int, default=10)
     p.add_argument('--warmup', type=int, default=None,
-                   help='epochs with a frozen backbone (default: 1 for acnet, 2 for msedge)')
+                   help=f'epochs with a frozen backbone (default: {method_default_text("warmup")})')
     p.add_argument('--save_root', default='result', help='where results and checkpoints go')
     p.add_argument('--lr', type=float, default=None,
-                   help='learning rate of the backbone and embedding layer (default 1e-5; 1e-4 with --extractor_only, '
-                        "as the original's extractor-only baselines)")
-    p.add_argument('--edge_mode', default='both', choices=EDGE_MODES,
-                   help='msedge: which domains are fed as edge maps')
-    p.add_argument('--loss_weights', type=float, nargs=3, default=list(DEFAULT_LOSS_WEIGHTS),
-                   metavar=('ADV', 'IDENTITY', 'CLASS'),
-                   help='acnet: weights of the adversarial, identity and class losses (identity 0: not computed)')
-    p.add_argument('--class_on', nargs='+', default=list(CLASS_INPUTS), choices=CLASS_INPUTS,
-                   help='acnet: the embeddings the class loss sees (fake: of the generated images)')
-    p.add_argument('--class_loss', default='normsoftmax', choices=CLASS_LOSSES,
-                   help='acnet: the class loss (ce: a cross-entropy head, 04de2e0; triplet: with --extractor_only, '
-                        'ablation/triplet.py)')
-    p.add_argument('--extractor_only', action='store_true',
-                   help='acnet: no generator or discriminator, the extractor alone on single sketches and photos '
-                        '(the original ablation/norm.py and ablation/triplet.py)')
-    p.add_argument('--feature_levels', type=int, nargs=3, default=None, metavar='LEVEL',
-                   help="msedge: the backbone's feature levels to fuse (timm features_only indices; default: the "
-                        'seeds\' 2 3 4 for ResNet50 and VGG16, else the last three; 1 2 4 is EGFF 75d71f0)')
+                   help=f'learning rate of the backbone and embedding layer (default: {method_default_text("lr")})')
     p.add_argument('--gzs', action='store_true',
                    help='also score generalized ZS-SBIR every epoch (docs/metrics.md): seen-class sketches and photos, '
                         'held out of training, join the queries and the gallery')
@@ -78,6 +64,8 @@ def parse_args(argv=None, description=None):
                    help='evaluate each epoch on this many val sketches (a fixed, seeded sample; all photos stay in '
                         'the gallery), then the selected epoch on all of them; 0: all, every epoch')
     p.add_argument('--device', default=default_device())
+    for name in method_names():
+        get_method(name).add_options(p)
     run = p.add_argument_group('runs')
     run.add_argument('--resume', action='store_true', help='continue from the _last.pth in --save_root')
     run.add_argument('--overwrite', action='store_true', help='start again, replacing an earlier run\'s files')
@@ -99,22 +87,23 @@ def parse_args(argv=None, description=None):
                          help='local ImageNet weights for the backbone (torchvision or timm format)')
     weights.add_argument('--no_pretrained', action='store_true', help='random initialisation (tests, offline)')
     args = p.parse_args(argv)
-    if args.warmup is None:  # the original extractor-only baselines froze nothing
-        args.warmup = 0 if args.extractor_only else DEFAULT_WARMUP[args.method]
-    if args.lr is None:
-        args.lr = 1e-4 if args.extractor_only else 1e-5
+    method = get_method(args.method, args)
+    for option, default in method.defaults.items():  # the defaults that are the method's own
+        if getattr(args, option) is None:
+            setattr(args, option, default)
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
-    args.class_on = [name for name in CLASS_INPUTS if name in args.class_on]  # one order: one file name
+    method.complete(args)
     return args
 
 
 def check_args(args):
     """Reject nonsense before any work starts."""
+    method = get_method(args.method, args)
     problems = []
-    if args.batch_size < (2 if args.method == 'acnet' else 1):
-        problems.append(f'--batch_size must be at least {2 if args.method == "acnet" else 1} '
-                        f'(ACNet batches hold batch_size // 2 sketch-photo pairs), got {args.batch_size}')
+    if args.batch_size < method.min_batch_size:
+        problems.append(f'--batch_size must be at least {method.min_batch_size} for --method {args.method}, got '
+                        f'{args.batch_size}')
     if args.eval_queries < 0:
         problems.append(f'--eval_queries must be at least 0 (0: all), got {args.eval_queries}')
     for name in ('emb_dim', 'epochs', 'eval_batch_size'):
@@ -140,52 +129,37 @@ def check_args(args):
     problems += [f'--{name} must not be empty' for name in ('data_root', 'save_root') if not getattr(args, name)]
     if not args.data_name or Path(args.data_name).name != args.data_name or args.data_name in ('.', '..'):
         problems.append(f'--data_name must be the name of a folder in --data_root, got {args.data_name!r}')
-    if not all(0 <= w < float('inf') for w in args.loss_weights) or args.loss_weights[2] == 0:
-        problems.append(f'--loss_weights must be >= 0 with a class weight above 0, got {args.loss_weights}')
-    if args.method != 'acnet' and acnet_variant(args):
-        problems.append('--loss_weights, --class_on, --class_loss and --extractor_only apply to --method acnet only')
-    if args.extractor_only and (tuple(args.loss_weights) != DEFAULT_LOSS_WEIGHTS or tuple(args.class_on) != CLASS_INPUTS):
-        problems.append('--loss_weights and --class_on weigh the generator\'s losses: --extractor_only has none')
-    if args.class_loss == 'triplet' and not args.extractor_only:
-        problems.append('--class_loss triplet is the extractor-only baseline of the original (ablation/triplet.py): '
-                        'add --extractor_only')
-    if args.feature_levels and args.method != 'msedge':
-        problems.append('--feature_levels applies to --method msedge only')
+    problems += foreign_options(args, method)
+    try:
+        problems += method.check(args)
+    except UserError as error:  # e.g. a backbone timm does not know
+        problems.append(str(error))
     if problems:
         raise UserError('; '.join(problems))
-    backbone_tag(args.method, args.backbone_type)  # an unknown name fails here, naming close matches
     check_device(args.device)
 
 
-def acnet_variant(args):
-    """File-name suffix of a non-default ACNet ('' for the original), e.g. _w1-1-1_on-photo-fake or _extractor-triplet."""
-    suffix = '_extractor' if args.extractor_only else ''
-    if args.class_loss != 'normsoftmax' or args.extractor_only:
-        suffix += f'-{args.class_loss}' if args.extractor_only else f'_{args.class_loss}'
-    if tuple(args.loss_weights) != DEFAULT_LOSS_WEIGHTS:
-        suffix += '_w' + '-'.join(f'{w:g}' for w in args.loss_weights)
-    if tuple(args.class_on) != CLASS_INPUTS:
-        suffix += '_on-' + '-'.join(args.class_on)
-    return suffix
+def foreign_options(args, method):
+    """Options of another method than the one chosen, given other values than their defaults: refused."""
+    foreign = {}
+    for dest, (owner, default) in option_owners().items():
+        if not issubclass(method, owner) and getattr(args, dest, default) != default:
+            foreign.setdefault(owner.name, []).append(f'--{dest}')
+    return [f'{" and ".join(names)} appl{"y" if len(names) > 1 else "ies"} to --method {owner} only'
+            for owner, names in foreign.items()]
 
 
 def run_prefix(args):
-    """{data_name}_{method}_{backbone_type}_{emb_dim}, plus what sets a variant apart from the original
-    (ACNet loss options, MSEdge's --edge_mode), so variants never share files."""
+    """{data_name}_{method}_{backbone_type}_{emb_dim}, plus what sets a variant apart from the original (the
+    method's file_suffix, e.g. ACNet's loss options, MSEdge's --edge_mode), so variants never share files."""
     prefix = f'{args.data_name}_{args.method}_{args.backbone_type.replace("/", "-")}_{args.emb_dim}'
-    if args.method == 'msedge':
-        prefix += '' if args.edge_mode == 'both' else f'_edge-{args.edge_mode}'
-        levels = getattr(args, 'feature_levels', None)
-        prefix += f'_levels-{"-".join(map(str, levels))}' if levels and tuple(levels) != default_levels(
-            backbone_tag('msedge', args.backbone_type)) else ''
-    else:
-        prefix += acnet_variant(args)
+    prefix += get_method(args.method, args).file_suffix(args)
     return prefix + ('_gzs' if getattr(args, 'gzs', False) else '')  # GZS runs train on fewer images
 
 
 @dataclass
 class RunFiles:
-    """A run's files in --save_root (docs/checkpoints.md), and the lock that a running run holds."""
+    """A run's files in --save_root (docs/runs.md), and the lock that a running run holds."""
     results: Path
     model: Path
     vectors: Path

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from cli import UserError, first_line
+from zs_sbir.cli import UserError, first_line
 
 UMASK = os.umask(0)
 os.umask(UMASK)

@@ -155,7 +155,7 @@ def tsne_data(record, max_points=3000, seed=0):
     dimensions first), with each point's path, class and domain."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
-    vectors = torch.nn.functional.normalize(record['vectors'].float(), dim=1).numpy()
+    vectors = record['vectors'].float().numpy()  # unit vectors, as the method embedded them
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(vectors), size=min(len(vectors), max_points), replace=False))
     points = vectors[keep]

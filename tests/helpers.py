@@ -65,6 +65,32 @@ def make_tree(root, layout):
     return root
 
 
+def sketch_like(path, i):
+    """A unique small sketch (for i < 256): dark strokes on white."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.full((16, 16), 255, np.uint8)
+    pixels[i % 16, :] = pixels[:, (i // 16) % 16] = 20
+    Image.fromarray(pixels, 'L').save(path)
+
+
+def photo_like(path, i):
+    """A unique small colourful photo."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path, format='PNG')
+
+
+def raw_quickdraw(root, classes=None, per_class=1, sketch_top='QuickDraw_sketches_final',
+                  photo_top='QuickDraw_images_final'):
+    """The raw QuickDraw-Extended layout: <sketch_top>/<class>/<n>.png sketches and <photo_top>/<class>/image_<n>.jpg
+    photos of every class (default: all 110), `per_class` each, every file unique; n counts over all classes."""
+    from prepare import read_class_list
+    for c, name in enumerate(classes or read_class_list('quickdraw_all')):
+        for n in range(c * per_class, (c + 1) * per_class):
+            sketch_like(root / sketch_top / name / f'{n}.png', n)
+            photo_like(root / photo_top / name / f'image_{n}.jpg', n)
+    return root
+
+
 def rng_images(n, size=32, seed=0):
     return torch.from_numpy(np.random.default_rng(seed).integers(0, 256, (n, 3, size, size), dtype=np.uint8))
 

@@ -13,7 +13,7 @@ from helpers import DEVICE, cli_checker, rng_images
 from zs_sbir.retrieval import model_from_checkpoint
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
 from zs_sbir.images import load_image
-from utils import PHOTO, SKETCH, retrieval_metrics, scan_split
+from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics, scan_split
 
 
 # The original code's networks, written again on purpose: an independent reference that the released
@@ -111,7 +111,7 @@ def test_test_py_evaluates_and_queries_a_converted_release(tmp_path, tiny_data, 
     vectors = original_embed(extractor.to(DEVICE), generator.to(DEVICE), images.to(DEVICE), domains).cpu()
     expected = retrieval_metrics(vectors[domains == SKETCH], labels[domains == SKETCH],
                                  vectors[domains == PHOTO], labels[domains == PHOTO])
-    for name in ('mAP@200', 'mAP@all', 'P@100', 'P@200'):
+    for name in METRIC_NAMES:
         assert metrics[name] == pytest.approx(expected[name], abs=1e-6), name
     assert 'training log' not in capsys.readouterr().out  # a release has no training log
 

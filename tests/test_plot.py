@@ -15,7 +15,7 @@ from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
 from zs_sbir.images import load_image
 from zs_sbir.safe_files import read_csv, save_torch, written_by_this_repo
 from model import sobel_edges
-from utils import PHOTO, SKETCH
+from utils import METRIC_NAMES, PHOTO, SKETCH
 
 
 check_error = cli_checker(plot.main)
@@ -32,7 +32,7 @@ def test_curve_data_is_the_csv_with_each_runs_selected_epoch(runs, tmp_path):
         rows, run = read_csv(path), path.name.removesuffix('_results.csv')
         mine = data[data['run'] == run]
         quantities = [c for c in rows[0] if c.endswith('_loss')] + \
-            [c for c in rows[0] if c in ('mAP@200', 'mAP@all', 'P@100', 'P@200', 'precise') or c.startswith('heldout_')]
+            [c for c in rows[0] if c in (*METRIC_NAMES, 'precise') or c.startswith('heldout_')]
         assert len(mine) == len(rows) * len(quantities)
         for row in rows:
             for quantity in quantities:

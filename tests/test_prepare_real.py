@@ -2,6 +2,8 @@
 import pytest
 from PIL import Image
 
+from helpers import raw_quickdraw
+
 from prepare import FOLDER_ALIASES, build_real_split, class_key, print_split_summary, read_class_list
 from zs_sbir.cli import DataError, UserError
 from utils import PHOTO, SKETCH, scan_split
@@ -102,17 +104,6 @@ def test_summary_compares_with_the_published_test_set(capsys):
     assert 'differs: found 15229 and 29601' in capsys.readouterr().out
 
 
-def raw_quickdraw(root, classes, sketches=2, photos=2, sketch_top='QuickDraw_sketches_final',
-                  photo_top='QuickDraw_images_final'):
-    """The raw QuickDraw-Extended layout: <top>/<class>/*.png sketches and *.jpg photos."""
-    for c, name in enumerate(classes):
-        for i in range(sketches):
-            image(root / sketch_top / name / f'{4000000000 + 10 * c + i}.png', 2000 + 10 * c + i)
-        for i in range(photos):
-            image(root / photo_top / name / f'image_{i:05d}.jpg', 9000 + 10 * c + i)
-    return root
-
-
 def test_quickdraw_lists_are_the_published_split():
     train, test = read_class_list('quickdraw_zeroshot30_train'), read_class_list('quickdraw_zeroshot30_test')
     assert len(train) == 80 and len(test) == 30 and not set(train) & set(test)
@@ -125,22 +116,23 @@ def test_quickdraw_lists_are_the_published_split():
 def test_quickdraw_builds_from_the_raw_download(tmp_path, tops):
     classes = read_class_list('quickdraw_all')
     spelled = [c.replace(' ', '_') if c == 'palm tree' else c for c in classes]  # doodle2search's spelling
-    raw = raw_quickdraw(tmp_path / 'raw', spelled, sketch_top=tops[0], photo_top=tops[1])
+    raw = raw_quickdraw(tmp_path / 'raw', spelled, per_class=2, sketch_top=tops[0], photo_top=tops[1])
     summary = build_real_split('quickdraw', '30', [raw], [raw], tmp_path / 'data')  # the download's root works
     assert (summary['train']['classes'], summary['val']['classes']) == (80, 30)
     assert (summary['val']['sketch'], summary['val']['photo']) == (60, 60)
     assert (summary['train']['sketch'], summary['train']['photo']) == (160, 160)
     val = scan_split(tmp_path / 'data', 'quickdraw', 'val')
     assert val.classes == sorted(read_class_list('quickdraw_zeroshot30_test'))
-    link = tmp_path / 'data' / 'quickdraw' / 'val' / 'photo' / 'palm tree' / 'image_00000.jpg'
-    assert link.is_symlink() and link.resolve() == (raw / tops[1] / 'palm_tree' / 'image_00000.jpg').resolve()
+    first = f'image_{2 * classes.index("palm tree")}.jpg'
+    link = tmp_path / 'data' / 'quickdraw' / 'val' / 'photo' / 'palm tree' / first
+    assert link.is_symlink() and link.resolve() == (raw / tops[1] / 'palm_tree' / first).resolve()
     assert not list((tmp_path / 'data').glob('.*partial'))
     assert val.count(SKETCH) == 60 and val.count(PHOTO) == 60
 
 
 def test_quickdraw_errors_name_the_classes(tmp_path, capsys):
     classes = read_class_list('quickdraw_all')
-    raw = raw_quickdraw(tmp_path / 'raw', [c for c in classes if c != 'zebra'])
+    raw = raw_quickdraw(tmp_path / 'raw', [c for c in classes if c != 'zebra'], per_class=2)
     with pytest.raises(DataError, match="1 quickdraw classes have no sketch folder: zebra"):
         build_real_split('quickdraw', '30', [raw], [raw], tmp_path / 'data')
     image(raw / 'QuickDraw_sketches_final' / 'zebra' / '1.png', 1)

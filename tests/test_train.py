@@ -11,7 +11,7 @@ from zs_sbir.cli import UserError
 from methods import get_method
 from zs_sbir.images import load_image
 from zs_sbir.safe_files import read_csv
-from utils import SKETCH, retrieval_metrics
+from utils import METRIC_NAMES, SKETCH, retrieval_metrics
 
 
 def tiny_args(data_root, save_root, *extra):
@@ -34,7 +34,7 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
     assert {r['eval_queries'] for r in rows} == {'all'}
     assert {r['select_on'] for r in rows} == {'test'}
     for row in rows:
-        values = [float(row[m]) for m in ('P@100', 'P@200', 'mAP@200', 'mAP@all')]
+        values = [float(row[m]) for m in METRIC_NAMES]
         assert all(0 <= v <= 1 for v in values) and float(row['precise']) == pytest.approx(sum(values) / 4)
     best_row = max(rows, key=lambda r: float(r['precise']))
     assert best['epoch'] == int(best_row['epoch'])

@@ -18,7 +18,8 @@ from PIL import Image
 import prepare
 import search
 from zs_sbir import search_index
-from helpers import DEVICE, ROOT, TINY, build, check_cli, digests, drawn_x, free_port, running
+from helpers import (DEVICE, ROOT, TINY, build, check_cli, digests, drawn_x, free_port, photo_like, raw_quickdraw,
+                     running)
 from prepare import read_class_list
 from zs_sbir.safe_files import FOLDER_MARK, acquire_lock
 from zs_sbir.synthetic import make_synthetic
@@ -26,27 +27,6 @@ from utils import scan_split
 
 
 # ----------------------------------------------------------------------------------------------- prepare.py
-
-def sketch_like(path, i):
-    """A unique small sketch: dark strokes on white."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((16, 16), 255, np.uint8)
-    pixels[i % 16, :] = pixels[:, (i // 16) % 16] = 20
-    Image.fromarray(pixels, 'L').save(path)
-
-
-def photo_like(path, i):
-    """A unique small colourful photo."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.random.default_rng(i).integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path, format='PNG')
-
-
-def raw_quickdraw(root, sketch_top='QuickDraw_sketches_final', photo_top='QuickDraw_images_final'):
-    for c, name in enumerate(read_class_list('quickdraw_all')):
-        sketch_like(root / sketch_top / name / f'{c}.png', c)
-        photo_like(root / photo_top / name / f'image_{c}.jpg', c)
-    return root
-
 
 def quickdraw(raw, data_root, *extra, sketch_top='QuickDraw_sketches_final', photo_top='QuickDraw_images_final'):
     return ['quickdraw', '--sketch_dir', raw / sketch_top, '--photo_dir', raw / photo_top, '--data_root', data_root,

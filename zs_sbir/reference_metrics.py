@@ -7,7 +7,7 @@ precision envelope, divided by min(k, R)) and P@k the share of relevant items in
 """
 import numpy as np
 
-MAIN = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+from utils import METRIC_NAMES
 
 
 def reference_ap(relevance, num_relevant, k):
@@ -34,7 +34,7 @@ def reference_metrics(queries, query_labels, gallery, gallery_labels, scipy_cosi
     if scipy_cosine:
         from scipy.spatial.distance import cdist
         distances = cdist(queries, gallery, 'cosine')
-    out = {name: [] for name in (*MAIN, 'mAP@200_found')}
+    out = {name: [] for name in (*METRIC_NAMES, 'mAP@200_found')}
     for i, (query, label) in enumerate(zip(queries, query_labels)):
         order = np.argsort(distances[i] if scipy_cosine else -(gallery @ query), kind='stable')
         relevance = (gallery_labels[order] == label).astype(np.float64)
@@ -52,5 +52,5 @@ def reference_means(queries, query_labels, gallery, gallery_labels):
     """The mean of each metric over the queries, and 'precise' (the mean of the four main ones)."""
     result = {name: float(values.mean()) for name, values in
               reference_metrics(queries, query_labels, gallery, gallery_labels).items()}
-    result['precise'] = float(np.mean([result[name] for name in MAIN]))
+    result['precise'] = float(np.mean([result[name] for name in METRIC_NAMES]))
     return result

@@ -1,15 +1,21 @@
-"""Turn a method's released checkpoints into one checkpoint of this repo (each method names its files; today ACNet's).
+"""Turn a method's released checkpoints into one checkpoint of this repo (each method names its files: ACNet's and
+ClipPrompt's).
 
     python convert.py --extractor sketchy_resnet50_512_extractor.pth --generator sketchy_resnet50_512_generator.pth \\
         --backbone_type resnet50 --emb_dim 512 --save result/sketchy_resnet50_512_model.pth
     python test.py --evaluate --data_base result/sketchy_resnet50_512_model.pth --data_root data --data_name sketchy
     python test.py --data_base result/sketchy_resnet50_512_model.pth --data_root data --data_name sketchy
+    python convert.py --clipprompt sketchy_3_model.pth --save result/sketchy_clipprompt_ViT-B-32_512_model.pth
 
 ACNet: the ACNet README links one download per row of its table. Each holds the original train.py's state
 dicts: {prefix}_extractor.pth (the timm model under `backbone.`) and {prefix}_generator.pth. Our
 networks carry the same layer names, so the tensors are copied as they are, after a check of every
 name and shape. The discriminator and the loss proxies were not released: the checkpoint holds the
 two networks that retrieval needs and can be evaluated and queried, not resumed.
+
+ClipPrompt: its README links {data_name}_{prompt_num}_model.pth, the state dict of its Model (both image towers,
+the whole CLIP, both prompts); every tensor is copied to its place here after a check of names and shapes, so the
+checkpoint scores what ClipPrompt's own code scores (docs/runs.md).
 """
 import argparse
 from pathlib import Path
@@ -36,9 +42,9 @@ def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for name in importers():
         get_method(name).add_release_options(p.add_argument_group(f'{name} releases'))
-    p.add_argument('--backbone_type', default=None, help="as in the file names (default: the method's, resnet50 for "
-                                                         'ACNet); resnet50 or vgg16 for ACNet')
-    p.add_argument('--emb_dim', type=int, default=None, help="as in the file names, e.g. 64, 512 or 4096 for ACNet "
+    p.add_argument('--backbone_type', default=None, help="the backbone the files hold, as in their names (default: "
+                                                         "the method's)")
+    p.add_argument('--emb_dim', type=int, default=None, help="the embedding size the files hold, as in their names "
                                                              "(default: the method's)")
     p.add_argument('--save', required=True, help='the checkpoint to write (a *_model.pth of this repo)')
     p.add_argument('--data_root', default='data', help='recorded as the default for test.py')

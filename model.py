@@ -6,6 +6,7 @@ ACNet  : Generator (sketch -> photo-like image in [-1, 1]), PatchGAN Discriminat
          Module names match the original's, so its released state dicts load as they are (convert.py).
 MSEdge : sobel_edges (the edge maps it feeds), and the multi-scale EdgeFusionHead over three feature levels of a
          features_only backbone (AttentionBlock, SqueezeExcite).
+ClipPrompt: prompted_vit, a CLIP image tower (open_clip's VisionTransformer) with learned prompt tokens.
 """
 import kornia
 import torch
@@ -182,3 +183,19 @@ class EdgeFusionHead(nn.Module):
         # original's adaptive_max_pool2d has the same values; its backward moves README's numbers in the 3rd decimal.
         pooled = torch.cat([torch.amax(f.float(), dim=(2, 3)) for f in (f5, g3, g4)], dim=1)
         return F.normalize(self.proj(pooled), dim=-1), (a3, a4)
+
+
+# ----------------------------------------------------------------------------------------------
+# ClipPrompt
+
+def prompted_vit(visual, images, prompt, append=False):
+    """An open_clip ViT image tower's embedding of normalised images with learned prompt tokens (B, K, width), as
+    ClipPrompt's PromptVisionTransformer: the patch and class tokens with their positional embeddings, the prompts
+    prepended (no positional embedding of their own), ln_pre, the transformer, ln_post of token 0, the projection.
+    Token 0 is the first prompt; with `append` (Sketch_LVM) the prompts follow and token 0 is the class token."""
+    x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, grid ** 2, width)
+    cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+    x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
+    prompt = prompt.to(x.dtype)
+    x = visual.transformer(visual.ln_pre(torch.cat([x, prompt] if append else [prompt, x], dim=1)))
+    return visual.ln_post(x[:, 0]) @ visual.proj

@@ -255,13 +255,19 @@ def across_folders(files):
     return sorted(files, key=lambda path: (rank[path][0], str(rank[path][1])))
 
 
-def model_drawing(args, picture):
-    """(model, its input size) of --data_base, refused in one line when its method does not draw `picture`."""
+# What each picture command needs the model to draw, and what it is called
+DRAWN = {'generated': ('generated', 'generated images'), 'attention': ('attention 3', 'attention maps')}
+
+
+def model_drawing(args):
+    """(model, its input size) of --data_base, refused in one line when its method does not draw what the command
+    shows."""
     model, checkpoint = load_model(args.data_base, args.device)
+    picture, noun = DRAWN[args.command]
     if picture not in model.draws:
         drawers = [name for name in method_names() if picture in get_method(name).draws]
-        raise UserError(f"the {checkpoint['method']} model in '{args.data_base}' draws no {picture}: `plot.py "
-                        f"{args.command}` needs a model of {' or '.join(drawers) or 'a method that draws it'}")
+        raise UserError(f"'{args.data_base}' is a {model.describe()} model, which draws no {noun}: `plot.py "
+                        f"{args.command}` needs a model of {' or '.join(drawers) or 'a method that draws them'}")
     return model, checkpoint['args']['img_size']
 
 
@@ -274,7 +280,7 @@ def batches(files, size, interpolation, batch_size=32):
 @torch.inference_mode()
 def generated(args):
     """The generator's image of each sketch, saved at the model's input size, and a contact sheet."""
-    model, size = model_drawing(args, 'generated')
+    model, size = model_drawing(args)
     files = image_files(args.query_name, '--query_name')
     stem = run_stem(args.data_base)
     folder, sheet_path = Path(args.save_root) / f'{stem}_generated', Path(args.save_root) / f'{stem}_generated.png'
@@ -310,7 +316,7 @@ def infer_domain(folder, domain):
 def attention(args):
     """Each image and what the model draws of it (MSEdge: the edge map its backbone sees, where its --edge_mode feeds
     edges, and the two attention maps, laid over the image), as one sheet."""
-    model, size = model_drawing(args, 'attention 3')
+    model, size = model_drawing(args)
     files = image_files(args.query_name, '--query_name')[:args.limit]
     domain = infer_domain(args.query_name, args.domain)
     path = Path(args.save_root) / f'{run_stem(args.data_base)}_attention.png'

@@ -25,37 +25,54 @@ from pathlib import Path
 import pandas as pd
 
 from methods import get_method, method_names
-from utils import METRIC_NAMES
+from utils import CONVENTIONS, METRIC_NAMES, metric_name
 from zs_sbir.cli import ArgumentParser, UserError, run_cli
 from zs_sbir.config import check_args, parse_args as train_args, run_prefix
-from zs_sbir.results import SELECT_KEY, read_results
+from zs_sbir.results import SELECT_ON, read_results
 from zs_sbir.safe_files import atomic_write
 
 
-def results_name():
-    """{data_name}_{method}_{backbone_type}_{emb_dim}{variant}_results.csv, as train.py names them (a variant:
-    what the method's file_suffix adds, each part `_` and a letter)."""
-    methods = '|'.join(re.escape(name) for name in method_names())
-    return re.compile(rf'(?P<dataset>.+?)_(?P<method>{methods})_(?P<backbone>.+)_(?P<dim>\d+)'
-                      r'(?P<variant>(?:_[a-z][^_]*)*?)(?P<gzs>_gzs)?_results\.csv')
 DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
                   'tuberlin': 'TU-Berlin Extended', 'quickdraw': 'QuickDraw Extended', 'synthetic': 'generated dataset'}
 # The metrics papers compare on each dataset (by the start of its folder name); all four elsewhere, as the
 # seeds' tables do (a plain `sketchy` folder does not say which split it is).
 PAPER_METRICS = (('sketchy21', ('mAP@200', 'P@200')), ('sketchy25', ('mAP@all', 'P@100')),
                  ('tuberlin', ('mAP@all', 'P@100')), ('quickdraw', ('mAP@all', 'P@200')))
+ALL_VAL_MARK = '†'  # a TU-Berlin number on every val class
 # Other methods' published QuickDraw-Extended numbers (their papers and repos), in percent.
 PUBLISHED_OTHERS = {'quickdraw': [('ZSE-SBIR', {'mAP@all': 14.5, 'P@200': 21.6}),
                                   ('SAKE', {'mAP@all': 13.0, 'P@200': 17.9}),
                                   ('Doodle2Search', {'mAP@all': 7.5, 'P@200': 6.8})]}
+# What train.py's run_prefix adds after the method's own suffix: another metric convention or TU-Berlin val rule
+COMMON_SUFFIXES = r'(?:_sake|_torchmetrics)?(?:_val-(?:all|seeds))?'
+
+
+def parse_run_name(filename):
+    """(method, match with dataset, backbone, dim, variant, gzs) of a results CSV named as train.py names them,
+    {data_name}_{method}_{backbone_type}_{emb_dim}{variant}[_gzs]_results.csv, or None."""
+    for method in method_names():
+        found = re.fullmatch(rf'(?P<dataset>.+?)_{re.escape(method)}_(?P<backbone>.+)_(?P<dim>\d+)'
+                             rf'(?P<variant>{get_method(method).file_suffix_pattern}{COMMON_SUFFIXES})(?P<gzs>_gzs)?'
+                             r'_results\.csv', filename)
+        if found:
+            return method, found
+    return None
+
+
 def parse_args(argv=None):
     p = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
-    p.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'],
-                   help='resnet50 and vgg16 (the seeds), or any timm name with an optional pretrained tag')
-    p.add_argument('--emb_dims', nargs='+', type=int, default=[64, 512, 4096])
+    p.add_argument('--backbones', nargs='+', default=None,
+                   help="each method's backbones of its paper's table (ACNet, MSEdge: resnet50 and vgg16; ClipPrompt: "
+                        'ViT-B-32), or any names: each method takes those it can build (timm\'s, open_clip\'s)')
+    p.add_argument('--emb_dims', nargs='+', type=int, default=None,
+                   help="each method's of its paper's table (ACNet, MSEdge: 64 512 4096); a method whose size is its "
+                        "backbone's (ClipPrompt) keeps its own")
     p.add_argument('--datasets', nargs='+', default=['sketchy', 'tuberlin'], help='dataset folders under data_root')
-    p.add_argument('--select_on', default='test', choices=list(SELECT_KEY))
+    p.add_argument('--select_on', default='test', choices=SELECT_ON)
+    p.add_argument('--metric_convention', default=None, choices=CONVENTIONS,
+                   help="the tables' metrics (docs/metrics.md; default: each run's, its method's paper's); also "
+                        'what the runs select their epoch on')
     p.add_argument('--save_root', default='result/benchmark', help='where the runs and the table go')
     p.add_argument('--dry_run', action='store_true', help='print the commands of unfinished runs, run nothing')
     p.add_argument('--table_only', action='store_true', help='only build the table from existing CSVs')
@@ -69,15 +86,34 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def configurations(args):
+    """[(method, backbone, emb_dim)] of the grid: each method's paper table, or the asked backbones it can build
+    and the asked sizes (its own where its backbone fixes it); a backbone no method builds is one line."""
+    for backbone in args.backbones or ():
+        if not any(get_method(method).takes_backbone(backbone) for method in args.methods):
+            get_method(args.methods[0]).check_backbone(backbone, '--backbones')
+    found = []
+    for method in args.methods:
+        own_backbones, own_dims = get_method(method).grid()
+        backbones = [b for b in args.backbones if get_method(method).takes_backbone(b)] if args.backbones \
+            else own_backbones
+        for backbone in backbones:
+            fixed = get_method(method).fixed_emb_dim(backbone)
+            dims = [fixed] if fixed else args.emb_dims or own_dims
+            found += [(method, backbone, dim) for dim in dims]
+    return found
+
+
 def grid(args):
     """(train.py argument list, parsed train.py args) for every configuration of the grid."""
     runs = []
-    for method, backbone, dim, dataset in product(args.methods, args.backbones, args.emb_dims, args.datasets):
+    for (method, backbone, dim), dataset in product(configurations(args), args.datasets):
         ablations = [a['argv'] for a in get_method(method).ablations if backbone.startswith(a.get('backbones', ''))]
         variants = [[]] + ablations if args.ablations else [[]]
         for variant in variants:
             argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
                     '--save_root', args.save_root, '--select_on', args.select_on, *variant,
+                    *(['--metric_convention', args.metric_convention] if args.metric_convention else []),
                     *(['--gzs'] if args.gzs else []), *args.train_args]
             runs.append((argv, train_args(argv)))
     return runs
@@ -106,29 +142,36 @@ def run_grid(args):
     return failed
 
 
-def best_rows(save_root):
-    """One row per results CSV under save_root: the epoch its selection rule picked. Files that are not
-    train.py's are skipped with a note."""
+def best_rows(save_root, convention=None):
+    """One row per results CSV under save_root: the epoch its selection rule picked, its metrics in `convention`
+    (default: the run's own). Files that are not train.py's are skipped with a note."""
     rows = []
     for path in sorted(Path(save_root).glob('*_results.csv')):
-        name = results_name().fullmatch(path.name)
-        if name is None:
+        parsed = parse_run_name(path.name)
+        if parsed is None:
             print(f'skipped {path}: not named as train.py names its results')
             continue
+        method, name = parsed
         try:
             frame, best = read_results(path)
         except UserError as error:
             print(f'skipped: {error}')
             continue
         select_on = frame['select_on'].iloc[-1] if 'select_on' in frame else 'test'
+        shown = convention or (frame['metric_convention'].iloc[-1] if 'metric_convention' in frame else 'sake')
+        if metric_name('precise', shown) not in best:
+            print(f'skipped {path}: it has no {shown} metrics (written before they were saved)')
+            continue
         variant = name['variant'].replace('_', ' ').strip()
-        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{m}']) for m in METRIC_NAMES if f'gzs_{m}' in best}
+        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{metric_name(m, shown)}']) for m in METRIC_NAMES
+               if f'gzs_{metric_name(m, shown)}' in best}
         variant += ' gzs' if name['gzs'] else ''  # trained on fewer images: its own row
         variant = variant.strip()
-        rows.append({'dataset': name['dataset'], 'method': name['method'] + (f' {variant}' if variant else ''),
+        rows.append({'dataset': name['dataset'], 'method': method + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
-                     'epochs': len(frame), 'select_on': select_on, **{m: 100 * float(best[m]) for m in METRIC_NAMES},
-                     **gzs})
+                     'epochs': len(frame), 'select_on': select_on, 'metrics': shown,
+                     'val_classes': frame['val_classes'].iloc[-1] if 'val_classes' in frame else 'seeds',
+                     **{m: 100 * float(best[metric_name(m, shown)]) for m in METRIC_NAMES}, **gzs})
     return pd.DataFrame(rows)
 
 
@@ -148,23 +191,38 @@ def build_table(rows, all_metrics=False):
     columns = [(d, m) for d in datasets for m in dataset_metrics(d, all_metrics)]
     if any(column.startswith('GZS ') for column in rows):  # generalized ZS-SBIR: the same metrics again
         columns += [(d, f'GZS {m}') for d in datasets for m in dataset_metrics(d, all_metrics)]
-    header = ['method', 'backbone', 'dim', 'selected on'] + [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
+    header = ['method', 'backbone', 'dim', 'selected on', 'metrics'] + \
+        [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
-    def line(label, backbone, dim, selected, values):
-        cells = [f'{values[d][m]:.1f}' if m in values.get(d, {}) else '' for d, m in columns]
-        return f'| {label} | {backbone} | {dim} | {selected} | ' + ' | '.join(cells) + ' |'
-    for (method, backbone, dim), group in rows.groupby(['method', 'backbone', 'dim'], sort=True):
+    def line(label, backbone, dim, selected, convention, values, all_val=()):
+        cells = [f'{values[d][m]:.1f}{ALL_VAL_MARK if d in all_val else ""}' if m in values.get(d, {}) else ''
+                 for d, m in columns]
+        return f'| {label} | {backbone} | {dim} | {selected} | {convention} | ' + ' | '.join(cells) + ' |'
+    marked = False
+    for (method, backbone, dim, convention), group in rows.groupby(['method', 'backbone', 'dim', 'metrics'],
+                                                                    sort=True):
         ours = {row['dataset']: {m: row[m] for m in row.index if (m in METRIC_NAMES or m.startswith('GZS ')) and
                                  pd.notna(row[m])} for _, row in group.iterrows()}
-        lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), ours))
-        published = {d: get_method(method).published(backbone, dim, d) for d in datasets} \
-            if method in method_names() else {}  # a variant ('acnet ce') has no published row
-        if any(published.values()):
-            lines.append(line(f'{method} (published)', backbone, dim, 'test', published))
+        all_val = {row['dataset'] for _, row in group.iterrows()
+                   if row['dataset'].startswith('tuberlin') and row['val_classes'] == 'all'}
+        lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), convention,
+                          ours, all_val))
+        marked |= bool(all_val)
+        if method in method_names():  # a variant ('acnet ce') has no published row; a published row, its paper's metrics
+            paper = get_method(method).defaults
+            published = {d: get_method(method).published(backbone, dim, d) for d in datasets}
+            all_val = {d for d in datasets if d.startswith('tuberlin') and paper['val_classes'] == 'all'}
+            if any(published.values()):
+                lines.append(line(f'{method} (published)', backbone, dim, 'test', paper['metric_convention'], published,
+                                  all_val))
+                marked |= bool(all_val)
     for dataset in datasets:
         for name, values in PUBLISHED_OTHERS.get(dataset, []):
-            lines.append(line(f'{name} (published, another method)', '', '', '', {dataset: values}))
+            lines.append(line(f'{name} (published, another method)', '', '', '', 'its paper', {dataset: values}))
+    if marked:
+        lines.append(f'\n{ALL_VAL_MARK} every TU-Berlin val class kept, as ClipPrompt evaluates (--val_classes all); the '
+                     f'other TU-Berlin numbers leave out the classes with fewer than 400 photos, as the seeds do')
     return '\n'.join(lines)
 
 
@@ -187,7 +245,7 @@ def run(args):
     failed = [] if args.table_only else run_grid(args)
     if args.dry_run:
         return
-    rows = best_rows(args.save_root)
+    rows = best_rows(args.save_root, args.metric_convention)
     if rows.empty:
         raise UserError(f"no results CSV of train.py under '{args.save_root}' (run the grid first, or pass the "
                         f"--save_root that holds them)")

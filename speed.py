@@ -146,11 +146,11 @@ def settings(name, device, compile_ours):
                 cache=True, fused=cuda)  # channels_last and bf16 pay off on GPUs, not on CPUs
 
 
-def prepared_model(method, backbone, classes, device, s):
+def prepared_model(method, backbone, classes, device, s, img_size):
     torch.backends.cudnn.benchmark = not s['deterministic']
     torch.backends.cudnn.deterministic = s['deterministic']
     torch.manual_seed(0)
-    options = with_defaults(method, dict(backbone_type=backbone, emb_dim=512, lr=1e-5))
+    options = with_defaults(method, dict(backbone_type=backbone, emb_dim=512, lr=1e-5, img_size=img_size))
     model = create_model(method, classes, options, pretrained=False).to(device)
     if s['channels_last']:
         model.to(memory_format=torch.channels_last)
@@ -165,8 +165,8 @@ def prepared_model(method, backbone, classes, device, s):
     return model, optimizers
 
 
-def time_training(model, optimizers, batches, images_per_batch, device, s, warmup=2):
-    """Images/s of training steps over an iterable of CPU batches."""
+def time_training(model, optimizers, batches, device, s, warmup=2):
+    """Images/s of training steps over an iterable of CPU batches (every image of a pair or triplet counts)."""
     nets = training_nets(model, s['amp'])
     model.set_warmup(False)
     model.train()
@@ -178,7 +178,7 @@ def time_training(model, optimizers, batches, images_per_batch, device, s, warmu
         losses = model.training_step(nets, optimizers, to_device(batch, device, s['channels_last']))
         if s['sync_every_step']:
             [value.item() for value in losses.values()]
-        count += images_per_batch
+        count += sum(len(part) for part in batch if part.ndim == 4)
     _sync(device)
     return count / (time.perf_counter() - start)
 
@@ -222,9 +222,7 @@ def bench_train(args):
     if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
                         f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
-    for method in args.methods:
-        for backbone in args.backbones:  # an unknown name: one line, before any work
-            get_method(method).check_backbone(backbone, '--backbones')
+    pairs = method_backbones(args.methods, args.backbones, ['resnet50', 'vgg16'])  # one line for an unknown name
     root = Path(tempfile.mkdtemp(prefix='bench-data-'))
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
@@ -238,32 +236,31 @@ def bench_train(args):
     print('| method | backbone | setting | train, memory | eval, memory | train, loader | eval, loader |')
     print('|---|---|---|---|---|---|---|')
     val_rates = {}
-    for method in args.methods:
-        for backbone in args.backbones:
-            results = {}
-            for setting in args.settings:
-                s = settings(setting, device, args.compile)
-                model, optimizers = prepared_model(method, backbone, train_split.classes, device, s)
-                train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
-                                                     len(train_split.classes), args.steps + 2)
-                images = {name: split_images(split, model, args.img_size, (root, 'synthetic', name) if s['cache'] else None)
-                          for name, split in (('train', train_split), ('val', val_split))}
-                train_loader = make_train_loader(model, train_split, images['train'], args.batch_size, 1, args.workers,
-                                                 device.type)
-                eval_loader = make_eval_loader(val_split, images['val'], 2 * args.batch_size, args.workers, device.type)
-                row = [time_training(model, optimizers, train_mem, args.batch_size, device, s),
-                       time_embedding(model, eval_mem, device, s),
-                       time_training(model, optimizers, islice(_forever(train_loader), args.steps + 2),
-                                     args.batch_size, device, s),
-                       time_embedding(model, islice(_forever(eval_loader), args.steps + 1), device, s)]
-                results[setting] = row
-                print(f'| {method} | {backbone} | {setting} | ' + ' | '.join(f'{v:.0f}' for v in row) + ' |')
-                del model, optimizers, train_loader, eval_loader
-            if len(results) == 2:
-                ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
-                print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
-            last = args.settings[-1]
-            val_rates[f'{method} {backbone} {last}'] = results[last][3]
+    for method, backbone in pairs:
+        results = {}
+        for setting in args.settings:
+            s = settings(setting, device, args.compile)
+            model, optimizers = prepared_model(method, backbone, train_split.classes, device, s, args.img_size)
+            train_mem, eval_mem = memory_batches(method, args.batch_size, args.img_size,
+                                                 len(train_split.classes), args.steps + 2)
+            images = {name: split_images(split, model, args.img_size, (root, 'synthetic', name, method) if s['cache']
+                                         else None)
+                      for name, split in (('train', train_split), ('val', val_split))}
+            train_loader = make_train_loader(model, train_split, images['train'], args.batch_size, 1, args.workers,
+                                             device.type)
+            eval_loader = make_eval_loader(val_split, images['val'], 2 * args.batch_size, args.workers, device.type)
+            row = [time_training(model, optimizers, train_mem, device, s),
+                   time_embedding(model, eval_mem, device, s),
+                   time_training(model, optimizers, islice(_forever(train_loader), args.steps + 2), device, s),
+                   time_embedding(model, islice(_forever(eval_loader), args.steps + 1), device, s)]
+            results[setting] = row
+            print(f'| {method} | {backbone} | {setting} | ' + ' | '.join(f'{v:.0f}' for v in row) + ' |')
+            del model, optimizers, train_loader, eval_loader
+        if len(results) == 2:
+            ratios = [o / b for o, b in zip(results['ours'], results['seed'])]
+            print(f'| {method} | {backbone} | **ratio** | ' + ' | '.join(f'**{r:.2f}x**' for r in ratios) + ' |')
+        last = args.settings[-1]
+        val_rates[f'{method} {backbone} {last}'] = results[last][3]
     sketchy_val = sum(SIZES['sketchy'][:2])
     print(f'\na Sketchy-size val set ({sketchy_val:,} images) embedded through the loader, at the last setting\'s rates '
           'above: ' + ', '.join(f'{name} {sketchy_val / rate:.0f} s' for name, rate in val_rates.items()))
@@ -288,49 +285,61 @@ def measure_backbone(method, backbone, img_size, batch_size, steps, checkpointin
     """One measurement (run in its own process): train images/s, peak memory, parameters, feature sizes."""
     device = torch.device(device)
     s = settings('ours', device, compile_ours=False)
-    model, optimizers = prepared_model(method, backbone, [str(c) for c in range(10)], device, s)
+    model, optimizers = prepared_model(method, backbone, [str(c) for c in range(10)], device, s, img_size)
     if checkpointing:
         model.set_grad_checkpointing()
     train_batches, _ = memory_batches(method, batch_size, img_size, 10, steps + 2)
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()
     base = _peak_rss_mb()
-    speed = time_training(model, optimizers, train_batches, batch_size, device, s)
+    speed = time_training(model, optimizers, train_batches, device, s)
     memory = torch.cuda.max_memory_allocated() / 2 ** 20 if device.type == 'cuda' else _peak_rss_mb() - base
-    backbone_net = model.timm_model()
+    backbone_net = model.backbone_module()
     info = getattr(backbone_net, 'feature_info', None)  # a features_only model's levels, else one pooled feature
-    features = info.channels() if hasattr(info, 'channels') else [backbone_net.num_features]
+    features = info.channels() if hasattr(info, 'channels') else \
+        [getattr(backbone_net, 'num_features', None) or getattr(backbone_net, 'output_dim', None)]
     return dict(images_per_s=speed, memory_mb=memory, features=features,
                 params_m=sum(p.numel() for p in backbone_net.parameters()) / 1e6, tag=model.backbone_tag)
+
+
+def method_backbones(methods, asked, candidates):
+    """[(method, backbone)] to measure: `asked` (every name refused by every method is one line), else of
+    `candidates` those each method takes, else the method's own default."""
+    if asked:
+        for backbone in asked:
+            if not any(get_method(method).takes_backbone(backbone) for method in methods):
+                get_method(methods[0]).check_backbone(backbone, '--backbones')
+        return [(m, b) for b in asked for m in methods if get_method(m).takes_backbone(b)]
+    pairs = []
+    for method in methods:
+        own = [b for b in candidates if get_method(method).takes_backbone(b)] or [get_method(method).defaults['backbone_type']]
+        pairs += [(method, b) for b in own]
+    return pairs
 
 
 def bench_backbones(args):
     device = check_device(args.device).type
     if args.quick:
         args.img_size, args.batch_size, args.steps = 64, 8, 2
-    backbones = args.backbones or (QUICK_BACKBONES if args.quick else BACKBONES)
     if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
         raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
                         f'{args.batch_size}, {args.steps}, {args.img_size}')
-    for backbone in backbones:
-        for method in method_names():  # an unknown name: one line, before any measurement
-            get_method(method).check_backbone(backbone, '--backbones')
+    pairs = method_backbones(args.methods, args.backbones, QUICK_BACKBONES if args.quick else BACKBONES)
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
           f'{args.steps} timed steps; bf16 autocast on GPU; peak memory: {"allocated on the GPU" if device == "cuda" else "extra RSS"}\n')
     print('| backbone (tag) | params (M) | method | features | grad checkpointing | train images/s | peak memory (MB) |')
     print('|---|---|---|---|---|---|---|')
-    for backbone in backbones:
-        for method in method_names():
-            for checkpointing in (False, True):
-                out = run_backbone_child(method, backbone, args.img_size, args.batch_size, args.steps, checkpointing,
-                                         device)
-                if out is None:
-                    print(f'| {backbone} | | {method} | | {"on" if checkpointing else "off"} | failed | |')
-                    continue
-                print(f'| {backbone} ({out["tag"]}) | {out["params_m"]:.1f} | {method} | '
-                      f'{"/".join(map(str, out["features"]))} | {"on" if checkpointing else "off"} | '
-                      f'{out["images_per_s"]:.1f} | {out["memory_mb"]:.0f} |', flush=True)
+    for method, backbone in sorted(pairs, key=lambda pair: pair[1]):
+        for checkpointing in (False, True):
+            out = run_backbone_child(method, backbone, args.img_size, args.batch_size, args.steps, checkpointing,
+                                     device)
+            if out is None:
+                print(f'| {backbone} | | {method} | | {"on" if checkpointing else "off"} | failed | |')
+                continue
+            print(f'| {backbone} ({out["tag"]}) | {out["params_m"]:.1f} | {method} | '
+                  f'{"/".join(map(str, out["features"]))} | {"on" if checkpointing else "off"} | '
+                  f'{out["images_per_s"]:.1f} | {out["memory_mb"]:.0f} |', flush=True)
 
 
 def run_backbone_child(method, backbone, img_size, batch_size, steps, checkpointing, device):
@@ -359,15 +368,16 @@ def clustered_unit_vectors(count, dim, clusters, seed, spread=1.0):
     return out
 
 
-def embed_throughput(img_size, count, batch_size, workers, device):
-    """Images/s of search.py's index loop (decode, resize, embed) over generated photos, random init."""
+def embed_throughput(method, img_size, count, batch_size, workers, device):
+    """Images/s of search.py's index loop (decode, resize, embed) over generated photos, a method's default backbone
+    from random init."""
     root = Path(tempfile.mkdtemp(prefix='bench-photos-'))
     per_class = -(-count // 4)
     make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=1, num_photos=per_class,
                    num_val_photos=1, img_size=img_size, workers=max(1, workers))
     photo_dir = root / 'synthetic' / 'train' / 'photo'
     files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
-    model = create_model('msedge', list('abcd'), dict(backbone_type='resnet50', emb_dim=512), pretrained=False)
+    model = create_model(method, list('abcd'), dict(img_size=img_size), pretrained=False)
     model = model.to(device).eval()
     batches = photo_batches(files, photo_dir, img_size, model.interpolation, batch_size, workers, device)
     embed_as(model, next(batches)[1], PHOTO, device)  # warm-up
@@ -393,9 +403,11 @@ def bench_search(args):
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, '
           f'{faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}, torch {torch.__version__}')
     for device in devices:
-        rate = embed_throughput(args.img_size, args.embed_images, 32, args.workers, device)
-        print(f'index build on {device}: {rate:.1f} images/s (MSEdge ResNet50, {args.img_size} px, decode + '
-              f'resize + embed, {args.embed_images} generated photos)')
+        batch = min(32, max(1, args.embed_images // 4))  # the first batch warms up: three or more are timed
+        rate = embed_throughput(args.method, args.img_size, args.embed_images, batch, args.workers, device)
+        print(f'index build on {device}: {rate:.1f} images/s ({args.method} '
+              f'{get_method(args.method).defaults["backbone_type"]}, {args.img_size} px, decode + resize + embed, '
+              f'{args.embed_images} generated photos)')
     print(f'\n{args.emb_dim}-d unit vectors in {args.clusters} clusters; {args.queries} single queries (median latency, '
           f'top 10); recall@10 against the exact top 10; ivf: nprobe 32, hnsw: M 32, efSearch 128\n')
     print('| photos | index | build (s) | index memory (MB) | query latency (ms) | recall@10 |')
@@ -450,12 +462,17 @@ def parse_args(argv=None):
     train.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
     train.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
-    train.add_argument('--backbones', nargs='+', default=['resnet50', 'vgg16'], help='timm names')
+    train.add_argument('--backbones', nargs='+', default=None,
+                       help="backbone names (default: resnet50 and vgg16 for the methods that take timm's models, each "
+                            "other method's own)")
     train.add_argument('--settings', nargs='+', default=['seed', 'ours'], choices=['seed', 'ours'],
                        help='measure these (the ratio needs both)')
     backbones = commands.add_parser('backbones', help='train speed and peak memory per backbone, +- grad checkpointing',
                                     renamed={'--cpu': ['--device', 'cpu']})
-    backbones.add_argument('--backbones', nargs='+', default=None, help=f'timm names (default: {" ".join(BACKBONES)})')
+    backbones.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
+    backbones.add_argument('--backbones', nargs='+', default=None,
+                           help=f'backbone names (default: {" ".join(BACKBONES)} for the methods that take timm\'s '
+                                "models, each other method's own)")
     backbones.add_argument('--quick', action='store_true', help=f'{" ".join(QUICK_BACKBONES)} at 64 px, batch 8')
     backbones.add_argument('--img_size', type=int, default=224)
     backbones.add_argument('--batch_size', type=int, default=64)
@@ -463,6 +480,8 @@ def parse_args(argv=None):
     search = commands.add_parser('search', help='search.py: index build images/s, query latency, recall',
                                  renamed={'--kinds': '--approx', '--dim': '--emb_dim'})
     search.add_argument('--quick', action='store_true', help='10k and 20k vectors, 16 photos at 64 px: seconds')
+    search.add_argument('--method', default='msedge', choices=method_names(),
+                        help="whose networks (its default backbone, random init) the index build is timed with")
     search.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 1_000_000], help='gallery sizes')
     search.add_argument('--approx', nargs='+', default=['flat', 'ivf', 'hnsw'], choices=['flat', 'ivf', 'hnsw'],
                         help='flat: exact (as search.py ranks without --approx); ivf, hnsw: approximate')

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from methods import add_own_options, get_method, method_names
-from utils import PHOTO, SKETCH, hold_out, scan_split
+from utils import CONVENTIONS, PHOTO, SKETCH, VAL_CLASSES, hold_out, metric_name, scan_split
 from zs_sbir import safe_files
 from zs_sbir.checkpoint import load_checkpoint_vectors, vectors_record
 from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
@@ -49,16 +49,23 @@ def parse_args(argv=None):
                    help="also draw what a method shows only on request (ACNet: the generator's photo-like image)")
     p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
     p.add_argument('--gzs', action='store_true', help='with --evaluate: generalized ZS-SBIR too (docs/metrics.md)')
+    p.add_argument('--metric_convention', default=None, choices=CONVENTIONS,
+                   help="with --evaluate: the metrics printed (docs/metrics.md; default: the run's, its method's "
+                        "paper's); both are returned")
+    p.add_argument('--val_classes', default=None, choices=VAL_CLASSES,
+                   help="TU-Berlin's val classes: the seeds' rule or all (default: the run's, its method's)")
     p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for --evaluate')
     p.add_argument('--device', default=default_device())
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
     free.add_argument('--method', default='acnet', choices=method_names(), help='whose pooling and inputs')
-    free.add_argument('--backbone_type', default='resnet50', help="as train.py's, any timm name with a tag")
+    free.add_argument('--backbone_type', default=None, help="as train.py's (default: the method's)")
     free.add_argument('--img_size', type=int, default=224)
     for name in method_names():  # the options that shape a method's baseline (MSEdge: --edge_mode)
-        add_own_options(free, get_method(name), get_method(name).training_free_options)
+        if get_method(name).training_free_options:
+            add_own_options(p.add_argument_group(f'training-free baseline of --method {name}'), get_method(name),
+                            get_method(name).training_free_options)
     free.add_argument('--eval_batch_size', type=int, default=128)
     free.add_argument('--seed', type=int, default=1, help="random init (--no_pretrained) and GZS's draw")
     weights = free.add_mutually_exclusive_group()
@@ -70,9 +77,20 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 # Loading what train.py saved
 
+def val_classes_of(args, checkpoint=None):
+    """Which TU-Berlin val classes count: --val_classes, else the run's, else its method's rule."""
+    if args.val_classes:
+        return args.val_classes
+    if checkpoint is None:
+        return get_method(args.method).defaults['val_classes']
+    return checkpoint['args'].get('val_classes') or \
+        get_method(checkpoint['method'], checkpoint['args']).defaults['val_classes']
+
+
 def load_run(args):
     """The model, its training arguments and (unless evaluating) the gallery embeddings, all checked."""
     model, checkpoint = load_model(args.data_base, args.device)
+    args.val_classes = val_classes_of(args, checkpoint)
     train_args = checkpoint['args']
     data_root = Path(args.data_root or train_args['data_root'])
     data_name = args.data_name or train_args['data_name']
@@ -83,24 +101,24 @@ def load_run(args):
     vectors, vectors_path = load_checkpoint_vectors(args.data_base, checkpoint, args.vectors)
     data_root = Path(args.data_root or vectors['data_root'])
     data_name = args.data_name or vectors['data_name']
-    check_gallery(vectors, vectors_path, data_root, data_name)
+    check_gallery(vectors, vectors_path, data_root, data_name, args.val_classes)
     return model, checkpoint, vectors, data_root, data_name
 
 
-def split_of_run(checkpoint, data_root, data_name, name):
+def split_of_run(checkpoint, data_root, data_name, name, val_classes):
     """A split as the run saw it: without the images --skip_bad_images left out in training."""
     skipped = set((checkpoint.get('skipped_images') or {}).get(name, []))
-    split = scan_split(data_root, data_name, name, keep_broken_links=bool(skipped))
+    split = scan_split(data_root, data_name, name, keep_broken_links=bool(skipped), val_classes=val_classes)
     if skipped:
         split = split.subset([i for i, p in enumerate(split.paths) if p not in skipped])
     return split, len(skipped)
 
 
-def check_gallery(vectors, vectors_path, data_root, data_name):
+def check_gallery(vectors, vectors_path, data_root, data_name, val_classes):
     """The saved embeddings must describe exactly the images of the val split on disk (less those that
     --skip_bad_images left out in training)."""
     skipped = set(vectors['skipped'])
-    split = scan_split(data_root, data_name, 'val', keep_broken_links=bool(skipped))
+    split = scan_split(data_root, data_name, 'val', keep_broken_links=bool(skipped), val_classes=val_classes)
     saved, on_disk = set(vectors['paths']), set(split.paths) - skipped
     if saved != on_disk:
         raise UserError(f"gallery embeddings in '{vectors_path}' do not match the dataset at '{split.root}': "
@@ -116,7 +134,7 @@ def embed_images_of(args, model, img_size, batch_size, split, desc='embed val'):
 
 def embed_gallery(args, model, checkpoint, data_root, data_name):
     """The val photos' embeddings, in the vectors-file layout, for a checkpoint that has none saved."""
-    split = scan_split(data_root, data_name, 'val')
+    split = scan_split(data_root, data_name, 'val', val_classes=args.val_classes)
     split = split.subset(split.indices(PHOTO))
     print(f'{args.data_base} has no saved gallery: embedding the {len(split)} val photos of {split.root}')
     vectors = embed_images_of(args, model, checkpoint['args']['img_size'],
@@ -125,9 +143,9 @@ def embed_gallery(args, model, checkpoint, data_root, data_name):
                           checkpoint.get('run_id'))
 
 
-def default_queries(data_root, data_name):
+def default_queries(data_root, data_name, val_classes):
     """The first sketch of every val class."""
-    split = scan_split(data_root, data_name, 'val')
+    split = scan_split(data_root, data_name, 'val', val_classes=val_classes)
     first = {}
     for path, label, domain in zip(split.paths, split.labels, split.domains):
         if domain == SKETCH:
@@ -162,7 +180,8 @@ def gallery_photo(path):
 def retrieve(args, model, checkpoint, vectors, data_root, data_name):
     img_size = checkpoint['args']['img_size']
     gallery = photo_gallery(vectors, Path(data_root) / data_name / 'val')
-    files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name)
+    files = query_files(args.query_name) if args.query_name else default_queries(data_root, data_name,
+                                                                                 args.val_classes)
     with safe_files.writing_into(args.save_root):
         for path, picture_path, folder in plan_outputs(files, args.save_root, Path(data_root) / data_name):
             query_class = path.parent.name if path.parent.name in vectors['classes'] else None
@@ -206,24 +225,27 @@ def write_loose_files(folder, query, results):
 
 def evaluate(args, model, checkpoint, data_root, data_name):
     """Recompute the metrics of the saved model on a val split (and with --gzs, generalized ZS-SBIR's)."""
-    split, skipped = split_of_run(checkpoint, data_root, data_name, 'val')
+    split, skipped = split_of_run(checkpoint, data_root, data_name, 'val', args.val_classes)
     if skipped:
         print(f'leaving out the {skipped} val images that training left out (--skip_bad_images)')
     trained = checkpoint['args']
-    seen = gzs_seen_of_run(checkpoint, data_root, data_name, split) if args.gzs else None
+    seen = gzs_seen_of_run(checkpoint, data_root, data_name, split, args.val_classes) if args.gzs else None
     metrics = score(args, model, trained['img_size'], trained.get('eval_batch_size', 128), split, seen)
-    report(args.data_base, split, metrics)
+    convention = args.metric_convention or trained.get('metric_convention') or \
+        get_method(checkpoint['method'], trained).defaults['metric_convention']
+    report(args.data_base, split, metrics, convention)
     trained_on = (str(trained['data_root']), trained['data_name'])
-    if checkpoint['metrics'] and (str(data_root), data_name) == trained_on:
-        report(f'training log, best epoch {checkpoint["epoch"]}', None, checkpoint['metrics'])
+    logged = checkpoint['metrics']
+    if metric_name('precise', convention) in logged and (str(data_root), data_name) == trained_on:
+        report(f'training log, best epoch {checkpoint["epoch"]}', None, logged, convention)
     return metrics
 
 
-def gzs_seen_of_run(checkpoint, data_root, data_name, val):
+def gzs_seen_of_run(checkpoint, data_root, data_name, val, val_classes):
     """The seen items generalized ZS-SBIR adds, drawn as the run drew them: from the images it held out of
     training (its --heldout_fraction and --seed). A run that held none out trained on them; said."""
     trained = checkpoint['args']
-    train_split, _ = split_of_run(checkpoint, data_root, data_name, 'train')
+    train_split, _ = split_of_run(checkpoint, data_root, data_name, 'train', val_classes)
     _, heldout = hold_out(train_split, trained.get('heldout_fraction', 0.1), trained.get('seed', 1))
     if not (trained.get('gzs') or trained.get('select_on') == 'heldout') and checkpoint['epoch'] is not None:
         print('note: this run trained on every seen image, so the seen items of GZS are training images (as in '
@@ -242,10 +264,10 @@ def score(args, model, img_size, batch_size, split, seen=None):
     return metrics
 
 
-def report(what, split, metrics):
-    print(f'{what}{f" on {split.root}" if split else ""}: {format_metrics(metrics)}')
-    if 'gzs_precise' in metrics:
-        print(f'  GZS (seen and unseen classes): {format_metrics({k[4:]: v for k, v in metrics.items() if k.startswith("gzs_")})}')
+def report(what, split, metrics, convention='sake'):
+    print(f'{what}{f" on {split.root}" if split else ""}: {format_metrics(metrics, convention)}')
+    if 'gzs_' + metric_name('precise', convention) in metrics:
+        print(f'  GZS (seen and unseen classes): {format_metrics(metrics, convention, prefix="gzs_")}')
 
 
 def training_free(args):
@@ -256,12 +278,15 @@ def training_free(args):
     data_root, data_name = args.data_root or 'data', args.data_name or 'sketchy'
     seed_everything(args.seed)
     model = get_method(args.method).training_free(args, not args.no_pretrained, args.weights).to(args.device).eval()
-    split = scan_split(data_root, data_name, 'val')
+    args.val_classes = val_classes_of(args)
+    args.backbone_type = args.backbone_type or get_method(args.method).defaults['backbone_type']
+    split = scan_split(data_root, data_name, 'val', val_classes=args.val_classes)
     seen = gzs_seen_items(hold_out(scan_split(data_root, data_name, 'train'), 0.1, args.seed)[1], split, args.seed) \
         if args.gzs else None
     metrics = score(args, model, args.img_size, args.eval_batch_size, split, seen)
     source = 'random init' if args.no_pretrained else args.weights or 'pretrained weights'
-    report(f'{args.method} {model.backbone_tag} ({source}), no training', split, metrics)
+    report(f'{args.method} {model.backbone_tag} ({source}), no training', split, metrics,
+           args.metric_convention or get_method(args.method).defaults['metric_convention'])
     return metrics
 
 
@@ -282,6 +307,8 @@ def run(args):
         if args.training_free:
             return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)
+    if args.show_generated and args.evaluate:
+        raise UserError('--show_generated adds pictures to the retrievals test.py draws: leave out --evaluate, or it')
     if args.show_generated and not model.optional_pictures:
         raise UserError(f"--show_generated: '{args.data_base}' ({checkpoint['method']}) draws nothing on request; "
                         f'leave it out')

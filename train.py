@@ -26,14 +26,14 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from methods import create_model, get_method
-from utils import (PHOTO, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out, scan_split,
-                   split_fingerprint)
+from utils import (PHOTO, SKETCH, Split, describe_split, drop_unreadable, fingerprint_changes, hold_out, metric_name,
+                   scan_split, split_fingerprint)
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
 from zs_sbir.cli import UserError, run_cli
 from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
 from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
                                 sample_queries, split_images, split_metrics)
-from zs_sbir.results import SELECT_KEY, results_row
+from zs_sbir.results import results_row, selection_key
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from zs_sbir.seeding import configure_backends, seed_everything
 from zs_sbir.synthetic import make_synthetic
@@ -124,8 +124,8 @@ def load_splits(args, log=print):
     if args.data_name == 'synthetic' and not data_dir.exists():
         log(f'{data_dir} not found: generating the synthetic dataset (python prepare.py synthetic)')
         make_synthetic(args.data_root, wait=600)  # another train.py may be generating it: use its dataset
-    splits = [scan_split(args.data_root, args.data_name, name, keep_broken_links=args.skip_bad_images)
-              for name in ('train', 'val')]
+    splits = [scan_split(args.data_root, args.data_name, name, keep_broken_links=args.skip_bad_images,
+                         val_classes=args.val_classes) for name in ('train', 'val')]
     for split, name in zip(splits, ('train (seen classes)', 'val (unseen classes)')):
         log(describe_split(split, name))
     return splits
@@ -146,7 +146,7 @@ def skip_bad_images(args, splits, files, rt, log=print):
 
 
 def eval_set(args, rt, split, split_name):
-    cache = (args.data_root, args.data_name, split_name) if args.cache else None
+    cache = (args.data_root, args.data_name, split_name, args.method) if args.cache else None
     images = split_images(split, get_method(args.method, args), args.img_size, cache)
     return EvalSet(split, make_eval_loader(split, images, args.eval_batch_size, args.workers, args.device, rt.rank,
                                            rt.world))
@@ -175,7 +175,7 @@ def prepare_data(run, train_split, val_split):
             f'all {val_split.count(PHOTO)} photos; the selected epoch: all of them')
     run.train_classes = train_split.classes
     run.data = {'train': split_fingerprint(train_split), 'val': split_fingerprint(val_split)}
-    cache = (args.data_root, args.data_name, 'train') if args.cache else None
+    cache = (args.data_root, args.data_name, 'train', args.method) if args.cache else None
     method = get_method(args.method, args)
     images = split_images(train_split, method, args.img_size, cache)
     return make_train_loader(method, train_split, images, args.batch_size, args.seed, args.workers, args.device,
@@ -212,12 +212,12 @@ def evaluate_selected_epoch_fully(run):
     latest = (max(int(row['epoch']) for row in run.rows), {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(state['model'])
     metrics, vectors = evaluate(run, {**run.evals, 'val': run.full_val})
-    run.rows.append(results_row(best['epoch'], {}, metrics, run.args.select_on))
+    run.rows.append(results_row(best['epoch'], {}, metrics, run.args))
     if run.rt.main:
         save_epoch(run, best['epoch'], metrics, vectors, run.full_val.split, latest)
     model.load_state_dict(latest[1])
     run.log(f'epoch {best["epoch"]:>2} on all {run.full_val.split.count(SKETCH)} val sketches | unseen '
-            f'{format_metrics(metrics)}')
+            f'{format_metrics(metrics, run.args.metric_convention)}')
 
 
 def format_losses(losses):
@@ -356,7 +356,7 @@ def fit(run, train_split, val_split):
     source = ('the resumed checkpoint' if args.resume else 'random init' if args.no_pretrained else
               args.weights or 'ImageNet weights (timm, Hugging Face hub)')
     log(f'backbone {run.model.backbone_tag}: {source}')
-    key = SELECT_KEY[args.select_on]
+    key = selection_key(args.select_on, args.metric_convention)
     if rt.world > 1:
         log(f'{rt.world} processes: effective batch size {rt.world} x {args.batch_size} = {rt.world * args.batch_size}')
 
@@ -365,7 +365,7 @@ def fit(run, train_split, val_split):
     else:
         first_epoch = 1
         metrics, _ = evaluate(run, {'val': run.evals['val']})
-        log(f'untrained   | unseen {format_metrics(metrics)}')
+        log(f'untrained   | unseen {format_metrics(metrics, args.metric_convention)}')
     nets, warming_up = None, None
     for epoch in range(first_epoch, args.epochs + 1):
         start = time.time()
@@ -377,22 +377,23 @@ def fit(run, train_split, val_split):
         losses = train_epoch(nets, run.optimizers, train_loader, rt, f'epoch {epoch}/{args.epochs}',
                              channels_last=args.channels_last)
         metrics, vectors = evaluate(run)
-        run.rows.append(results_row(epoch, losses, metrics, args.select_on,
-                                    args.eval_queries if run.sampled else 'all'))
+        run.rows.append(results_row(epoch, losses, metrics, args, args.eval_queries if run.sampled else 'all'))
         improved = run.best is None or metrics[key] > run.best[key]
         if improved:
             run.best = {'epoch': epoch, **metrics}
         if rt.main:
             save_epoch(run, epoch, metrics, vectors, run.evals['val'].split)
-        heldout = f' | held-out precise {metrics["heldout_precise"]:.4f}' if 'heldout' in run.evals else ''
-        heldout += f' | GZS precise {metrics["gzs_precise"]:.4f}' if 'gzs' in run.evals else ''
-        log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen {format_metrics(metrics)}{heldout} | '
+        precise = metric_name('precise', args.metric_convention)
+        heldout = f' | held-out precise {metrics["heldout_" + precise]:.4f}' if 'heldout' in run.evals else ''
+        heldout += f' | GZS precise {metrics["gzs_" + precise]:.4f}' if 'gzs' in run.evals else ''
+        log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen '
+            f'{format_metrics(metrics, args.metric_convention)}{heldout} | '
             f'{time.time() - start:.0f}s{" *best" if improved else ""}')
     if run.sampled and not any(str(row['eval_queries']) == 'all' for row in run.rows):
         evaluate_selected_epoch_fully(run)
         run.best = {**run.best, **run.rows[-1]}
     log(f'best epoch {run.best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen '
-        f'{format_metrics(run.best)}')
+        f'{format_metrics(run.best, args.metric_convention)}')
     log(f'saved {Path(args.save_root) / run_prefix(args)}_{{results.csv,model.pth,vectors.pth,last.pth}}')
     return run.best
 

@@ -17,8 +17,9 @@ from zs_sbir.images import IMAGE_SUFFIXES, is_image_file, read_rgb
 
 PHOTO, SKETCH = 0, 1
 DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
-# Both seeds drop the TU-Berlin test classes that have fewer photos than this.
+# Both seeds drop the TU-Berlin test classes that have fewer photos than this; ClipPrompt (c86f1f5) keeps them all.
 TUBERLIN_MIN_VAL_PHOTOS = 400
+VAL_CLASSES = ('seeds', 'all')  # --val_classes: the seeds' TU-Berlin rule, or every val class
 
 
 LAYOUT_HELP = ('expected <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>; '
@@ -71,17 +72,18 @@ def _require_dir(path, what):
         raise DataError(f"{what} is not readable: '{path}' (check its permissions)")
 
 
-def scan_split(data_root, data_name, split, min_photos=None, keep_broken_links=False):
+def scan_split(data_root, data_name, split, min_photos=None, keep_broken_links=False, val_classes='seeds'):
     """Scan `<data_root>/<data_name>/<split>/{sketch,photo}/<class>/` into a Split.
 
-    Classes with fewer than `min_photos` photos are left out on both sides (TU-Berlin val rule);
-    by default that rule applies to the val split of datasets named tuberlin*. Raises DataError for a missing folder,
+    Classes with fewer than `min_photos` photos are left out on both sides (TU-Berlin val rule); by default that
+    rule applies to the val split of datasets named tuberlin*, unless `val_classes` is 'all'. Raises DataError for a missing folder,
     a class on one side only, an empty class, a split with no images, and links to files that no longer
     exist (prepare.py links by default), unless `keep_broken_links` (they are then listed as images, which
     --skip_bad_images leaves out).
     """
     if min_photos is None:
-        min_photos = TUBERLIN_MIN_VAL_PHOTOS if (data_name.startswith('tuberlin') and split == 'val') else 0
+        seeds_rule = data_name.startswith('tuberlin') and split == 'val' and val_classes == 'seeds'
+        min_photos = TUBERLIN_MIN_VAL_PHOTOS if seeds_rule else 0
     _require_dir(Path(data_root), 'data root')
     root = Path(data_root) / data_name / split
     _require_dir(root, f'{split} folder of dataset {data_name!r}')
@@ -216,6 +218,15 @@ def describe_split(split, name):
 # Retrieval metrics
 
 METRIC_NAMES = ('mAP@200', 'mAP@all', 'P@100', 'P@200')
+# Two conventions for the same names (docs/metrics.md): SAKE's, which ACNet and MSEdge report, and torchmetrics
+# 1.0's, which the CLIP papers' code (ClipPrompt) reports. Results carry both: SAKE's under the plain names,
+# torchmetrics' prefixed.
+CONVENTIONS = ('sake', 'torchmetrics')
+
+
+def metric_name(name, convention='sake'):
+    """The key of metric `name` (or 'precise') in a convention: 'mAP@all', or 'torchmetrics_mAP@all'."""
+    return name if convention == 'sake' else f'{convention}_{name}'
 
 
 # Bytes of working memory per (query, gallery) pair: similarity, sort keys, sorted keys, indices, relevance.
@@ -261,30 +272,38 @@ def _class_block_metrics(similarity, is_relevant, num_relevant, map_ks, p_ks):
     ranks = relevant.nonzero()[:, 1].view(num_queries, num_relevant).double() + 1  # ascending per row
     del relevant
     precision = torch.arange(1, num_relevant + 1, dtype=torch.float64, device=ranks.device) / ranks
-    out = {'mAP@all': _reverse_cummax(precision).mean(dim=1)}
+    out = {'mAP@all': _reverse_cummax(precision).mean(dim=1),
+           'torchmetrics_mAP@all': precision.mean(dim=1)}  # no envelope
     for k in map_ks:
         in_top = ranks <= k
         envelope = _reverse_cummax(precision * in_top)  # envelope within the top k only
         out[f'mAP@{k}'] = (envelope * in_top).sum(dim=1) / min(k, num_relevant)
-        # pytorch-metric-learning's variant: no envelope, divided by the relevant items *found*.
-        out[f'mAP@{k}_found'] = (precision * in_top).sum(dim=1) / in_top.sum(dim=1).clamp_min(1)
+        # torchmetrics 1.0 (and pytorch-metric-learning's early AccuracyCalculator): no envelope, divided by the
+        # relevant items *found* in the top k; 0 when none is
+        out[f'torchmetrics_mAP@{k}'] = (precision * in_top).sum(dim=1) / in_top.sum(dim=1).clamp_min(1)
     for k in p_ks:
-        out[f'P@{k}'] = (ranks <= k).sum(dim=1).double() / min(k, gallery_size)
+        hits = (ranks <= k).sum(dim=1).double()
+        out[f'P@{k}'] = hits / min(k, gallery_size)
+        out[f'torchmetrics_P@{k}'] = hits / k
     return out
 
 
 def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labels, *, device=None,
                       max_memory_mb=1024, per_query=False, map_ks=(200,), p_ks=(100, 200)):
-    """Zero-shot SBIR metrics: mAP@200, mAP@all, P@100, P@200 and 'precise' (their mean).
+    """Zero-shot SBIR metrics: mAP@200, mAP@all, P@100, P@200 and 'precise' (their mean), in both conventions.
 
     Similarity is cosine (vectors are L2-normalised here), computed in the vectors' precision (at
     least float32; pass float64 for rankings free of float32 rounding). For each query the gallery is
-    ranked by descending similarity, ties broken by lower gallery index. With R relevant items:
-      AP@k    = sum over relevant ranks i <= k of p*_i / min(k, R), where p*_i is the precision
-                envelope max_{i <= j <= k} prec_j (k = gallery size for mAP@all; SAKE's definition)
-      P@k     = relevant items in the top k / min(k, gallery size)
-    Also returned: 'mAP@200_found', the variant that divides by the relevant items found in the top
-    200 instead of min(k, R) and has no envelope (pytorch-metric-learning; reads much higher).
+    ranked by descending similarity, ties broken by lower gallery index. With R relevant items and
+    prec_i the precision at rank i:
+      SAKE's (the plain names, as ACNet's and MSEdge's code):
+        AP@k  = sum over relevant ranks i <= k of p*_i / min(k, R), where p*_i is the precision
+                envelope max_{i <= j <= k} prec_j (k = gallery size for mAP@all)
+        P@k   = relevant items in the top k / min(k, gallery size)
+      torchmetrics 1.0's (the names prefixed torchmetrics_, as ClipPrompt's code):
+        AP@k  = mean of prec_i over the relevant ranks i <= k (0 when none): no envelope, divided by the
+                relevant items found in the top k (mAP@all: by R)
+        P@k   = relevant items in the top k / k
 
     Inputs may be torch tensors (any device) or NumPy arrays. Work is done in query blocks sized so the
     working memory stays under about `max_memory_mb`. Returns floats, or with per_query=True 1-D float64
@@ -331,7 +350,9 @@ def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labe
             values[rows] = part
         per_query_values[name] = values.cpu()
     main = [f'mAP@{k}' for k in map_ks] + ['mAP@all'] + [f'P@{k}' for k in p_ks]
-    per_query_values['precise'] = torch.stack([per_query_values[n] for n in main]).mean(dim=0)
+    for convention in CONVENTIONS:
+        per_query_values[metric_name('precise', convention)] = torch.stack(
+            [per_query_values[metric_name(n, convention)] for n in main]).mean(dim=0)
     if per_query:
         return per_query_values
     return {name: values.mean().item() for name, values in per_query_values.items()}

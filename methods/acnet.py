@@ -50,10 +50,13 @@ class ACNet(Method):
     name = 'acnet'
     interpolation = 'bilinear'
     draws = ('generated',)  # its pictures (plot.py generated)
+    warms_up = True
     defaults = dict(Method.defaults, warmup=1)
     min_batch_size = 2  # a batch holds batch_size // 2 sketch-photo pairs
     optional_pictures = ('generated',)
     has_generator = True  # the extractor-only variant has none
+    paper_grid = dict(backbones=('resnet50', 'vgg16'), emb_dims=(64, 512, 4096))  # its README's table
+    file_suffix_pattern = r'(?:_extractor-[a-z]+|_ce|_triplet|_w[^_]+|_on-[a-z-]+)*'
     ablations = (  # the original code's history (docs/training.md)
         dict(argv=['--loss_weights', '1', '0', '1', '--class_on', 'photo', 'fake'], source='75f7311 train_adv.py'),
         dict(argv=['--loss_weights', '1', '1', '1', '--class_on', 'photo', 'fake'], source='75f7311 train_ind.py'),
@@ -112,7 +115,6 @@ class ACNet(Method):
         if options.class_loss == 'triplet' and cls.has_generator:
             problems.append('--class_loss triplet is the extractor-only baseline of the original '
                             '(ablation/triplet.py): add --extractor_only')
-        cls.check_backbone(options.backbone_type)
         return problems
 
     @classmethod
@@ -262,7 +264,7 @@ class ACNet(Method):
     def training_free(cls, options, pretrained=True, weights=None):
         return TrainingFreeExtractor(options.backbone_type, pretrained, weights)
 
-    def timm_model(self):
+    def backbone_module(self):
         return self.extractor.backbone
 
 
@@ -317,7 +319,6 @@ def from_released(extractor_state, generator_state, backbone_type, emb_dim, path
 
     Raises UserError naming the file when a state dict does not fit the asked backbone and size.
     """
-    from methods.registry import create_model
     model = create_model('acnet', ['-'], dict(backbone_type=backbone_type, emb_dim=emb_dim), pretrained=False)
     arch = timm.models.split_model_name_tag(model.backbone_tag)[0]
     classifier = f'backbone.{model.extractor.backbone.pretrained_cfg["classifier"]}.weight'

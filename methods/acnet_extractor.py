@@ -17,8 +17,9 @@ class ACNetExtractor(ACNet):
     listed = False
     # the original baselines froze nothing and trained at 1e-4 (Adam(..., lr=1e-4) for extractor and proxies)
     defaults = dict(ACNet.defaults, warmup=0, lr=1e-4)
-    min_batch_size = 1
+    min_batch_size = 2  # its BatchNorm trains: a batch of one image has no statistics
     optional_pictures, draws = (), ()
+    label = 'acnet --extractor_only'
     has_generator = False
     ablations = ()
 

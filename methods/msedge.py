@@ -45,8 +45,12 @@ class MSEdge(Method):
     name = 'msedge'
     interpolation = 'bicubic'  # the original's PIL Resize
     draws = ('edge map', 'attention 3', 'attention 4')  # its pictures (plot.py attention)
+    warms_up = True
     defaults = dict(Method.defaults, warmup=2)
+    min_batch_size = 2  # its BatchNorm trains: a batch of one image has no statistics
     ablations = (dict(argv=['--feature_levels', '1', '2', '4'], source='75d71f0', backbones='resnet50'),)
+    paper_grid = dict(backbones=('resnet50', 'vgg16'), emb_dims=(64, 512, 4096))  # the seeds' table
+    file_suffix_pattern = r'(?:_edge-[a-z]+|_levels-[\d-]+)*'
     training_free_options = ('edge_mode',)
 
     def __init__(self, classes, backbone_type, emb_dim, edge_mode, feature_levels, pretrained=True, weights=None):
@@ -78,11 +82,6 @@ class MSEdge(Method):
         group.add_argument('--feature_levels', type=int, nargs=3, default=None, metavar='LEVEL',
                            help="the backbone's feature levels to fuse (timm features_only indices; default: the "
                                 "seeds' 2 3 4 for ResNet50 and VGG16, else the last three; 1 2 4 is EGFF 75d71f0)")
-
-    @classmethod
-    def check(cls, options):
-        cls.check_backbone(options.backbone_type)
-        return []
 
     @classmethod
     def check_backbone(cls, backbone_type, option='--backbone_type'):
@@ -162,7 +161,7 @@ class MSEdge(Method):
     def training_free(cls, options, pretrained=True, weights=None):
         return TrainingFreeBackbone(options.backbone_type, options.edge_mode, pretrained, weights)
 
-    def timm_model(self):
+    def backbone_module(self):
         return self.backbone
 
 

@@ -103,14 +103,20 @@ class Method(nn.Module):
     """
     name = None                 # the --method value and what checkpoints record
     listed = True               # False: no --method choice; another method's options select it (resolve)
+    label = None                # how messages name it (default: its name), e.g. 'acnet --extractor_only'
     interpolation = 'bilinear'  # the resize filter of its inputs (prepare.py cache builds one cache per filter)
     # train.py's common options whose default is the method's own
-    defaults = dict(backbone_type='resnet50', emb_dim=512, warmup=0, lr=1e-5)
+    defaults = dict(backbone_type='resnet50', emb_dim=512, epochs=10, warmup=0, lr=1e-5, metric_convention='sake',
+                    val_classes='seeds')
+    default_notes = {}          # --help's words for a default that is no value (e.g. ClipPrompt's emb_dim: its CLIP's)
+    warms_up = False            # whether set_warmup freezes anything (else --warmup is refused)
     min_batch_size = 1          # e.g. 2 when a batch holds batch_size // 2 pairs
     draws = ()                  # the names of the pictures it can draw (its `pictures`)
     optional_pictures = ()      # those test.py draws only when asked (--show_generated)
     training_free_options = ()  # its own options that shape its training-free baseline (test.py takes them too)
     ablations = ()              # reproduce.py --ablations: dict(argv=train.py options, source=..., backbones=prefix)
+    paper_grid = {}             # reproduce.py's default grid: backbones and emb_dims (default: the method's defaults)
+    file_suffix_pattern = ''    # a regex of what file_suffix can add (reproduce.py reads run names back with it)
     backbone_tag = ''           # the backbone as built (a timm name with its tag), for logs and checkpoints
 
     # ------------------------------------------------------------------------------------------ options
@@ -134,7 +140,32 @@ class Method(nn.Module):
 
     @classmethod
     def check_backbone(cls, backbone_type, option='--backbone_type'):
-        """Refuse, in one line naming `option`, a backbone the method cannot build (any passes by default)."""
+        """Refuse, in one line naming `option`, a backbone the method cannot build (any passes by default); train.py
+        calls it beside check."""
+
+    @classmethod
+    def takes_backbone(cls, backbone_type):
+        """Whether check_backbone passes the name."""
+        try:
+            cls.check_backbone(backbone_type)
+            return True
+        except UserError:
+            return False
+
+    @classmethod
+    def fixed_emb_dim(cls, backbone_type):
+        """The embedding size a backbone fixes (a CLIP's), or None when --emb_dim chooses it."""
+        return None
+
+    @classmethod
+    def grid(cls):
+        """(backbones, emb_dims) of reproduce.py's default grid: those of the method's paper table."""
+        return (tuple(cls.paper_grid.get('backbones', (cls.defaults['backbone_type'],))),
+                tuple(cls.paper_grid.get('emb_dims', (cls.defaults['emb_dim'],))))
+
+    @classmethod
+    def describe(cls):
+        return cls.label or cls.name
 
     @classmethod
     def file_suffix(cls, options):
@@ -153,7 +184,8 @@ class Method(nn.Module):
 
     @classmethod
     def published(cls, backbone_type, emb_dim, data_name):
-        """{metric: percent} the method's paper or README reports for this configuration, or {}."""
+        """{metric: percent} the method's paper or README reports for this configuration (in the method's
+        metric convention, defaults['metric_convention']), or {}."""
         return {}
 
     # ------------------------------------------------------------------------------------------ data
@@ -210,6 +242,6 @@ class Method(nn.Module):
         (test.py --evaluate --training_free), pooled as the method pools it."""
         raise UserError(f'--training_free: {cls.name} has no training-free baseline')
 
-    def timm_model(self):
-        """The timm model inside (speed.py counts its parameters), or None."""
-        return None
+    def backbone_module(self):
+        """The backbone inside, whose parameters and feature sizes speed.py reports."""
+        return self

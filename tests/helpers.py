@@ -34,6 +34,17 @@ from utils import METRIC_NAMES  # noqa: E402
 from zs_sbir.safe_files import write_csv  # noqa: E402
 
 TINY = dict(num_classes=6, num_val_classes=2, num_sketches=4, num_photos=4, num_val_photos=6, img_size=32, seed=3)
+# A tiny open_clip model (2 blocks of width 64, 32-d embeddings) for ClipPrompt's tests: --backbone_type ViT-Tiny-16
+TINY_CLIP = 'ViT-Tiny-16'
+
+
+def register_tiny_clip():
+    import open_clip
+    if TINY_CLIP not in open_clip.list_models():
+        open_clip.add_model_config(ROOT / 'tests' / 'fixtures' / 'open_clip')
+
+
+register_tiny_clip()
 
 
 def make_model(method, num_classes=3, backbone_type='resnet50', emb_dim=512, pretrained=True, weights=None, **options):

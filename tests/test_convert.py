@@ -169,6 +169,8 @@ def test_convert_never_replaces_its_own_input(tmp_path, capsys):
 def test_the_files_of_one_release_are_needed(tmp_path, capsys):
     paths, _, _ = released(tmp_path, 'resnet50', 16)
     check_error(capsys, ['--save', tmp_path / 'out.pth'], 'name the released files of one method (acnet: --extractor '
-                                                          'and --generator)')
+                                                          'and --generator; clipprompt: --clipprompt)')
+    check_error(capsys, [*convert_args(paths, 'resnet50', 16, tmp_path / 'out.pth'), '--clipprompt', paths[0]],
+                'name the released files of one method')
     check_error(capsys, ['--extractor', paths[0], '--save', tmp_path / 'out.pth'], '--extractor and --generator go '
                                                                                    'together')

@@ -20,9 +20,10 @@ import speed
 import test as retrieval
 from zs_sbir.cli import DEFAULT_WORKERS
 from helpers import ROOT
+import clipprompt_side_by_side
 
 PAGES = [ROOT / 'README.md', *sorted((ROOT / 'docs').glob('*.md'))]
-PARSERS = {'train.py': config.parse_args, 'test.py': retrieval.parse_args, 'search.py': search.parse_args,
+PARSERS = {'tests/clipprompt_side_by_side.py': clipprompt_side_by_side.parse_args, 'train.py': config.parse_args, 'test.py': retrieval.parse_args, 'search.py': search.parse_args,
            'plot.py': plot.parse_args, 'prepare.py': prepare.parse_args, 'convert.py': convert.parse_args,
            'speed.py': speed.parse_args, 'bench.py': speed.parse_args, 'reproduce.py': reproduce.parse_args,
            'benchmark.py': reproduce.parse_args}
@@ -148,7 +149,9 @@ def test_a_dry_run_prints_the_grid_without_data(tmp_path):
                           '--save_root', str(tmp_path), '--', '--data_root', str(tmp_path / 'nowhere')],
                          capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
-    assert len([line for line in out.stdout.splitlines() if 'train.py' in line]) == 24
+    planned = [line for line in out.stdout.splitlines() if 'train.py' in line]  # each method's paper table
+    assert len(planned) == 2 * 2 * 3 * 2 + 2 and sum('--method clipprompt --backbone_type ViT-B-32 --emb_dim 512' in
+                                                   line for line in planned) == 2
     assert "note: no dataset folder" in out.stdout
 
 

@@ -24,8 +24,27 @@ def test_hand_worked_example_with_envelope():
     assert m['mAP@all'] == pytest.approx(0.6)
     # top 4: relevant at 2 and 4 (precision 1/2, 1/2), divided by min(4, R=3) = 3
     assert m['mAP@4'] == pytest.approx(1 / 3)
-    assert m['mAP@4_found'] == pytest.approx(0.5)  # divided by the 2 found
     assert m['P@2'] == pytest.approx(0.5) and m['P@4'] == pytest.approx(0.5)
+    # torchmetrics 1.0: no envelope; AP@k divided by the 2 found in the top 4
+    assert m['torchmetrics_mAP@all'] == pytest.approx((1 / 2 + 2 / 4 + 3 / 5) / 3)
+    assert m['torchmetrics_mAP@4'] == pytest.approx(0.5)
+    assert m['torchmetrics_P@2'] == pytest.approx(0.5) and m['torchmetrics_P@4'] == pytest.approx(0.5)
+
+
+def test_hand_worked_example_with_ties_and_negative_scores():
+    """Cosines 0.5, -0.2, 0.5, -0.2, -0.7 with relevance 0, 1, 1, 0, 1: ties go to the lower gallery index, so the
+    ranking is 0, 2, 1, 3, 4 and the relevant ranks are 2, 3, 5. torchmetrics 1.0 counts the relevant photos of
+    negative cosine (1.8 and later drop them, and would give AP@all 1/2)."""
+    cosines = np.array([0.5, -0.2, 0.5, -0.2, -0.7])
+    gallery = np.stack([cosines, np.sqrt(1 - cosines ** 2)], 1)
+    m = retrieval_metrics(np.array([[1.0, 0.0]]), [1], gallery, np.array([0, 1, 1, 0, 1]), map_ks=(2,), p_ks=(2, 4, 10))
+    assert m['torchmetrics_mAP@all'] == pytest.approx((1 / 2 + 2 / 3 + 3 / 5) / 3)
+    assert m['mAP@all'] == pytest.approx((2 / 3 + 2 / 3 + 3 / 5) / 3)  # SAKE's envelope lifts rank 2 to 2/3
+    assert m['torchmetrics_mAP@2'] == pytest.approx(1 / 2) and m['mAP@2'] == pytest.approx(1 / 2 / 2)
+    assert (m['torchmetrics_P@2'], m['torchmetrics_P@4'], m['torchmetrics_P@10']) == pytest.approx((1 / 2, 2 / 4, 3 / 10))
+    assert m['P@10'] == pytest.approx(3 / 5)  # SAKE divides by min(k, gallery size)
+    # precise: the mean of mAP@2, mAP@all, P@2, P@4, P@10 here
+    assert m['torchmetrics_precise'] == pytest.approx(np.mean([1 / 2, (1 / 2 + 2 / 3 + 3 / 5) / 3, 1 / 2, 2 / 4, 3 / 10]))
 
 
 def test_hand_worked_perfect_and_worst_rankings():
@@ -106,7 +125,7 @@ def test_per_query_values_and_input_types():
     q, ql, g, gl = clustered(30, 120, 4, 8, 1.0, seed=2)
     per = retrieval_metrics(q, ql, g, gl, per_query=True)
     means = retrieval_metrics(torch.tensor(q, dtype=torch.float32), list(ql), torch.tensor(g, dtype=torch.float32), gl)
-    assert set(per) == set(means) >= {*METRIC_NAMES, 'precise', 'mAP@200_found'}
+    assert set(per) == set(means) == {*METRIC_NAMES, 'precise', *(f'torchmetrics_{n}' for n in (*METRIC_NAMES, 'precise'))}
     for name, values in per.items():
         assert values.shape == (30,) and values.dtype == torch.float64
         assert values.mean().item() == pytest.approx(means[name], abs=1e-6)
@@ -115,10 +134,11 @@ def test_per_query_values_and_input_types():
     assert per['mAP@all'][4].item() == pytest.approx(single['mAP@all'])
 
 
-def test_found_variant_reads_higher_than_spec_map():
+def test_torchmetrics_map_at_200_reads_higher_than_sakes():
     q, ql, g, gl = clustered(50, 1200, 4, 16, 1.5, seed=3)  # R ~ 300 > 200, few hits in the top 200
     m = retrieval_metrics(q, ql, g, gl)
-    assert m['mAP@200_found'] > m['mAP@200'] + 0.05
+    assert m['torchmetrics_mAP@200'] > m['mAP@200'] + 0.05  # divided by the hits found, not by min(200, R)
+    assert m['torchmetrics_mAP@all'] < m['mAP@all']  # no envelope
 
 
 def test_query_class_missing_from_gallery_is_an_error():

@@ -148,9 +148,9 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
     vectors = runs['acnet'].with_name('synthetic_acnet_resnet50_8_vectors.pth')
     check_error(capsys, ['tsne', '--data_base', vectors], 'is not a checkpoint of this repo')
     check_error(capsys, ['generated', '--data_base', runs['msedge'], '--query_name', tiny_data],
-                r"the msedge model in '.*' draws no generated: `plot.py generated` needs a model of acnet")
+                r"is a msedge model, which draws no generated images: `plot.py generated` needs a model of acnet")
     check_error(capsys, ['attention', '--data_base', runs['acnet'], '--query_name', tiny_data],
-                r"the acnet model in '.*' draws no attention 3: `plot.py attention` needs a model of msedge")
+                r"is a acnet model, which draws no attention maps: `plot.py attention` needs a model of msedge")
     check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', tmp_path / 'nowhere'],
                 "--query_name folder not found")
     converted = {**load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'), 'vectors_file': None}

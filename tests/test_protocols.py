@@ -187,11 +187,14 @@ def test_every_ablation_is_one_command_with_its_own_files(tiny_data, tmp_path, c
 
 def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
     grid = reproduce.grid(reproduce.parse_args(['--datasets', 'sketchy', '--backbones', 'resnet50', 'vgg16',
-                                                '--emb_dims', '512', '--ablations']))
+                                                '--emb_dims', '512', '--ablations', '--methods', 'acnet', 'msedge']))
     names = [run_prefix(args) for _, args in grid]
     assert len(names) == len(set(names)) == 2 * 7 + 2 + 1  # MSEdge's 1 2 4 levels are ResNet50's only
-    for name in names + [n + '_gzs' for n in names]:
-        assert reproduce.results_name().fullmatch(f'{name}_results.csv'), name
+    everyone = [run_prefix(args) for _, args in reproduce.grid(reproduce.parse_args(
+        ['--datasets', 'sketchy', 'tuberlin', '--ablations', '--metric_convention', 'torchmetrics']))]
+    for name in names + everyone + [n + '_gzs' for n in names]:
+        method, parsed = reproduce.parse_run_name(f'{name}_results.csv')
+        assert name.startswith(f"{parsed['dataset']}_{method}_{parsed['backbone']}_{parsed['dim']}"), name
     fake_run(tmp_path, 'synthetic_msedge_resnet50_512_gzs', [0.3, 0.5])
     path = tmp_path / 'synthetic_msedge_resnet50_512_gzs_results.csv'
     rows = read_csv(path)
@@ -200,7 +203,7 @@ def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
     from zs_sbir.safe_files import write_csv
     write_csv(rows, path)
     table = reproduce.build_table(reproduce.best_rows(tmp_path)).splitlines()
-    assert 'GZS mAP@200' in table[0] and '| msedge gzs (ours) | resnet50 | 512 | test | 50.0 | 50.0 | 50.0 | 50.0 | ' \
+    assert 'GZS mAP@200' in table[0] and '| msedge gzs (ours) | resnet50 | 512 | test | sake | 50.0 | 50.0 | 50.0 | 50.0 | ' \
         '25.0 | 25.0 | 25.0 | 25.0 |' in table
 
 

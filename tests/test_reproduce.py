@@ -1,6 +1,8 @@
 """reproduce.py (formerly benchmark.py): the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
 import reproduce
 from helpers import fake_run
+from utils import METRIC_NAMES
+from zs_sbir.safe_files import read_csv, write_csv
 
 
 def test_best_rows_follow_each_runs_selection_rule(tmp_path):
@@ -18,12 +20,12 @@ def test_table_has_the_seed_layout_and_published_numbers(tmp_path):
     fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.577])
     fake_run(tmp_path, 'sketchy_msedge_vgg16_64', [0.3])
     table = reproduce.build_table(reproduce.best_rows(tmp_path), all_metrics=True).splitlines()
-    assert table[0] == ('| method | backbone | dim | selected on | Sketchy Extended mAP@200 | Sketchy Extended mAP@all | '
+    assert table[0] == ('| method | backbone | dim | selected on | metrics | Sketchy Extended mAP@200 | Sketchy Extended mAP@all | '
                         'Sketchy Extended P@100 | Sketchy Extended P@200 | TU-Berlin Extended mAP@200 | '
                         'TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 | TU-Berlin Extended P@200 |')
-    assert '| acnet (ours) | resnet50 | 512 | test | 51.7 | 51.7 | 51.7 | 51.7 | 57.7 | 57.7 | 57.7 | 57.7 |' in table
-    assert '| acnet (published) | resnet50 | 512 | test | 51.7 | 55.9 | 64.3 | 60.8 | 57.7 | 57.7 | 65.8 | 64.4 |' in table
-    assert '| msedge (ours) | vgg16 | 64 | test | 30.0 | 30.0 | 30.0 | 30.0 |  |  |  |  |' in table
+    assert '| acnet (ours) | resnet50 | 512 | test | sake | 51.7 | 51.7 | 51.7 | 51.7 | 57.7 | 57.7 | 57.7 | 57.7 |' in table
+    assert '| acnet (published) | resnet50 | 512 | test | sake | 51.7 | 55.9 | 64.3 | 60.8 | 57.7 | 57.7 | 65.8 | 64.4 |' in table
+    assert '| msedge (ours) | vgg16 | 64 | test | sake | 30.0 | 30.0 | 30.0 | 30.0 |  |  |  |  |' in table
     assert not any('msedge (published)' in line for line in table)  # MSEdge published none
 
 
@@ -43,7 +45,7 @@ def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
 def test_no_published_rows_for_the_generated_dataset(tmp_path):
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.25])
     table = reproduce.build_table(reproduce.best_rows(tmp_path))
-    assert '(published)' not in table and '| acnet (ours) | resnet50 | 512 | test | 25.0 |' in table
+    assert '(published)' not in table and '| acnet (ours) | resnet50 | 512 | test | sake | 25.0 |' in table
 
 
 def test_tables_show_the_metrics_papers_compare_per_dataset(tmp_path):
@@ -51,10 +53,25 @@ def test_tables_show_the_metrics_papers_compare_per_dataset(tmp_path):
     for dataset in ('sketchy21', 'sketchy25', 'tuberlin', 'quickdraw'):
         fake_run(tmp_path, f'{dataset}_acnet_resnet50_512', [0.1, 0.2])
     table = reproduce.build_table(reproduce.best_rows(tmp_path)).splitlines()
-    assert table[0] == ('| method | backbone | dim | selected on | QuickDraw Extended mAP@all | QuickDraw Extended P@200 | '
+    assert table[0] == ('| method | backbone | dim | selected on | metrics | QuickDraw Extended mAP@all | QuickDraw Extended P@200 | '
                         'Sketchy Ext (21) mAP@200 | Sketchy Ext (21) P@200 | Sketchy Ext (25) mAP@all | '
                         'Sketchy Ext (25) P@100 | TU-Berlin Extended mAP@all | TU-Berlin Extended P@100 |')
-    assert table[2] == '| acnet (ours) | resnet50 | 512 | test | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |'
-    assert table[3] == '| acnet (published) | resnet50 | 512 | test |  |  |  |  |  |  | 57.7 | 65.8 |'
-    assert '| ZSE-SBIR (published, another method) |  |  |  | 14.5 | 21.6 |  |  |  |  |  |  |' in table
-    assert '| Doodle2Search (published, another method) |  |  |  | 7.5 | 6.8 |  |  |  |  |  |  |' in table
+    assert table[2] == '| acnet (ours) | resnet50 | 512 | test | sake | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 | 20.0 |'
+    assert table[3] == '| acnet (published) | resnet50 | 512 | test | sake |  |  |  |  |  |  | 57.7 | 65.8 |'
+    assert '| ZSE-SBIR (published, another method) |  |  |  | its paper | 14.5 | 21.6 |  |  |  |  |  |  |' in table
+    assert '| Doodle2Search (published, another method) |  |  |  | its paper | 7.5 | 6.8 |  |  |  |  |  |  |' in table
+
+
+def test_each_row_says_its_metric_convention_and_a_convention_can_be_asked_for(tmp_path):
+    fake_run(tmp_path, 'sketchy_acnet_resnet50_512', [0.4, 0.5])
+    path = tmp_path / 'sketchy_acnet_resnet50_512_results.csv'
+    rows = read_csv(path)
+    for row, value in zip(rows, (0.9, 0.3)):  # torchmetrics would pick epoch 1
+        row.update({f'torchmetrics_{m}': value for m in (*METRIC_NAMES, 'precise')})
+    write_csv(rows, path)
+    own = reproduce.best_rows(tmp_path).iloc[0]
+    assert (own['metrics'], own['epoch'], own['mAP@all']) == ('sake', 2, 50.0)
+    asked = reproduce.best_rows(tmp_path, 'torchmetrics').iloc[0]
+    assert (asked['metrics'], asked['epoch'], asked['mAP@all']) == ('torchmetrics', 2, 30.0)  # the run's epoch
+    fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.5])  # written before torchmetrics columns existed
+    assert list(reproduce.best_rows(tmp_path, 'torchmetrics')['dataset']) == ['sketchy']

@@ -373,8 +373,11 @@ def test_benchmark_table_over_odd_files(tmp_path, capsys):
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512_w1-0-1_on-photo-fake', [0.2, 0.3])
     reproduce.main(['--table_only', '--save_root', str(tmp_path)])
     captured = capsys.readouterr()
-    assert '| acnet w1-0-1 on-photo-fake (ours) | resnet50 | 512 | test | 30.0 |' in captured.out
+    assert '| acnet w1-0-1 on-photo-fake (ours) | resnet50 | 512 | test | sake | 30.0 |' in captured.out
     assert 'empty_results.csv: not named as train.py names its results' in captured.out
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512_copy', [0.2])  # not a variant acnet's files ever have
+    reproduce.main(['--table_only', '--save_root', str(tmp_path)])
+    assert 'synthetic_acnet_resnet50_512_copy_results.csv: not named as train.py names' in capsys.readouterr().out
 
 
 def test_convert_py_needs_a_file_name(tmp_path, capsys):

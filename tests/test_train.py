@@ -29,8 +29,10 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
 
     rows = read_csv(f'{prefix}_results.csv')
     assert [r['epoch'] for r in rows] == ['1', '2']
-    assert list(rows[0]) == ['epoch', *LOSSES[method], 'P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise',
-                             'eval_queries', 'select_on']
+    seeds_order = ['P@100', 'P@200', 'mAP@200', 'mAP@all', 'precise']  # the seeds' CSV columns, then torchmetrics'
+    assert list(rows[0]) == ['epoch', *LOSSES[method], *seeds_order, *(f'torchmetrics_{m}' for m in seeds_order),
+                             'eval_queries', 'select_on', 'metric_convention', 'val_classes']
+    assert {r['metric_convention'] for r in rows} == {'sake'}
     assert {r['eval_queries'] for r in rows} == {'all'}
     assert {r['select_on'] for r in rows} == {'test'}
     for row in rows:
@@ -50,6 +52,7 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
     v, labels, sketch = vectors['vectors'], vectors['labels'], vectors['domains'] == SKETCH
     recomputed = retrieval_metrics(v[sketch], labels[sketch], v[~sketch], labels[~sketch])
     assert recomputed['precise'] == pytest.approx(float(best_row['precise']), abs=1e-6)
+    assert recomputed['torchmetrics_precise'] == pytest.approx(float(best_row['torchmetrics_precise']), abs=1e-6)
 
     # row i belongs to paths[i]: re-embedding the files with the reloaded model gives the same rows
     model = model_from_checkpoint(checkpoint)
@@ -166,3 +169,15 @@ def test_eval_queries_scores_epochs_on_a_sample_and_the_selected_epoch_on_all(ti
                     '--resume'))
     rows = read_csv(f'{prefix}_results.csv')
     assert [r['eval_queries'] for r in rows] == ['3', '3', '3', 'all']  # the earlier full row is gone
+
+
+def test_the_metric_convention_selects_the_epoch_and_names_its_files(tiny_data, tmp_path, capsys):
+    best = train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--warmup', '0',
+                           '--metric_convention', 'torchmetrics'))
+    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_8_torchmetrics_results.csv')  # not the SAKE run's files
+    assert {r['metric_convention'] for r in rows} == {'torchmetrics'}
+    assert best['epoch'] == int(max(rows, key=lambda r: float(r['torchmetrics_precise']))['epoch'])
+    out = capsys.readouterr().out
+    assert 'unseen (torchmetrics) mAP@200' in out and f"precise {float(rows[0]['torchmetrics_precise']):.4f}" in out
+    from zs_sbir.results import read_results
+    assert read_results(tmp_path / 'synthetic_acnet_resnet50_8_torchmetrics_results.csv')[1]['epoch'] == best['epoch']

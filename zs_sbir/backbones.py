@@ -6,10 +6,12 @@ method maps the seeds' plain `resnet50` and `vgg16` to the weights its original 
 Without a network a missing download fails within seconds, naming --weights and --no_pretrained.
 """
 import difflib
+import logging
 import os
 import socket
 import sys
 import threading
+import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -245,3 +247,98 @@ def freeze_batchnorm(module):
     for m in module.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# CLIP image-text models from open_clip (ClipPrompt): `--backbone_type NAME[.TAG]`, e.g. ViT-B-32 (OpenAI's weights),
+# ViT-B-16.laion2b_s34b_b88k
+
+def clip_name_tag(backbone_type, option='--backbone_type'):
+    """(open_clip model name, pretrained tag) that `NAME[.TAG]` stands for; without a tag, OpenAI's weights where
+    open_clip has them. Unknown names and tags fail in one line, naming close matches."""
+    import open_clip
+    name, _, tag = backbone_type.partition('.')
+    if name not in open_clip.list_models():
+        close = difflib.get_close_matches(name, open_clip.list_models(), n=5, cutoff=0.6)
+        hint = f'close matches: {", ".join(close)}' if close else 'see open_clip.list_models()'
+        raise UserError(f'{option} {backbone_type!r}: open_clip has no model {name!r} ({hint})')
+    tags = open_clip.list_pretrained_tags_by_model(name)
+    tag = tag or ('openai' if 'openai' in tags else '')
+    if tag and tag not in tags:
+        raise UserError(f'{option} {backbone_type!r}: open_clip has no pretrained tag {tag!r} for {name} (it has: '
+                        f'{", ".join(tags[:8]) or "none"})')
+    return name, tag
+
+
+def _is_torchscript(path):
+    import zipfile
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split('/', 1)[-1].startswith('code/') for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _clip_state_dict(path):
+    """The state dict of an OpenAI CLIP file (a TorchScript archive, as OpenAI publishes ViT-B-32.pt) or of an
+    open_clip checkpoint (.pt/.pth/.bin read weights_only, or .safetensors)."""
+    if Path(path).is_dir():
+        raise UserError(f"--weights '{path}' is a folder: name the weights file in it")
+    if not Path(path).is_file():
+        raise UserError(f"--weights file not found: '{path}'")
+    if _is_torchscript(path):  # TorchScript, not pickled Python objects: its tensors are read, none of its code runs
+        try:
+            with warnings.catch_warnings():  # torch 2.14 calls TorchScript deprecated; OpenAI's files are TorchScript
+                warnings.simplefilter('ignore', FutureWarning)
+                state = torch.jit.load(str(path), map_location='cpu').state_dict()
+        except RuntimeError as error:
+            raise UserError(f"--weights '{path}' cannot be read as a TorchScript archive: {first_line(error)}") from error
+    else:
+        try:
+            state = read_state_dict(path)
+        except ValueError as error:
+            raise UserError(f"--weights '{path}' is not a CLIP checkpoint: {error}") from error
+    # OpenAI's archives carry these three numbers as tensors; a traced open_clip model its (derived) text mask
+    return {k: v for k, v in state.items() if k not in ('input_resolution', 'context_length', 'vocab_size', 'attn_mask')}
+
+
+def create_clip(backbone_type, pretrained=True, weights=None, img_size=224):
+    """An open_clip image-text model for `img_size` px inputs (its positional embeddings resized), with its
+    pretrained weights (the Hugging Face hub, or open_clip's cache), a local file, or random initialisation.
+    QuickGELU where the weights are OpenAI's, as OpenAI's own models."""
+    import open_clip
+    name, tag = clip_name_tag(backbone_type)
+    cfg = open_clip.get_pretrained_cfg(name, tag) if tag else {}
+    options = dict(force_quick_gelu=bool(cfg.get('quick_gelu')) or name.endswith('quickgelu'),
+                   force_image_size=img_size)
+    if weights is None and pretrained:
+        if not tag:
+            raise UserError(f'open_clip has no pretrained weights for {name}: {NO_WEIGHTS_HELP}')
+        hub = cfg.get('hf_hub', '').rstrip('/')
+        if not (hub and _cached_on_hub(hub)):
+            offline = os.environ.get('HF_HUB_OFFLINE', '').lower() in ('1', 'true', 'yes', 'on')
+            endpoint = os.environ.get('HF_ENDPOINT', 'https://huggingface.co')
+            if offline or not _hub_reachable(endpoint):
+                why = 'HF_HUB_OFFLINE is set' if offline else f'{endpoint} cannot be reached'
+                raise UserError(f'pretrained {name}.{tag} weights ({hub or cfg.get("url")}) are not in the Hugging '
+                                f'Face cache and {why}: pass --weights PATH (OpenAI\'s {name}.pt or an open_clip '
+                                f'checkpoint), or --no_pretrained to start from random initialisation')
+        try:
+            return open_clip.create_model(name, pretrained=tag, **options)
+        except Exception as error:
+            raise UserError(f'could not download pretrained {name}.{tag} weights ({first_line(error)}): '
+                            f'{NO_WEIGHTS_HELP}') from error
+    root = logging.getLogger()
+    was_disabled, root.disabled = root.disabled, True  # open_clip warns that it loaded no weights: ours come next
+    try:
+        model = open_clip.create_model(name, pretrained=None, **options)
+    finally:
+        root.disabled = was_disabled
+    if weights is not None:
+        state = _clip_state_dict(weights)
+        try:
+            open_clip.model.resize_pos_embed(state, model)  # a file of another image size
+            model.load_state_dict(state)
+        except (RuntimeError, KeyError, ValueError) as error:
+            raise UserError(f"--weights '{weights}' is not a {name} CLIP checkpoint: {first_line(error)}") from error
+    return model

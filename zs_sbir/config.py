@@ -7,14 +7,16 @@ from pathlib import Path
 
 from methods import get_method, method_names, option_owners
 from zs_sbir.cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, UserError, check_device, default_device
-from zs_sbir.results import SELECT_KEY
+from utils import CONVENTIONS, VAL_CLASSES
+from zs_sbir.results import SELECT_ON
 
 SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': 'held-out seen-class images'}
 
 # Options that define a run's results (with every method's own options): --resume refuses to continue a run under
 # different ones.
 COMMON_RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'img_size',
-                       'seed', 'select_on', 'heldout_fraction', 'skip_bad_images', 'eval_queries', 'gzs')
+                       'seed', 'select_on', 'metric_convention', 'val_classes', 'heldout_fraction', 'skip_bad_images',
+                       'eval_queries', 'gzs')
 
 
 def run_defining():
@@ -22,8 +24,13 @@ def run_defining():
 
 
 def method_default_text(option):
-    """`--help`'s account of a default that each method sets, e.g. '1 for acnet, 2 for msedge'."""
-    return ', '.join(f'{get_method(name).defaults[option]} for {name}' for name in method_names())
+    """`--help`'s account of a default that each method sets, e.g. '1e-05 for acnet and msedge, none for
+    clipprompt'."""
+    by_value = {}
+    for name in method_names():
+        method = get_method(name)
+        by_value.setdefault(method.default_notes.get(option, method.defaults[option]), []).append(name)
+    return ', '.join(f'{value} for {" and ".join(names)}' for value, names in by_value.items())
 
 
 def parse_args(argv=None, description=None):
@@ -42,7 +49,7 @@ def parse_args(argv=None, description=None):
                    help=f'embedding dim (default: {method_default_text("emb_dim")})')
     p.add_argument('--batch_size', type=int, default=64,
                    help='images per step and process (a method trained on pairs takes batch_size // 2 of them)')
-    p.add_argument('--epochs', type=int, default=10)
+    p.add_argument('--epochs', type=int, default=None, help=f'default: {method_default_text("epochs")}')
     p.add_argument('--warmup', type=int, default=None,
                    help=f'epochs with a frozen backbone (default: {method_default_text("warmup")})')
     p.add_argument('--save_root', default='result', help='where results and checkpoints go')
@@ -51,9 +58,16 @@ def parse_args(argv=None, description=None):
     p.add_argument('--gzs', action='store_true',
                    help='also score generalized ZS-SBIR every epoch (docs/metrics.md): seen-class sketches and photos, '
                         'held out of training, join the queries and the gallery')
-    p.add_argument('--select_on', default='test', choices=list(SELECT_KEY),
+    p.add_argument('--select_on', default='test', choices=SELECT_ON,
                    help="pick the best epoch on the unseen test classes (the seeds' way, to reproduce their "
                         'tables) or on held-out images of the seen classes (no test-set selection)')
+    p.add_argument('--metric_convention', default=None, choices=CONVENTIONS,
+                   help="the metrics printed, selected on and tabled (both are saved; docs/metrics.md): SAKE's or "
+                        f"torchmetrics 1.0's (default: {method_default_text('metric_convention')})")
+    p.add_argument('--val_classes', default=None, choices=VAL_CLASSES,
+                   help="TU-Berlin (tuberlin* folders): leave out the val classes with fewer than 400 photos, as the "
+                        "seeds do, or keep them all, as ClipPrompt does (default: "
+                        f"{method_default_text('val_classes')})")
     p.add_argument('--heldout_fraction', type=float, default=0.1,
                    help="with --select_on heldout or --gzs: share of every seen class's sketches and photos held out")
     p.add_argument('--img_size', type=int, default=224, help='input images are resized to this square')
@@ -106,19 +120,21 @@ def check_args(args):
                         f'{args.batch_size}')
     if args.eval_queries < 0:
         problems.append(f'--eval_queries must be at least 0 (0: all), got {args.eval_queries}')
-    for name in ('emb_dim', 'epochs', 'eval_batch_size'):
-        if getattr(args, name) < 1:
+    for name in ('emb_dim', 'epochs', 'eval_batch_size'):  # emb_dim is None where a method finds none (its check says)
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             problems.append(f'--{name} must be at least 1, got {getattr(args, name)}')
     if not 0 <= args.warmup <= args.epochs:
         problems.append(f'--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}')
+    if args.warmup and not method.warms_up:
+        problems.append(f'--warmup: --method {args.method} freezes nothing while warming up, got {args.warmup}')
     if not 32 <= args.img_size <= 2048 or args.img_size % 4:
         problems.append(f'--img_size must be a multiple of 4 from 32 to 2048, got {args.img_size}')
     if not 0 <= args.workers <= MAX_WORKERS:
         problems.append(f'--workers must be from 0 to {MAX_WORKERS}, got {args.workers}')
     for name in ('emb_dim', 'batch_size', 'eval_batch_size'):
-        if getattr(args, name) > 65536:
+        if (getattr(args, name) or 0) > 65536:
             problems.append(f'--{name} must be at most 65536, got {getattr(args, name)}')
-    if not 0 < args.lr < float('inf'):
+    if args.lr is not None and not 0 < args.lr < float('inf'):  # None: the method has rates of its own
         problems.append(f'--lr must be a positive number, got {args.lr}')
     if not 0 <= args.seed < 2 ** 31:
         problems.append(f'--seed must be from 0 to 2**31 - 1, got {args.seed}')
@@ -130,9 +146,10 @@ def check_args(args):
     if not args.data_name or Path(args.data_name).name != args.data_name or args.data_name in ('.', '..'):
         problems.append(f'--data_name must be the name of a folder in --data_root, got {args.data_name!r}')
     problems += foreign_options(args, method)
+    problems += method.check(args)
     try:
-        problems += method.check(args)
-    except UserError as error:  # e.g. a backbone timm does not know
+        method.check_backbone(args.backbone_type)
+    except UserError as error:  # a backbone timm (or open_clip) does not know, with the close matches
         problems.append(str(error))
     if problems:
         raise UserError('; '.join(problems))
@@ -153,7 +170,13 @@ def run_prefix(args):
     """{data_name}_{method}_{backbone_type}_{emb_dim}, plus what sets a variant apart from the original (the
     method's file_suffix, e.g. ACNet's loss options, MSEdge's --edge_mode), so variants never share files."""
     prefix = f'{args.data_name}_{args.method}_{args.backbone_type.replace("/", "-")}_{args.emb_dim}'
-    prefix += get_method(args.method, args).file_suffix(args)
+    method = get_method(args.method, args)
+    prefix += method.file_suffix(args)
+    convention = getattr(args, 'metric_convention', None) or method.defaults['metric_convention']
+    prefix += '' if convention == method.defaults['metric_convention'] else f'_{convention}'  # it selects other epochs
+    rule = getattr(args, 'val_classes', None) or method.defaults['val_classes']
+    if args.data_name.startswith('tuberlin') and rule != method.defaults['val_classes']:
+        prefix += f'_val-{rule}'  # another test set
     return prefix + ('_gzs' if getattr(args, 'gzs', False) else '')  # GZS runs train on fewer images
 
 

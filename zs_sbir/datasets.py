@@ -1,5 +1,6 @@
 """What training and evaluation read: an epoch sampler whose every draw follows from the seed, single images of a
-split, and ACNet's sketch-photo pairs. Items are uint8 image tensors (models normalise them themselves)."""
+split, ACNet's sketch-photo pairs and ClipPrompt's triplets. Items are uint8 image tensors (models normalise them
+themselves)."""
 import torch
 from torch.utils.data import Dataset
 
@@ -83,3 +84,23 @@ class SketchPhotoPairs(Dataset):
             if self.transform is not None:
                 sketch, photo = self.transform(sketch), self.transform(photo)
         return sketch, photo, label
+
+
+class SketchTriplets(SketchPhotoPairs):
+    """ClipPrompt's training items: each sketch with a photo of its class and a photo of another class (a class drawn
+    uniformly among the others, then one of its photos), (sketch, positive, negative, label). The draws are seeded
+    from the EpochSampler's key, as the pairs' are."""
+
+    def __getitem__(self, key):
+        with torch.random.fork_rng(devices=[]):
+            sketch_index = self.sketches[item_rng(key)]
+            label = self.split.labels[sketch_index]
+            positives = self.photos_of_class[label]
+            positive = positives[torch.randint(len(positives), ()).item()]
+            other = torch.randint(len(self.photos_of_class) - 1, ()).item()
+            negatives = self.photos_of_class[other + (other >= label)]  # any class but the sketch's
+            negative = negatives[torch.randint(len(negatives), ()).item()]
+            images = [self.images[i] for i in (sketch_index, positive, negative)]
+            if self.transform is not None:
+                images = [self.transform(image) for image in images]
+        return (*images, label)

@@ -6,7 +6,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics
+from utils import METRIC_NAMES, PHOTO, SKETCH, metric_name, retrieval_metrics
 from zs_sbir.datasets import EpochSampler, SplitDataset
 from zs_sbir.image_cache import CachedImages
 from zs_sbir.images import FileImages
@@ -19,9 +19,9 @@ def loader_options(workers, device):
 
 def split_images(split, method, img_size, cache=None):
     """Where a split's uint8 images come from, resized with the method's filter: decoded files, or with `cache` =
-    (data_root, data_name, split name) the pre-resized arrays of `prepare.py cache`."""
+    (data_root, data_name, split name, the --method that names its filter) the arrays of `prepare.py cache`."""
     if cache:
-        return CachedImages(*cache, split, img_size, method.name, method.interpolation)
+        return CachedImages(*cache[:3], split, img_size, cache[3], method.interpolation)
     return FileImages(split.root, split.paths, img_size, method.interpolation)
 
 
@@ -116,6 +116,9 @@ def gzs_metrics(val_vectors, val, seen_vectors, seen):
     return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
 
 
-def format_metrics(metrics):
-    return ' '.join(f'{name} {metrics[name]:.4f}' for name in (*METRIC_NAMES, 'precise'))
+def format_metrics(metrics, convention='sake', prefix=''):
+    """The four metrics and precise of one convention (of `prefix`'s, e.g. 'gzs_'), as a line of text."""
+    values = ' '.join(f'{name} {metrics[prefix + metric_name(name, convention)]:.4f}'
+                      for name in (*METRIC_NAMES, 'precise'))
+    return values if convention == 'sake' else f'({convention}) {values}'
 

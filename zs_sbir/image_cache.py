@@ -101,7 +101,7 @@ def build_cache(data_root, data_name, size, interpolation, workers=os.cpu_count(
     check_workers(workers, minimum=1)
     written = []
     folder = cache_path(data_root, data_name, 'train', size, interpolation).parent
-    splits = {name: scan_split(data_root, data_name, name) for name in ('train', 'val')}
+    splits = {name: scan_split(data_root, data_name, name, min_photos=0) for name in ('train', 'val')}  # every class
     check_writable_dir(folder, 'cache folder')
     folder.mkdir(exist_ok=True)
     release = acquire_lock(folder / f'.{size}_{interpolation}.lock', f"the {size}-px {interpolation} cache of "

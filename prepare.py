@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from methods import get_method, method_names
-from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, DataError, UserError, run_cli
+from zs_sbir.cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, DataError, Limit, UserError, check_numbers, run_cli
 from zs_sbir.images import is_image_file, read_rgb
 from zs_sbir.image_cache import build_cache
 from zs_sbir.safe_files import (acquire_lock, check_folder_replaceable, check_replaceable, check_writable_dir,
@@ -278,6 +278,11 @@ def run(args):
     empty = [f'--{name}' for name, value in vars(args).items() if value == '' or (isinstance(value, list) and '' in value)]
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
+    # the generator draws images of any size from 8 px, with one process or more
+    images = Limit(1, 100_000)  # per class: more would fill a disk, not test anything
+    check_numbers(args, **({'img_size': Limit(8, 2048), 'workers': Limit(1, MAX_WORKERS), 'num_sketches': images,
+                            'num_photos': images, 'num_val_photos': images}
+                           if args.command == 'synthetic' else {'workers': Limit(1, MAX_WORKERS)}))
     if args.command == 'synthetic' and args.preview:  # before minutes of work, not after
         check_writable_dir(Path(args.preview).parent, '--preview folder')
         if Path(args.preview).suffix.lower() != '.png' or Path(args.preview).is_dir():

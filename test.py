@@ -24,7 +24,7 @@ from methods import add_own_options, get_method, method_names
 from utils import CONVENTIONS, PHOTO, SKETCH, VAL_CLASSES, hold_out, metric_name, scan_split
 from zs_sbir import safe_files
 from zs_sbir.checkpoint import load_checkpoint_vectors, vectors_record
-from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
+from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_numbers, default_device, run_cli
 from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
                                 split_images, split_metrics)
 from zs_sbir.images import load_image, query_files, read_rgb
@@ -272,14 +272,13 @@ def report(what, split, metrics, convention='sake'):
 
 def training_free(args):
     """--evaluate --training_free: a backbone with no training, scored on a val split (and GZS's)."""
-    for name, value in (('img_size', args.img_size), ('eval_batch_size', args.eval_batch_size)):
-        if value < (32 if name == 'img_size' else 1):
-            raise UserError(f'--{name} must be at least {32 if name == "img_size" else 1}, got {value}')
     data_root, data_name = args.data_root or 'data', args.data_name or 'sketchy'
-    seed_everything(args.seed)
-    model = get_method(args.method).training_free(args, not args.no_pretrained, args.weights).to(args.device).eval()
+    method = get_method(args.method)
     args.val_classes = val_classes_of(args)
-    args.backbone_type = args.backbone_type or get_method(args.method).defaults['backbone_type']
+    args.backbone_type = args.backbone_type or method.defaults['backbone_type']
+    method.check_backbone(args.backbone_type)  # an unknown name: one line, naming close matches
+    seed_everything(args.seed)
+    model = method.training_free(args, not args.no_pretrained, args.weights).to(args.device).eval()
     split = scan_split(data_root, data_name, 'val', val_classes=args.val_classes)
     seen = gzs_seen_items(hold_out(scan_split(data_root, data_name, 'train'), 0.1, args.seed)[1], split, args.seed) \
         if args.gzs else None
@@ -295,11 +294,7 @@ def run(args):
              if getattr(args, name) == ''] + (['--query_name'] if '' in (args.query_name or []) else [])
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
-    if args.num < 1:
-        raise UserError(f'--num must be at least 1, got {args.num}')
-    check_workers(args.workers)
-    if args.num > 10_000:
-        raise UserError(f'--num must be at most 10000, got {args.num}')
+    check_numbers(args)  # --num, --workers, --img_size, ... (cli.LIMITS), the training-free ones too
     check_device(args.device)
     if args.training_free or args.gzs:
         if not args.evaluate:

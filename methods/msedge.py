@@ -64,6 +64,10 @@ class MSEdge(Method):
             raise UserError(f'--feature_levels must name three different levels, got {" ".join(map(str, levels))}')
         try:
             self.backbone = create_timm(self.backbone_tag, pretrained, weights, features_only=True, out_indices=levels)
+        except IndexError as error:
+            count = len(create_timm(self.backbone_tag, False, features_only=True).feature_info)
+            raise UserError(f'--feature_levels {" ".join(map(str, levels))}: {backbone_type} has {count} feature levels '
+                            f'(0 to {count - 1}, or -{count} to -1)') from error
         except (RuntimeError, AssertionError, ValueError, NotImplementedError) as error:
             raise UserError(f'--backbone_type {backbone_type}: timm cannot give the three feature maps MSEdge '
                             f'fuses ({str(error).strip()[:200]})') from error
@@ -82,6 +86,21 @@ class MSEdge(Method):
         group.add_argument('--feature_levels', type=int, nargs=3, default=None, metavar='LEVEL',
                            help="the backbone's feature levels to fuse (timm features_only indices; default: the "
                                 "seeds' 2 3 4 for ResNet50 and VGG16, else the last three; 1 2 4 is EGFF 75d71f0)")
+
+    @classmethod
+    def check(cls, options):
+        """--feature_levels must be levels the backbone has (told before any work, not at the model's build)."""
+        levels = options.feature_levels
+        if not levels or not cls.takes_backbone(options.backbone_type):
+            return []
+        if len(set(levels)) != 3:
+            return [f'--feature_levels must name three different levels, got {" ".join(map(str, levels))}']
+        count = len(create_timm(backbone_tag(SEED_BACKBONES, options.backbone_type), False,
+                                features_only=True).feature_info)
+        if not all(-count <= level < count for level in levels):
+            return [f'--feature_levels {" ".join(map(str, levels))}: {options.backbone_type} has {count} feature '
+                    f'levels (0 to {count - 1}, or -{count} to -1)']
+        return []
 
     @classmethod
     def check_backbone(cls, backbone_type, option='--backbone_type'):

@@ -109,7 +109,7 @@ def test_errors(runs, tiny_data, tmp_path, capsys):
     shutil.copytree(tiny_data, changed)
     next((changed / 'synthetic' / 'val' / 'photo').rglob('*.jpg')).unlink()
     check_error(capsys, ['--data_base', runs['acnet'], '--data_root', changed], 'do not match the dataset at')
-    check_error(capsys, ['--data_base', runs['acnet'], '--num', 0], '--num must be at least 1')
+    check_error(capsys, ['--data_base', runs['acnet'], '--num', 0], '--num must be from 1 to 10000')
 
 
 def test_an_extractor_only_model_retrieves_and_only_show_generated_is_refused(tiny_data, tmp_path, capsys):

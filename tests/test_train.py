@@ -67,12 +67,12 @@ def test_tiny_run_writes_results_checkpoint_and_aligned_vectors(tiny_data, tmp_p
 def test_select_on_heldout_picks_the_epoch_by_seen_class_images(tiny_data, tmp_path):
     best = train(tiny_args(tiny_data, tmp_path, '--epochs', '3', '--emb_dim', '8', '--select_on', 'heldout',
                            '--heldout_fraction', '0.25', '--warmup', '0'))
-    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_8_results.csv')
+    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_8_heldout_results.csv')  # not the plain run's files
     assert {r['select_on'] for r in rows} == {'heldout'}
     assert {'heldout_P@100', 'heldout_precise'} <= set(rows[0])
     chosen = max(rows, key=lambda r: float(r['heldout_precise']))
     assert best['epoch'] == int(chosen['epoch'])
-    checkpoint = load_torch(tmp_path / 'synthetic_acnet_resnet50_8_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
+    checkpoint = load_torch(tmp_path / 'synthetic_acnet_resnet50_8_heldout_model.pth', CHECKPOINT_FORMAT, 'checkpoint')
     assert checkpoint['epoch'] == int(chosen['epoch'])
     assert checkpoint['metrics']['precise'] == pytest.approx(float(chosen['precise']))  # the test metrics of it
     assert checkpoint['args']['select_on'] == 'heldout'
@@ -111,9 +111,11 @@ def test_loss_variants_and_edge_modes_get_their_own_files(tiny_data, tmp_path):
      '--class_loss and --extractor_only apply to --method acnet only'),
     (['--edge_mode', 'photo'], '--edge_mode applies to --method msedge only'),
     (['--backbone_type', 'resnt50'], r"timm has no model 'resnt50' \(close matches: "),
-    (['--batch_size', '1'], '--batch_size must be at least 2 for --method acnet'),
-    (['--emb_dim', '0'], '--emb_dim must be at least 1'),
+    (['--batch_size', '1'], '--batch_size must be from 2 to 65536, got 1'),
+    (['--emb_dim', '0'], '--emb_dim must be from 1 to 65536'),
     (['--warmup', '3'], r'--warmup must be between 0 and --epochs \(2\)'),
+    (['--method', 'msedge', '--batch_size', '1'], '--batch_size must be from 2 to 65536'),  # BatchNorm trains
+    (['--extractor_only', '--batch_size', '1'], '--batch_size must be from 2 to 65536'),
     (['--img_size', '30'], '--img_size must be a multiple of 4'),
     (['--heldout_fraction', '1.5'], '--heldout_fraction must be between 0 and 1'),
 ])
@@ -181,3 +183,8 @@ def test_the_metric_convention_selects_the_epoch_and_names_its_files(tiny_data, 
     assert 'unseen (torchmetrics) mAP@200' in out and f"precise {float(rows[0]['torchmetrics_precise']):.4f}" in out
     from zs_sbir.results import read_results
     assert read_results(tmp_path / 'synthetic_acnet_resnet50_8_torchmetrics_results.csv')[1]['epoch'] == best['epoch']
+
+
+def test_a_methods_warm_up_fits_a_shorter_run():
+    assert parse_args(['--method', 'msedge', '--epochs', '1']).warmup == 1  # MSEdge warms up for 2 epochs of 10
+    assert parse_args(['--method', 'msedge']).warmup == 2 and parse_args(['--epochs', '1', '--warmup', '0']).warmup == 0

@@ -118,3 +118,64 @@ def check_device(device, option='--device'):
     elif parsed.type != 'cpu':
         raise UserError(f'{option} {device}: only cpu and cuda devices are supported')
     return parsed
+
+
+# ----------------------------------------------------------------------------------------------
+# Every numeric option of every command, checked in one place: range, size, overflow and finiteness
+
+class Limit:
+    """The values an option takes: from `low` to `high` (`low` itself excluded with open_low), a multiple of
+    `multiple`, always a finite number."""
+
+    def __init__(self, low=None, high=None, multiple=None, open_low=False):
+        self.low, self.high, self.multiple, self.open_low = low, high, multiple, open_low
+
+    def allows(self, value):
+        if value != value or value in (float('inf'), float('-inf')):
+            return False
+        if self.low is not None and (value <= self.low if self.open_low else value < self.low):
+            return False
+        if self.high is not None and value > self.high:
+            return False
+        return not self.multiple or value % self.multiple == 0
+
+    def __str__(self):
+        if self.open_low and self.high is None:
+            return 'a positive number' if self.low == 0 else f'above {self.low}'
+        span = (f'from {self.low} to {self.high}' if self.high is not None else f'at least {self.low}')
+        return f'a multiple of {self.multiple} {span}' if self.multiple else span
+
+
+INT32 = 2 ** 31 - 1
+# The same concept has the same limit in every command (a command may narrow one, e.g. search.py serve's --num).
+LIMITS = {
+    'img_size': Limit(32, 2048, 4), 'batch_size': Limit(1, 65536), 'eval_batch_size': Limit(1, 65536),
+    'emb_dim': Limit(1, 65536), 'emb_dims': Limit(1, 65536), 'epochs': Limit(1, 100_000), 'warmup': Limit(0, 100_000),
+    'workers': Limit(0, MAX_WORKERS), 'seed': Limit(0, INT32), 'data_seed': Limit(0, INT32),
+    'eval_queries': Limit(0, 10 ** 9), 'lr': Limit(0, open_low=True), 'num': Limit(1, 10_000),
+    'nprobe': Limit(1, INT32), 'ef_search': Limit(1, INT32), 'save_every': Limit(0), 'port': Limit(1, 65535),
+    'max_points': Limit(10, 10 ** 7), 'limit': Limit(1, 10 ** 6), 'columns': Limit(1, 100), 'steps': Limit(1, 10 ** 6),
+    'repeats': Limit(1, 1000), 'slow_queries': Limit(1, 10 ** 7), 'queries': Limit(1, 10 ** 7),
+    'embed_images': Limit(1, 10 ** 7), 'clusters': Limit(1, 10 ** 7), 'sizes': Limit(1000, 10 ** 8),
+}
+
+
+def number_problems(args, **narrower):
+    """What is wrong with the numeric options of a command's arguments (LIMITS, with `narrower` limits of its own),
+    in words ([] when nothing is)."""
+    problems = []
+    for name, value in vars(args).items():
+        limit = narrower.get(name, LIMITS.get(name))
+        if limit is None or value is None or isinstance(value, bool):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(item, (int, float)) and not limit.allows(item):
+                problems.append(f'--{name} must be {limit}, got {item}')
+    return problems
+
+
+def check_numbers(args, **narrower):
+    """A UserError naming every numeric option out of its limits (see number_problems)."""
+    problems = number_problems(args, **narrower)
+    if problems:
+        raise UserError('; '.join(problems))

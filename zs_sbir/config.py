@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from methods import get_method, method_names, option_owners
-from zs_sbir.cli import DEFAULT_WORKERS, MAX_WORKERS, ArgumentParser, UserError, check_device, default_device
+from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, Limit, UserError, check_device, default_device, number_problems
 from utils import CONVENTIONS, VAL_CLASSES
 from zs_sbir.results import SELECT_ON
 
@@ -105,6 +105,8 @@ def parse_args(argv=None, description=None):
     for option, default in method.defaults.items():  # the defaults that are the method's own
         if getattr(args, option) is None:
             setattr(args, option, default)
+            if option == 'warmup':  # a method's warm-up, when not asked for, fits in a shorter run
+                args.warmup = min(default, max(args.epochs or default, 0))
     if args.eval_batch_size is None:
         args.eval_batch_size = 2 * args.batch_size
     method.complete(args)
@@ -114,30 +116,12 @@ def parse_args(argv=None, description=None):
 def check_args(args):
     """Reject nonsense before any work starts."""
     method = get_method(args.method, args)
-    problems = []
-    if args.batch_size < method.min_batch_size:
-        problems.append(f'--batch_size must be at least {method.min_batch_size} for --method {args.method}, got '
-                        f'{args.batch_size}')
-    if args.eval_queries < 0:
-        problems.append(f'--eval_queries must be at least 0 (0: all), got {args.eval_queries}')
-    for name in ('emb_dim', 'epochs', 'eval_batch_size'):  # emb_dim is None where a method finds none (its check says)
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            problems.append(f'--{name} must be at least 1, got {getattr(args, name)}')
-    if not 0 <= args.warmup <= args.epochs:
+    # every numeric option in one place (cli.LIMITS); a method's batches may need more than one image
+    problems = number_problems(args, batch_size=Limit(method.min_batch_size, 65536))
+    if args.warmup is not None and args.epochs is not None and args.warmup > args.epochs:
         problems.append(f'--warmup must be between 0 and --epochs ({args.epochs}), got {args.warmup}')
     if args.warmup and not method.warms_up:
         problems.append(f'--warmup: --method {args.method} freezes nothing while warming up, got {args.warmup}')
-    if not 32 <= args.img_size <= 2048 or args.img_size % 4:
-        problems.append(f'--img_size must be a multiple of 4 from 32 to 2048, got {args.img_size}')
-    if not 0 <= args.workers <= MAX_WORKERS:
-        problems.append(f'--workers must be from 0 to {MAX_WORKERS}, got {args.workers}')
-    for name in ('emb_dim', 'batch_size', 'eval_batch_size'):
-        if (getattr(args, name) or 0) > 65536:
-            problems.append(f'--{name} must be at most 65536, got {getattr(args, name)}')
-    if args.lr is not None and not 0 < args.lr < float('inf'):  # None: the method has rates of its own
-        problems.append(f'--lr must be a positive number, got {args.lr}')
-    if not 0 <= args.seed < 2 ** 31:
-        problems.append(f'--seed must be from 0 to 2**31 - 1, got {args.seed}')
     if not 0 < args.heldout_fraction < 1:
         problems.append(f'--heldout_fraction must be between 0 and 1, got {args.heldout_fraction}')
     if args.resume and args.overwrite:
@@ -177,6 +161,7 @@ def run_prefix(args):
     rule = getattr(args, 'val_classes', None) or method.defaults['val_classes']
     if args.data_name.startswith('tuberlin') and rule != method.defaults['val_classes']:
         prefix += f'_val-{rule}'  # another test set
+    prefix += '_heldout' if getattr(args, 'select_on', 'test') == 'heldout' else ''  # trained on fewer images
     return prefix + ('_gzs' if getattr(args, 'gzs', False) else '')  # GZS runs train on fewer images
 
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 from methods import get_method, method_names
 from zs_sbir.checkpoint import checkpoint_record
-from zs_sbir.cli import ArgumentParser, UserError, run_cli
+from zs_sbir.cli import ArgumentParser, UserError, check_numbers, run_cli
 from zs_sbir.config import parse_args as train_args
-from zs_sbir.safe_files import check_writable_dir, save_torch
+from zs_sbir.safe_files import acquire_lock, check_writable_dir, save_torch
 
 
 def importers():
@@ -76,18 +76,21 @@ def convert(args):
         if save.exists() and Path(path).exists() and save.resolve() == Path(path).resolve():
             raise UserError(f"--save '{save}' is the --{dest} file: converting never replaces a released file; "
                             f"choose another --save (nothing was written)")
-    if save.exists() and not args.overwrite:
+    if save.exists() and not args.overwrite:  # said at once; checked again under the lock before the write
         raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
-    if args.emb_dim is not None and not 1 <= args.emb_dim <= 65536:
-        raise UserError(f'--emb_dim must be from 1 to 65536, got {args.emb_dim}')
-    if not 32 <= args.img_size <= 2048 or args.img_size % 4:
-        raise UserError(f'--img_size must be a multiple of 4 from 32 to 2048 (as train.py takes), got {args.img_size}')
+    check_numbers(args)
     data_name = args.data_name or Path(next(iter(files.values()))).name.split('_')[0]
     model, options, parts = get_method(method).from_release(args)
     run_args = train_args(['--method', method, '--data_root', args.data_root, '--data_name', data_name, '--img_size',
                            str(args.img_size), *options])
     checkpoint = checkpoint_record(model, run_args, parts=parts, converted_from=[str(path) for path in files.values()])
-    save_torch(checkpoint, save)
+    release = acquire_lock(save.parent / f'.{save.name}.lock', f"'{save}'", hint='wait for it, or choose another --save')
+    try:  # from the check to the write, no other convert.py writes this file
+        if save.exists() and not args.overwrite:
+            raise UserError(f"'{save}' exists: pass --overwrite to replace it, or choose another --save")
+        save_torch(checkpoint, save)
+    finally:
+        release()
     print(f'saved {save}: {method} {model.backbone_tag}, {run_args.emb_dim}-d, from {" and ".join(map(str, files.values()))}')
     print(f'next: python test.py --evaluate --data_base {save} --data_root {args.data_root} --data_name {data_name}')
     return checkpoint

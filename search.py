@@ -18,6 +18,7 @@ hands out the result pictures and nothing else.
 """
 import argparse
 import atexit
+from contextlib import contextmanager
 import os
 import re
 import shutil
@@ -29,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from zs_sbir.cli import (DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, first_line,
-                 run_cli)
+from zs_sbir.cli import (DEFAULT_WORKERS, ArgumentParser, Limit, UserError, check_device, check_numbers, default_device,
+                         first_line, run_cli)
 from zs_sbir.images import pillow_suffixes, query_files, read_rgb, to_rgb8
 from zs_sbir.pictures import draw_retrieval, save_png
 from zs_sbir.safe_files import plan_outputs, writing_into
@@ -43,15 +44,18 @@ from utils import PHOTO
 
 # ----------------------------------------------------------------------------------------------- index
 
+@contextmanager
 def claimed(out):
-    """Hold the index folder `out` (created if need be) for this process: a second writer is refused."""
+    """Hold the index folder `out` (created if need be) for this process, from the check that it is an index (or
+    empty) to the last write: a second writer is refused."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--index '{out}' is a file, not a folder")
-    if out.is_dir() and not is_index(out) and any(p.name not in (LOCK, JOURNAL) for p in out.iterdir()):
-        raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
-                        f"written)")
-    return writing_into(out, '--index', LOCK)
+    with writing_into(out, '--index', LOCK):
+        if not is_index(out) and any(p.name not in (LOCK, JOURNAL) for p in out.iterdir()):
+            raise UserError(f"'{out}' exists and is not an index of search.py: choose another --index (nothing was "
+                            f"written)")
+        yield out
 
 
 def index_kind(args, previous):
@@ -196,7 +200,8 @@ def merge_indexes(args):
                             'skipped': skipped, 'merged_from': [str(Path(part).resolve()) for part in args.parts]},
                       table, np.stack(rows).astype(np.float32), kind, complete=all(
                           meta.get('complete', True) for meta, _, _ in parts))
-    print(f'wrote {out}: {len(table)} photos under {root} from {len(parts)} shards ({meta["kind"]} index)')
+    exact = ' (fewer than 1000 photos: searched exactly)' if meta['kind'] != kind else ''
+    print(f'wrote {out}: {len(table)} photos under {root} from {len(parts)} shards ({meta["kind"]} index{exact})')
     return meta
 
 
@@ -396,17 +401,7 @@ def run(args):
     empty = [f'--{k}' for k, v in vars(args).items() if v == '' or (isinstance(v, list) and '' in v)]
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
-    if args.command in ('query', 'serve') and not (1 <= args.nprobe < 2 ** 31 and 1 <= args.ef_search < 2 ** 31):
-        raise UserError(f'--nprobe and --ef_search must be from 1 to 2**31 - 1, got {args.nprobe} and '
-                        f'{args.ef_search}')
-    if args.command == 'index':
-        check_workers(args.workers)
-        if not (1 <= args.batch_size <= 65536 and args.save_every >= 0):
-            raise UserError(f'--batch_size must be from 1 to 65536 and --save_every at least 0, got '
-                            f'{args.batch_size} and {args.save_every}')
-    most = {'query': 10_000, 'serve': 32}.get(args.command)  # the page shows at most 32
-    if most and not 1 <= args.num <= most:
-        raise UserError(f'--num must be from 1 to {most}, got {args.num}')
+    check_numbers(args, **({'num': Limit(1, 32)} if args.command == 'serve' else {}))  # the page shows 32 at most
     return {'index': build_index, 'merge': merge_indexes, 'query': run_query, 'serve': serve}[args.command](args)
 
 

@@ -98,6 +98,7 @@ def claim_outputs(args, files, rt):
             root.mkdir(parents=True, exist_ok=True)
             release = acquire_lock(files.lock, f"run '{run_prefix(args)}' in '{root}'",
                                    hint='wait for it, or use another --save_root')
+            check_outputs(args, files)  # again, under the lock: another run may have finished while this one waited
             for path in files.outputs():
                 remove_stale_temporaries(path)
         except UserError as error:

@@ -344,13 +344,15 @@ def test_test_py_unwritable_save_root_and_junk_gallery_photo(run, tiny_data, tmp
 
 def test_prepare_py_errors(tiny_data, tmp_path, capsys):
     check_cli(capsys, prepare.main, ['cache', '--data_root', tiny_data, '--data_name', 'synthetic', '--img_size', 0],
-              r'--img_size must be a multiple of 4 from 32 to 2048 \(as train.py takes\), got 0', unchanged=[tiny_data])
+              '--img_size must be a multiple of 4 from 32 to 2048, got 0', unchanged=[tiny_data])
     (tmp_path / 'file').write_text('x')
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'file'], r"--data_root '.*file' is a file")
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tiny_data], r"synthetic' already exists: remove it, "
               r"pass --overwrite", unchanged=[tiny_data])
     check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--num_sketches', 0],
-              '--num_sketches must be at least 1, got 0')
+              '--num_sketches must be from 1 to 100000, got 0')
+    check_cli(capsys, prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--num_val_photos', 10 ** 12],
+              '--num_val_photos must be from 1 to 100000, got 1000000000000')
     check_cli(capsys, prepare.main, ['synthetic', '--num_classes', 99], r'--num_classes must be at most 34')
     check_cli(capsys, prepare.main, ['sketchy', '--split', '25', '--sketch_dir', tmp_path / 'x', '--photo_dir',
                                      tmp_path / 'y'], r"sketch folder not found: '.*x'")
@@ -367,7 +369,7 @@ def test_benchmark_table_over_odd_files(tmp_path, capsys):
     (tmp_path / 'synthetic_acnet_resnet50_512_results.csv').write_text('')
     (tmp_path / 'synthetic_msedge_resnet50_512_results.csv').write_text('epoch,precise\n1,0.5\n')
     check_cli(capsys, reproduce.main, ['--table_only', '--save_root', tmp_path],
-              r"no results CSV of train.py under '.*'", unchanged=[tmp_path])
+              r"no complete run of train.py under '.*'", unchanged=[tmp_path])
     check_cli(capsys, reproduce.main, ['--save_root', tmp_path / 'a', '--datasets', 'synthetic', '--', '--save_root',
                                        tmp_path / 'b'], r'--save_root after -- would send the runs elsewhere')
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512_w1-0-1_on-photo-fake', [0.2, 0.3])
@@ -394,7 +396,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
     cases = [
         (train_main, ['--data_root', '', '--save_root', tmp_path / 'out'], '--data_root must not be empty'),
         (train_main, train_base + ['--data_name', '../synthetic'], '--data_name must be the name of a folder'),
-        (train_main, train_base + ['--seed', str(10 ** 23)], r'--seed must be from 0 to 2\*\*31 - 1'),
+        (train_main, train_base + ['--seed', str(10 ** 23)], '--seed must be from 0 to 2147483647'),
         (train_main, train_base + ['--img_size', '100000'], '--img_size must be a multiple of 4 from 32 to 2048'),
         (train_main, train_base + ['--lr', 'inf'], '--lr must be a positive number, got inf'),
         (train_main, train_base + ['--loss_weights', 'nan', '1', '1'], '--loss_weights must be >= 0'),
@@ -407,7 +409,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
         (retrieval.main, ['--data_base', checkpoint, '--query_name', tmp_path / 'notes.txt', '--save_root',
                           tmp_path / 'out'], r"cannot read image '.*notes.txt'"),
         (prepare.main, ['synthetic', '--data_root', ''], '--data_root must not be empty'),
-        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--seed', '-1'], '--data_seed must be at least 0'),
+        (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--seed', '-1'], '--data_seed must be from 0 to '),
         (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path / 'notes.txt' / 'x.png'],
          "--preview folder '.*notes.txt' is a file"),
         (prepare.main, ['synthetic', '--data_root', tmp_path / 'new', '--preview', tmp_path], 'must name a .png file'),
@@ -415,8 +417,14 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
          'is a checkpoint of this repo, not a released state dict: it needs no conversion'),
         (reproduce.main, ['--datasets', 'nowhere', '--save_root', tmp_path / 'b', '--', '--data_root', tiny_data],
          r"--datasets nowhere: no dataset folder '.*nowhere'"),
-        (speed.main, ['metrics', '--repeats', '0'], '--repeats and --slow_queries must be at least 1'),
-        (speed.main, ['train', '--steps', '0'], '--steps at least 1'),
+        (speed.main, ['metrics', '--repeats', '0'], '--repeats must be from 1 to 1000, got 0'),
+        (speed.main, ['train', '--steps', '0'], '--steps must be from 1 to 1000000, got 0'),
+        (retrieval.main, ['--evaluate', '--training_free', '--no_pretrained', '--data_root', tiny_data, '--data_name',
+                          'synthetic', '--img_size', '100000'], '--img_size must be a multiple of 4 from 32 to 2048'),
+        (train_main, train_base + ['--method', 'msedge', '--feature_levels', '0', '1', '9'],
+         r'--feature_levels 0 1 9: resnet50 has 5 feature levels \(0 to 4, or -5 to -1\)'),
+        (train_main, ['--data_root', tmp_path, '--data_name', 'sketchy', '--no_pretrained', '--save_root', tmp_path / 'o'],
+         r'build it from its download with `python prepare.py sketchy --split 21\|25'),
         (speed.main, ['train', '--backbones', 'resnet50', 'resnt50'], r"--backbones 'resnt50': timm has no model"),
         (speed.main, ['metrics', '--devices', 'cpu', 'gpu0'], r"--devices 'gpu0' is not a device name"),
     ]
@@ -443,15 +451,15 @@ def test_round_two_probe_one_line_each(run, tmp_path, capsys):
                                       '--save_root', tmp_path / 'figures'], match, unchanged=[folder])
         with pytest.raises(SystemExit):  # the table leaves that run out, and says why
             reproduce.main(['--table_only', '--save_root', str(folder)])
-        assert f"skipped: '{folder / 'synthetic_acnet_resnet50_64_results.csv'}' is not a results CSV" in \
+        assert f"skipped {folder / 'synthetic_acnet_resnet50_64_results.csv'}: it is not a results CSV" in \
             capsys.readouterr().out
     cases = [
-        (speed.main, ['search', '--dim', '0'], r'--emb_dim 0'),
-        (speed.main, ['search', '--clusters', '0'], r'--clusters 0'),
+        (speed.main, ['search', '--dim', '0'], '--emb_dim must be from 1 to 65536, got 0'),
+        (speed.main, ['search', '--clusters', '0'], '--clusters must be from 1 to 10000000, got 0'),
         (convert.main, ['--extractor', 'e.pth', '--generator', 'g.pth', '--save', tmp_path / 'c.pth', '--img_size',
-                        '0'], r'--img_size must be a multiple of 4 from 32 to 2048 \(as train.py takes\), got 0'),
+                        '0'], '--img_size must be a multiple of 4 from 32 to 2048, got 0'),
         (plot.main, ['tsne', '--data_base', checkpoint, '--seed', '-1', '--save_root', tmp_path / 'figures'],
-         r'--seed must be from 0 to 2\*\*32 - 1, got -1'),
+         '--seed must be from 0 to 2147483647, got -1'),
     ]
     for main, argv, match in cases:
         check_cli(capsys, main, argv, match, unchanged=[run])
@@ -472,3 +480,23 @@ def test_a_killed_loader_process_is_one_line_naming_workers(tiny_data, tmp_path,
     monkeypatch.setattr(images.FileImages, '__getitem__', killed)
     check_cli(capsys, train_main, tiny(tiny_data, tmp_path / 'out', '--epochs', '1', '--workers', '1'),
               r'a data loader process was killed \(.*\), most likely for lack of memory: lower --workers or --batch_size')
+
+
+def test_a_run_that_finished_while_this_one_waited_is_not_replaced(tiny_data, tmp_path, capsys, monkeypatch):
+    """train.py checks --save_root before it waits (for a dataset another process generates) and again under the
+    run's lock: a run with the same options that finished meanwhile is kept, and this one stops in one line."""
+    import train as train_module
+    real_load_splits = train_module.load_splits
+
+    finished = {}
+
+    def waited(args, log=print):
+        monkeypatch.setattr(train_module, 'load_splits', real_load_splits)  # the other run does not wait
+        train(parse_args(tiny(tiny_data, tmp_path, '--epochs', '1')))  # the other run, finishing meanwhile
+        finished.update(digests(tmp_path))
+        return real_load_splits(args, log)
+    monkeypatch.setattr(train_module, 'load_splits', waited)
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(tiny(tiny_data, tmp_path, '--epochs', '1', '--seed', '7'))
+    assert exit_info.value.code == 2 and 'exists from an earlier run: pass --resume' in capsys.readouterr().err
+    assert finished and digests(tmp_path) == finished  # the other run's files, untouched

@@ -22,8 +22,19 @@ TUBERLIN_MIN_VAL_PHOTOS = 400
 VAL_CLASSES = ('seeds', 'all')  # --val_classes: the seeds' TU-Berlin rule, or every val class
 
 
-LAYOUT_HELP = ('expected <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>; '
-               '`python prepare.py synthetic --data_root DIR` writes a small dataset of this shape')
+LAYOUT = 'expected <data_root>/<data_name>/{train,val}/{sketch,photo}/<class>/<images>'
+# How each benchmark's folder is made from its download (docs/data.md); any other name: the generated dataset's
+PREPARED_BY = {'sketchy': 'prepare.py sketchy --split 21|25 --sketch_dir ... --photo_dir ...',
+               'tuberlin': 'prepare.py tuberlin --sketch_dir ... --photo_dir ...',
+               'quickdraw': 'prepare.py quickdraw --sketch_dir ... --photo_dir ...'}
+
+
+def layout_help(data_name=''):
+    """What a dataset folder should hold, and the command that makes it."""
+    for prefix, command in PREPARED_BY.items():
+        if data_name.startswith(prefix):
+            return f'{LAYOUT}; build it from its download with `python {command}` (docs/data.md)'
+    return f'{LAYOUT}; `python prepare.py synthetic --data_root DIR` writes a small dataset of this shape'
 
 
 
@@ -63,11 +74,11 @@ def _list_class_folders(folder):
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith('.'))
 
 
-def _require_dir(path, what):
+def _require_dir(path, what, data_name=''):
     if path.exists() and not path.is_dir():
-        raise DataError(f"{what} '{path}' is a file, not a folder ({LAYOUT_HELP})")
+        raise DataError(f"{what} '{path}' is a file, not a folder ({layout_help(data_name)})")
     if not path.is_dir():
-        raise DataError(f"{what} not found: '{path}' ({LAYOUT_HELP})")
+        raise DataError(f"{what} not found: '{path}' ({layout_help(data_name)})")
     if not os.access(path, os.R_OK | os.X_OK):
         raise DataError(f"{what} is not readable: '{path}' (check its permissions)")
 
@@ -84,11 +95,11 @@ def scan_split(data_root, data_name, split, min_photos=None, keep_broken_links=F
     if min_photos is None:
         seeds_rule = data_name.startswith('tuberlin') and split == 'val' and val_classes == 'seeds'
         min_photos = TUBERLIN_MIN_VAL_PHOTOS if seeds_rule else 0
-    _require_dir(Path(data_root), 'data root')
+    _require_dir(Path(data_root), 'data root', data_name)
     root = Path(data_root) / data_name / split
-    _require_dir(root, f'{split} folder of dataset {data_name!r}')
+    _require_dir(root, f'{split} folder of dataset {data_name!r}', data_name)
     for side in DOMAINS:
-        _require_dir(root / side, f"'{side}' folder")
+        _require_dir(root / side, f"'{side}' folder", data_name)
     sketch_classes, photo_classes = _list_class_folders(root / 'sketch'), _list_class_folders(root / 'photo')
     one_sided = sorted(set(sketch_classes) ^ set(photo_classes))
     if one_sided:
@@ -98,7 +109,7 @@ def scan_split(data_root, data_name, split, min_photos=None, keep_broken_links=F
         raise DataError(f'{root}: every class needs both a sketch/ and a photo/ folder; '
                         f'one side only: {where}{more}')
     if not sketch_classes:
-        raise DataError(f'{root}: no class folders under sketch/ and photo/ ({LAYOUT_HELP})')
+        raise DataError(f'{root}: no class folders under sketch/ and photo/ ({layout_help(data_name)})')
 
     files, ignored, broken = {}, [], []
     for name in sketch_classes:
@@ -138,7 +149,7 @@ def split_fingerprint(split):
     """What identifies a split's data: its classes, counts and a digest of every (path, label, domain)."""
     digest = hashlib.sha256()
     for path, label, domain in zip(split.paths, split.labels, split.domains):
-        digest.update(f'{path}\t{label}\t{domain}\n'.encode())
+        digest.update(f'{path}\t{label}\t{domain}\n'.encode(errors='surrogateescape'))  # any file name
     return {'classes': list(split.classes), 'sketches': split.count(SKETCH), 'photos': split.count(PHOTO),
             'digest': digest.hexdigest()}
 

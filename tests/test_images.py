@@ -5,7 +5,7 @@ import os
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import BlpImagePlugin, Image
 
 from zs_sbir.cli import DataError, UserError
 from zs_sbir.images import load_image, query_files, read_rgb, to_rgb8, walk_image_files
@@ -60,7 +60,7 @@ def test_transparency_becomes_white():
     assert pixels[1, 1].tolist() == [10, 10, 10] and pixels[0, 0].tolist() == [255, 255, 255]
 
 
-@pytest.mark.parametrize('fmt', ['PNG', 'JPEG', 'GIF', 'BMP', 'TIFF', 'WEBP', 'PPM'])
+@pytest.mark.parametrize('fmt', ['PNG', 'JPEG', 'GIF', 'BMP', 'TIFF', 'WEBP', 'PPM', 'AVIF', 'QOI'])
 def test_every_format_reads_and_its_damaged_file_is_refused_by_name(tmp_path, fmt):
     path = tmp_path / f'image.{fmt.lower()}'
     buffer = io.BytesIO()
@@ -96,3 +96,18 @@ def test_walking_follows_links_once_and_reports_what_it_cannot_enter(tmp_path):
     with pytest.raises(UserError, match="query folder '.*empty' holds no image"):
         os.mkdir(tmp_path / 'empty')
         query_files([str(tmp_path / 'empty')])
+
+
+@pytest.mark.parametrize('error', [RuntimeError('AVIF decode failed'), IndexError('QOI index out of range'),
+                                   BlpImagePlugin.BLPFormatError('Unsupported BLP compression'), MemoryError()])
+def test_whatever_a_decoder_raises_is_an_unreadable_file(tmp_path, monkeypatch, error):
+    """Pillow's plugins raise more than OSError: RuntimeError (AVIF), BLPFormatError, IndexError (QOI) for damaged
+    files. Every one means the file, named, is unreadable; never a traceback."""
+    path = tmp_path / 'damaged.png'
+    Image.new('RGB', (8, 8), RED).save(path)
+
+    def broken(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(Image.Image, 'load', broken)
+    with pytest.raises(DataError, match="cannot read image '.*damaged.png'"):
+        read_rgb(path)

@@ -21,12 +21,14 @@ def is_image_file(path):
 
 def read_rgb(path):
     """Any image file Pillow opens, in any mode, as an 8-bit RGB PIL image (to_rgb8). A file that does not
-    decode, or whose values cannot be brought to 8 bits, is a DataError naming it."""
+    decode, or whose values cannot be brought to 8 bits, is a DataError naming it: whatever its decoder raises
+    (Pillow's plugins raise OSError, ValueError, SyntaxError, and also RuntimeError for AVIF, BLPFormatError, or an
+    IndexError for a cut-off QOI file)."""
     try:
         with Image.open(path) as img:
             img.load()
             return to_rgb8(img)
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+    except Exception as error:  # noqa: BLE001 (any decoder's failure is the file's)
         raise DataError(f"cannot read image '{path}': {first_line(error)}") from error
 
 

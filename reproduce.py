@@ -7,8 +7,9 @@ the table.
         --img_size 32 --epochs 15 --lr 1e-3                            # anything after -- goes to train.py
     python reproduce.py --table_only                                   # table from the CSVs already there
 
-A run is finished when its results CSV has a row for every epoch; finished runs are skipped and an
-interrupted one continues with --resume. The table
+A run is finished when its _last.pth holds every epoch and, after --eval_queries, its CSV ends with the
+selected epoch scored on every sketch; finished runs are skipped, an interrupted one continues with
+--resume, and the table is built from finished runs only. The table
 has the seeds' layout (one row per method, backbone and dim; mAP@200, mAP@all, P@100, P@200 per
 dataset, in percent) with the published ACNet numbers beside ours, one row per run at the epoch its
 selection rule picked, and a column saying which rule that was (test: best epoch on the unseen test
@@ -23,10 +24,11 @@ from itertools import product
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from methods import get_method, method_names
 from utils import CONVENTIONS, METRIC_NAMES, metric_name
-from zs_sbir.cli import ArgumentParser, UserError, run_cli
+from zs_sbir.cli import ArgumentParser, UserError, first_line, run_cli
 from zs_sbir.config import check_args, parse_args as train_args, run_prefix
 from zs_sbir.results import SELECT_ON, read_results
 from zs_sbir.safe_files import atomic_write
@@ -43,8 +45,9 @@ ALL_VAL_MARK = '†'  # a TU-Berlin number on every val class
 PUBLISHED_OTHERS = {'quickdraw': [('ZSE-SBIR', {'mAP@all': 14.5, 'P@200': 21.6}),
                                   ('SAKE', {'mAP@all': 13.0, 'P@200': 17.9}),
                                   ('Doodle2Search', {'mAP@all': 7.5, 'P@200': 6.8})]}
-# What train.py's run_prefix adds after the method's own suffix: another metric convention or TU-Berlin val rule
-COMMON_SUFFIXES = r'(?:_sake|_torchmetrics)?(?:_val-(?:all|seeds))?'
+# What train.py's run_prefix adds after the method's own suffix: another metric convention, TU-Berlin val rule,
+# selection on held-out images
+COMMON_SUFFIXES = r'(?:_sake|_torchmetrics)?(?:_val-(?:all|seeds))?(?:_heldout)?'
 
 
 def parse_run_name(filename):
@@ -123,15 +126,36 @@ def results_csv(run_args):
     return Path(run_args.save_root) / f'{run_prefix(run_args)}_results.csv'
 
 
-def is_finished(run_args):
-    path = results_csv(run_args)
-    return path.is_file() and len(pd.read_csv(path)) >= run_args.epochs
+def unfinished(path, epochs=None):
+    """Why the run of a results CSV is not complete, in words, or None when it is: its _last.pth holds all its
+    epochs (`epochs`, else those it was started for) and, when it scored a sample of the queries each epoch, its
+    results end with the selected epoch scored on every sketch. A table is built from complete runs only."""
+    last = Path(path).with_name(Path(path).name.replace('_results.csv', '_last.pth'))
+    if not Path(path).is_file():
+        return 'no results CSV'
+    try:
+        _, reported = read_results(path)
+    except UserError as error:
+        return str(error).replace(f"'{path}' is", 'it is', 1)
+    if not last.is_file():
+        return f'no {last.name} beside it'
+    try:  # memory-mapped: only the few entries read come off the disk
+        record = torch.load(last, map_location='cpu', weights_only=True, mmap=True)
+        trained, epoch = record['args'], record['epoch']
+        epochs = epochs or trained['epochs']
+    except Exception as error:  # noqa: BLE001 (a damaged or foreign file: not a run this table can vouch for)
+        return f'its {last.name} cannot be read ({first_line(error)})'
+    if epoch < epochs:
+        return f'it has {epoch} of {epochs} epochs'
+    if str(reported.get('eval_queries', 'all')) != 'all':
+        return 'its selected epoch was never scored on every sketch (--eval_queries)'
+    return None
 
 
 def run_grid(args):
     failed = []
     for argv, run_args in grid(args):
-        if is_finished(run_args):
+        if unfinished(results_csv(run_args), run_args.epochs) is None:
             print(f'done already: {results_csv(run_args)}')
             continue
         resume = ['--resume'] if (Path(run_args.save_root) / f'{run_prefix(run_args)}_last.pth').exists() else []
@@ -142,14 +166,19 @@ def run_grid(args):
     return failed
 
 
-def best_rows(save_root, convention=None):
-    """One row per results CSV under save_root: the epoch its selection rule picked, its metrics in `convention`
-    (default: the run's own). Files that are not train.py's are skipped with a note."""
+def best_rows(save_root, convention=None, paths=None):
+    """One row per complete run under save_root (of `paths`, its results CSVs, when given): the epoch its
+    selection rule picked, its metrics in `convention` (default: the run's own). Files that are not train.py's, and
+    runs not complete, are skipped with a note."""
     rows = []
-    for path in sorted(Path(save_root).glob('*_results.csv')):
+    for path in sorted(paths) if paths is not None else sorted(Path(save_root).glob('*_results.csv')):
         parsed = parse_run_name(path.name)
         if parsed is None:
             print(f'skipped {path}: not named as train.py names its results')
+            continue
+        why = unfinished(path)
+        if why:
+            print(f'skipped {path}: {why}')
             continue
         method, name = parsed
         try:
@@ -245,9 +274,11 @@ def run(args):
     failed = [] if args.table_only else run_grid(args)
     if args.dry_run:
         return
-    rows = best_rows(args.save_root, args.metric_convention)
+    # the grid's own runs, or with --table_only every run under --save_root: complete ones only
+    rows = best_rows(args.save_root, args.metric_convention,
+                     None if args.table_only else [results_csv(run_args) for _, run_args in grid(args)])
     if rows.empty:
-        raise UserError(f"no results CSV of train.py under '{args.save_root}' (run the grid first, or pass the "
+        raise UserError(f"no complete run of train.py under '{args.save_root}' (run the grid first, or pass the "
                         f"--save_root that holds them)")
     table = build_table(rows, args.all_metrics)
     print(table)

@@ -141,8 +141,9 @@ def cli_checker(main, literal=False):
     return check
 
 
-def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0):
-    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns)."""
+def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0, epochs=None):
+    """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns), and the
+    _last.pth of a run started for `epochs` (default: as many as there are values) that got to the last of them."""
     rows = []
     for epoch, value in enumerate(precise, 1):
         row = {'epoch': epoch, 'class_loss': 1.0, **{m: value * metric_scale for m in METRIC_NAMES},
@@ -152,6 +153,8 @@ def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_sca
         row['select_on'] = select_on
         rows.append(row)
     write_csv(rows, folder / f'{prefix}_results.csv')
+    torch.save({'format': 'zs-sbir-checkpoint-2', 'args': {'epochs': epochs or len(precise), 'eval_queries': 0},
+                'epoch': len(precise)}, folder / f'{prefix}_last.pth')
 
 
 def build(checkpoint, gallery, index, *extra):

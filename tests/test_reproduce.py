@@ -1,4 +1,6 @@
 """reproduce.py (formerly benchmark.py): the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
+import pytest
+
 import reproduce
 from helpers import fake_run
 from utils import METRIC_NAMES
@@ -38,8 +40,35 @@ def test_grid_skips_finished_runs_and_dry_run_runs_nothing(tmp_path, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == f'done already: {tmp_path}/synthetic_acnet_resnet50_512_results.csv'
     assert out[1].endswith('train.py --method acnet --backbone_type vgg16 --emb_dim 512 --data_name synthetic '
-                           f'--save_root {tmp_path} --select_on test --epochs 2 --no_pretrained')
+                           f'--save_root {tmp_path} --select_on test --epochs 2 --no_pretrained --resume')
     assert len(out) == 2 and not (tmp_path / 'benchmark.md').exists()
+
+
+def test_only_complete_runs_are_done_or_tabled(tmp_path, capsys):
+    """A run that never scored its selected epoch on every sketch (--eval_queries), one whose _last.pth is
+    behind, one with none, and results CSVs that are empty, binary or cut off: none is tabled or called done."""
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.2, 0.3])
+    rows = read_csv(tmp_path / 'synthetic_acnet_resnet50_512_results.csv')
+    for row in rows:
+        row['eval_queries'] = '50'  # sampled every epoch; the full row of the selected epoch is missing
+    write_csv(rows, tmp_path / 'synthetic_acnet_resnet50_512_results.csv')
+    fake_run(tmp_path, 'synthetic_msedge_resnet50_512', [0.2, 0.3], epochs=5)  # stopped at 2 of 5
+    fake_run(tmp_path, 'synthetic_acnet_vgg16_512', [0.4])
+    (tmp_path / 'synthetic_acnet_vgg16_512_last.pth').unlink()
+    for name, data in (('synthetic_msedge_vgg16_512', b''), ('synthetic_acnet_resnet50_64', b'\x00\xff' * 50),
+                       ('synthetic_msedge_resnet50_64', b'epoch,precise,mAP@200\n1,0.5')):
+        fake_run(tmp_path, name, [0.5])
+        (tmp_path / f'{name}_results.csv').write_bytes(data)
+    argv = ['--methods', 'acnet', 'msedge', '--backbones', 'resnet50', 'vgg16', '--emb_dims', '64', '512', '--datasets',
+            'synthetic', '--save_root', str(tmp_path), '--dry_run', '--', '--no_pretrained']
+    reproduce.main(argv)
+    out = capsys.readouterr().out
+    assert 'done already' not in out and out.count('train.py') == 8
+    with pytest.raises(SystemExit) as stop:
+        reproduce.main(['--table_only', '--save_root', str(tmp_path)])
+    out, err = capsys.readouterr()
+    assert stop.value.code == 2 and 'no complete run of train.py under' in err
+    assert 'never scored on every sketch' in out and 'it has 2 of 5 epochs' in out and 'no synthetic_acnet_vgg16_512_last' in out
 
 
 def test_no_published_rows_for_the_generated_dataset(tmp_path):

@@ -25,7 +25,7 @@ import torch
 from methods import get_method, method_names
 from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
-from zs_sbir.cli import ArgumentParser, UserError, check_device, default_device, run_cli
+from zs_sbir.cli import ArgumentParser, UserError, check_device, check_numbers, default_device, run_cli
 from zs_sbir.images import load_image, walk_image_files
 from zs_sbir.pictures import heatmap, save_png, sheet, to_pil
 from zs_sbir.results import read_results
@@ -188,10 +188,6 @@ def plot_tsne(data, title):
 
 
 def tsne(args):
-    if args.max_points < 10:
-        raise UserError(f'--max_points must be at least 10, got {args.max_points}')
-    if not 0 <= args.seed < 2 ** 32:
-        raise UserError(f'--seed must be from 0 to 2**32 - 1, got {args.seed}')
     data = tsne_data(saved_embeddings(args), args.max_points, args.seed)
     stem = run_stem(args.data_base)
     return write_outputs(args, f'{stem}_tsne', plot_tsne(data, stem), data, TSNE_COLUMNS)
@@ -281,7 +277,7 @@ def batches(files, size, interpolation, batch_size=32):
 def generated(args):
     """The generator's image of each sketch, saved at the model's input size, and a contact sheet."""
     model, size = model_drawing(args)
-    files = image_files(args.query_name, '--query_name')
+    files = image_files(args.query_name, '--query_name')[:args.limit]
     stem = run_stem(args.data_base)
     folder, sheet_path = Path(args.save_root) / f'{stem}_generated', Path(args.save_root) / f'{stem}_generated.png'
     check_replaceable(folder)
@@ -294,7 +290,7 @@ def generated(args):
     make_output_folder(folder)
     for name, fake in outputs.items():
         save_png(to_pil(fake), folder / f'{name}.png')
-    per_row, pairs = 2 * args.columns, pairs[:2 * args.limit]
+    per_row = 2 * args.columns
     save_png(sheet([pairs[i:i + per_row] for i in range(0, len(pairs), per_row)],
                    ['sketch', 'generated'] * (per_row // 2)), sheet_path)
     print(f'wrote {len(outputs)} images to {folder}/ and the sheet of the first {len(pairs) // 2} to {sheet_path}')
@@ -355,7 +351,9 @@ def parse_args(argv=None):
     parsers['tsne'].add_argument('--seed', type=int, default=1, help='the sample and the t-SNE layout')
     parsers['generated'].add_argument('--query_name', required=True, help='a folder of sketches (searched recursively)')
     parsers['generated'].add_argument('--columns', type=int, default=4, help='sketch/generated pairs per sheet row')
-    parsers['generated'].add_argument('--limit', type=int, default=24, help='pairs on the sheet, taken across class folders (every sketch is saved)')
+    parsers['generated'].add_argument('--limit', type=int, default=24,
+                                      help='sketches generated, saved and on the sheet (the first of each folder, then '
+                                           'the second, ...)')
     parsers['attention'].add_argument('--query_name', required=True, help='a folder of sketches or photos')
     parsers['attention'].add_argument('--domain', default='auto', choices=['auto', 'sketch', 'photo'],
                                       help='what the images are (auto: from a sketch/ or photo/ folder in the path)')
@@ -372,9 +370,7 @@ def run(args):
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
     check_writable_dir(args.save_root, '--save_root')
-    small = [f'--{k}' for k in ('limit', 'columns') if getattr(args, k, 1) < 1]
-    if small:
-        raise UserError(f'{", ".join(small)} must be at least 1')
+    check_numbers(args)
     if getattr(args, 'device', None):
         check_device(args.device)
     with writing_into(args.save_root):  # one plot.py writing into a folder at a time

@@ -27,11 +27,13 @@ import argparse
 import json
 import platform
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from itertools import islice
 from pathlib import Path
 
@@ -40,7 +42,8 @@ import torch
 
 from methods import create_model, get_method, method_names, with_defaults
 from utils import METRIC_NAMES, PHOTO, Split, retrieval_metrics, scan_split
-from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_workers, default_device, run_cli
+from zs_sbir.cli import (DEFAULT_WORKERS, ArgumentParser, Limit, UserError, check_device, check_numbers, default_device,
+                         run_cli)
 from zs_sbir.datasets import EpochSampler
 from zs_sbir.evaluation import make_eval_loader, split_images, to_device
 from zs_sbir.image_cache import build_cache
@@ -105,11 +108,10 @@ def run_child(kind, size, device, repeats, slow_queries):
 
 
 def bench_metrics(args):
-    if args.repeats < 1 or args.slow_queries < 1:
-        raise UserError(f'--repeats and --slow_queries must be at least 1, got {args.repeats} and {args.slow_queries}')
+    check_numbers(args)
     devices = [check_device(d, '--devices').type for d in args.devices] if args.devices else \
         ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
-    sizes = ['quick'] if args.quick else args.sizes
+    sizes = args.sizes
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, torch '
           f'{torch.__version__}' + (f', {torch.cuda.get_device_name()}' if torch.cuda.is_available() else ''))
     print(f'seed style measured on {args.slow_queries} queries and scaled to all of them; diffs compare '
@@ -214,16 +216,27 @@ def memory_batches(method, batch_size, size, num_classes, count):
     return [train] * count, [evaluation] * count
 
 
+@contextmanager
+def scratch_folder(prefix):
+    """A temporary folder, removed however the benchmark ends (Ctrl-C too)."""
+    root = Path(tempfile.mkdtemp(prefix=prefix))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def bench_train(args):
     device = check_device(args.device)
-    if args.quick:
-        args.img_size, args.batch_size, args.steps = 32, 8, 3
-    check_workers(args.workers)
-    if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
-        raise UserError('--batch_size must be at least 2, --steps at least 1, --workers at least 0 and --img_size '
-                        f'from 32 to 2048; got {args.batch_size}, {args.steps}, {args.workers}, {args.img_size}')
+    check_numbers(args, batch_size=Limit(2, 65536))  # an ACNet batch holds pairs
     pairs = method_backbones(args.methods, args.backbones, ['resnet50', 'vgg16'])  # one line for an unknown name
-    root = Path(tempfile.mkdtemp(prefix='bench-data-'))
+    if args.quick and not args.backbones:  # each method's first backbone only
+        pairs = [pair for i, pair in enumerate(pairs) if pair[0] not in [m for m, _ in pairs[:i]]]
+    with scratch_folder('bench-data-') as root:
+        measure_train(args, device, pairs, root)
+
+
+def measure_train(args, device, pairs, root):
     print(f'generating a {args.img_size}-px synthetic dataset in {root} ...')
     make_synthetic(root, num_classes=12, num_val_classes=4, num_sketches=args.batch_size, num_photos=args.batch_size,
                    num_val_photos=args.batch_size, img_size=args.img_size, workers=max(1, args.workers))
@@ -319,11 +332,7 @@ def method_backbones(methods, asked, candidates):
 
 def bench_backbones(args):
     device = check_device(args.device).type
-    if args.quick:
-        args.img_size, args.batch_size, args.steps = 64, 8, 2
-    if args.batch_size < 2 or args.steps < 1 or not 32 <= args.img_size <= 2048:
-        raise UserError(f'--batch_size must be at least 2, --steps at least 1 and --img_size from 32 to 2048; got '
-                        f'{args.batch_size}, {args.steps}, {args.img_size}')
+    check_numbers(args, batch_size=Limit(2, 65536))
     pairs = method_backbones(args.methods, args.backbones, QUICK_BACKBONES if args.quick else BACKBONES)
     name = torch.cuda.get_device_name() if device == 'cuda' else f'CPU ({torch.get_num_threads()} threads)'
     print(f'device: {name}; torch {torch.__version__}; random init, {args.img_size} px, batch {args.batch_size}, '
@@ -371,7 +380,11 @@ def clustered_unit_vectors(count, dim, clusters, seed, spread=1.0):
 def embed_throughput(method, img_size, count, batch_size, workers, device):
     """Images/s of search.py's index loop (decode, resize, embed) over generated photos, a method's default backbone
     from random init."""
-    root = Path(tempfile.mkdtemp(prefix='bench-photos-'))
+    with scratch_folder('bench-photos-') as root:
+        return embed_rate(method, img_size, count, batch_size, workers, device, root)
+
+
+def embed_rate(method, img_size, count, batch_size, workers, device, root):
     per_class = -(-count // 4)
     make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=1, num_photos=per_class,
                    num_val_photos=1, img_size=img_size, workers=max(1, workers))
@@ -390,15 +403,7 @@ def embed_throughput(method, img_size, count, batch_size, workers, device):
 
 def bench_search(args):
     import faiss
-    if args.quick:
-        args.sizes, args.embed_images, args.img_size = [10_000, 20_000], 16, 64
-    check_workers(args.workers)
-    small = [f'--{name} {getattr(args, name)}' for name in ('queries', 'embed_images', 'emb_dim', 'clusters', 'workers')
-             if getattr(args, name) < (0 if name == 'workers' else 1)]
-    if min(args.sizes) < 1000 or small or not 32 <= args.img_size <= 2048:
-        raise UserError(f'--sizes must be at least 1000, --workers at least 0, --img_size from 32 to 2048 and '
-                        f'--queries, --embed_images, --emb_dim and --clusters at least 1; got --sizes '
-                        f'{" ".join(map(str, args.sizes))}{", " if small else ""}{", ".join(small)}')
+    check_numbers(args)
     devices = ['cpu'] + (['cuda'] if torch.cuda.is_available() else [])
     print(f'machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, '
           f'{faiss.omp_get_max_threads()} FAISS threads, faiss {faiss.__version__}, torch {torch.__version__}')
@@ -449,16 +454,17 @@ def parse_args(argv=None):
     metrics.add_argument('--quick', action='store_true', help='small sizes only (seconds)')
     metrics.add_argument('--repeats', type=int, default=3, help='timed runs of ours (median reported)')
     metrics.add_argument('--slow_queries', type=int, default=200, help='queries for the seed-style timing')
-    metrics.add_argument('--sizes', nargs='+', default=['sketchy', 'tuberlin', 'quickdraw'],
+    metrics.add_argument('--sizes', nargs='+', default=None,
                          choices=['sketchy', 'tuberlin', 'quickdraw'], help='zero-shot test-set sizes to measure')
     metrics.add_argument('--devices', nargs='+', default=None,
                          help="where ours runs (default: cpu, and cuda when there is one); the seeds' style runs on the CPU")
     train = commands.add_parser('train', help='training and evaluation throughput, seed settings vs ours',
                                 renamed={'--cpu': ['--device', 'cpu']})
     train.add_argument('--quick', action='store_true', help='32 px, batch 8, 3 steps: about a minute on a CPU')
-    train.add_argument('--img_size', type=int, default=224)
-    train.add_argument('--batch_size', type=int, default=64)
-    train.add_argument('--steps', type=int, default=20, help='timed steps per measurement (after warm-up)')
+    train.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 32)')
+    train.add_argument('--batch_size', type=int, default=None, help='default 64 (--quick: 8)')
+    train.add_argument('--steps', type=int, default=None, help='timed steps per measurement, after warm-up (default 20, '
+                                                               '--quick: 3)')
     train.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes')
     train.add_argument('--compile', action='store_true', help="also torch.compile in 'ours'")
     train.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
@@ -474,27 +480,46 @@ def parse_args(argv=None):
                            help=f'backbone names (default: {" ".join(BACKBONES)} for the methods that take timm\'s '
                                 "models, each other method's own)")
     backbones.add_argument('--quick', action='store_true', help=f'{" ".join(QUICK_BACKBONES)} at 64 px, batch 8')
-    backbones.add_argument('--img_size', type=int, default=224)
-    backbones.add_argument('--batch_size', type=int, default=64)
-    backbones.add_argument('--steps', type=int, default=10, help='timed steps per measurement (after warm-up)')
+    backbones.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
+    backbones.add_argument('--batch_size', type=int, default=None, help='default 64 (--quick: 8)')
+    backbones.add_argument('--steps', type=int, default=None, help='timed steps per measurement, after warm-up '
+                                                                   '(default 10, --quick: 2)')
     search = commands.add_parser('search', help='search.py: index build images/s, query latency, recall',
                                  renamed={'--kinds': '--approx', '--dim': '--emb_dim'})
     search.add_argument('--quick', action='store_true', help='10k and 20k vectors, 16 photos at 64 px: seconds')
     search.add_argument('--method', default='msedge', choices=method_names(),
                         help="whose networks (its default backbone, random init) the index build is timed with")
-    search.add_argument('--sizes', type=int, nargs='+', default=[10_000, 100_000, 1_000_000], help='gallery sizes')
+    search.add_argument('--sizes', type=int, nargs='+', default=None, help='gallery sizes (default 10000 100000 '
+                                                                           '1000000, --quick: 10000 20000)')
     search.add_argument('--approx', nargs='+', default=['flat', 'ivf', 'hnsw'], choices=['flat', 'ivf', 'hnsw'],
                         help='flat: exact (as search.py ranks without --approx); ivf, hnsw: approximate')
     search.add_argument('--emb_dim', type=int, default=512, help='embedding size of the vectors')
     search.add_argument('--clusters', type=int, default=1000, help='clusters the vectors are drawn around')
     search.add_argument('--queries', type=int, default=200)
-    search.add_argument('--embed_images', type=int, default=128, help='photos embedded for the build throughput')
-    search.add_argument('--img_size', type=int, default=224)
+    search.add_argument('--embed_images', type=int, default=None, help='photos embedded for the build throughput '
+                                                                       '(default 128, --quick: 16)')
+    search.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
     search.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for the build '
                                                                               'throughput')
     for sub in (train, backbones):
         sub.add_argument('--device', default=default_device(), help='cpu: measure on the CPU even when a GPU is present')
-    return p.parse_args(argv)
+    return with_sizes(p.parse_args(argv))
+
+
+# Sizes of each subcommand (full, --quick); an option given on the command line wins over either.
+SIZE_DEFAULTS = {
+    'metrics': {'sizes': (['sketchy', 'tuberlin', 'quickdraw'], ['quick'])},
+    'train': {'img_size': (224, 32), 'batch_size': (64, 8), 'steps': (20, 3)},
+    'backbones': {'img_size': (224, 64), 'batch_size': (64, 8), 'steps': (10, 2)},
+    'search': {'sizes': ([10_000, 100_000, 1_000_000], [10_000, 20_000]), 'embed_images': (128, 16), 'img_size': (224, 64)},
+}
+
+
+def with_sizes(args):
+    for name, (full, quick) in SIZE_DEFAULTS[args.command].items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    return args
 
 
 def main(argv=None):

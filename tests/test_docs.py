@@ -196,6 +196,21 @@ def test_one_default_per_concept():
     assert len({args.device for args in devices}) == 1
 
 
+@pytest.mark.parametrize('argv, expected', [
+    (['train'], dict(img_size=224, batch_size=64, steps=20)),
+    (['train', '--quick'], dict(img_size=32, batch_size=8, steps=3)),
+    (['train', '--quick', '--img_size', '64'], dict(img_size=64, batch_size=8, steps=3)),
+    (['backbones', '--steps', '5', '--quick'], dict(img_size=64, batch_size=8, steps=5)),
+    (['search', '--quick', '--sizes', '5000'], dict(sizes=[5000], embed_images=16, img_size=64)),
+    (['search'], dict(sizes=[10_000, 100_000, 1_000_000], embed_images=128, img_size=224)),
+    (['metrics', '--quick'], dict(sizes=['quick'])),
+    (['metrics', '--quick', '--sizes', 'tuberlin'], dict(sizes=['tuberlin'])),
+])
+def test_speed_quick_sizes_yield_to_the_options_given(argv, expected):
+    args = speed.parse_args(argv)
+    assert {name: getattr(args, name) for name in expected} == expected
+
+
 def gpu_check_commands(*stages):
     out = subprocess.run(['bash', str(ROOT / '.ci/gpu'), *stages], capture_output=True, text=True, cwd=ROOT,
                          env={'PATH': '/usr/bin:/bin', 'GPU_CHECK_DRY': '1', 'OUT': '/tmp/zs-sbir-gpu-dry',

@@ -104,8 +104,9 @@ def test_generated_images_are_the_generators_output(runs, tiny_data, tmp_path):
     folder = sorted(sketches.iterdir())[0]
     outputs = plot.main(['generated', '--data_base', str(runs['acnet']), '--query_name', str(folder), '--save_root',
                          str(tmp_path), '--device', DEVICE, '--limit', '2'])
-    files = sorted(folder.glob('*.png'))
+    files = sorted(folder.glob('*.png'))[:2]  # --limit: as many generated, saved and shown
     assert sorted(outputs) == [f.stem for f in files]
+    assert sorted(p.stem for p in (tmp_path / 'synthetic_acnet_resnet50_8_generated').glob('*.png')) == sorted(outputs)
     model = model_from_checkpoint(load_torch(runs['acnet'], CHECKPOINT_FORMAT, 'checkpoint'))
     with torch.no_grad():
         expected = model.pictures(torch.stack([load_image(f, 32, 'bilinear') for f in files]), SKETCH)['generated']
@@ -161,9 +162,9 @@ def test_bad_inputs_are_one_line(runs, tiny_data, tmp_path, capsys):
     check_error(capsys, ['per_class', '--data_base', runs['acnet'], '--save_root', tmp_path / 'figs'],
                 r"file '.*per_class.csv' exists and was not written by this repo")
     assert sorted(p.name for p in (tmp_path / 'figs').iterdir()) == ['synthetic_acnet_resnet50_8_per_class.csv']
-    check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--max_points', '2'], '--max_points must be at least 10')
+    check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--max_points', '2'], '--max_points must be from 10 to ')
     check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', tiny_data, '--limit', '0'],
-                '--limit must be at least 1')
+                '--limit must be from 1 to ')
 
 
 def test_sheets_deal_files_out_across_class_folders(tmp_path):

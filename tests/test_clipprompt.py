@@ -4,8 +4,11 @@ step against its losses written from the formulas, its triplets, its weights, it
 and a tiny run through every command (a 2-block open_clip model, tests/fixtures/open_clip). The side-by-side check
 with ClipPrompt's own source is tests/clipprompt_side_by_side.py (docs/fidelity.md)."""
 import copy
-import re
 import math
+import os
+import re
+import subprocess
+import sys
 from argparse import Namespace
 
 import numpy as np
@@ -18,7 +21,7 @@ import plot
 import reproduce
 import search
 import test as retrieval
-from helpers import DEVICE, TINY_CLIP, build, check_cli, cli_checker, fake_run, make_model, rng_images, tiny
+from helpers import DEVICE, ROOT, TINY_CLIP, build, check_cli, cli_checker, fake_run, free_port, make_model, rng_images, tiny
 from methods import create_model, get_method
 from train import main as train_main, train
 from utils import PHOTO, SKETCH, Split, retrieval_metrics, scan_split
@@ -28,7 +31,7 @@ from zs_sbir.datasets import EpochSampler, SketchTriplets
 from zs_sbir.images import load_image
 from zs_sbir.retrieval import model_from_checkpoint
 from zs_sbir.safe_files import read_csv
-from zs_sbir.training import training_nets
+from zs_sbir.training import compile_model, training_nets
 
 CLASSES = ['cat', 'hot_air_balloon', 'tree']
 RATES = Namespace(encoder_lr=1e-4, prompt_lr=1e-3)
@@ -336,3 +339,51 @@ def test_the_published_row_is_in_clipprompts_convention_and_marks_all_val_classe
     assert '| clipprompt (published) | ViT-B-32 | 512 | test | torchmetrics | 75.3† | 66.0† | 73.9† | 69.7† |' in table
     assert '| clipprompt (ours) | ViT-B-32 | 512 | test | sake | 50.0 |' in table  # a CSV of the seeds' rule, SAKE's
     assert '† every TU-Berlin val class kept' in table
+
+
+# ----------------------------------------------------------------------------------------------- speed paths
+
+@torch.no_grad()
+def test_channels_last_and_bf16_embed_like_the_plain_path():
+    model, images, domains = tiny_clip().eval(), rng_images(4, 32), torch.tensor([SKETCH, PHOTO, SKETCH, PHOTO])
+    plain = model.embed(images, domains)
+    model.to(memory_format=torch.channels_last)
+    assert torch.allclose(model.embed(images.contiguous(memory_format=torch.channels_last), domains), plain, atol=1e-5)
+    with torch.autocast('cpu', torch.bfloat16):
+        assert F.cosine_similarity(model.embed(images, domains).float(), plain).min() > 0.98
+
+
+def test_compiled_bf16_steps_match_eager():
+    batch = [rng_images(4, 32, 1), rng_images(4, 32, 2), rng_images(4, 32, 3), torch.tensor([0, 2, 1, 0])]
+    runs = []
+    for compiled in (False, True):
+        model = tiny_clip().train()
+        if compiled:
+            compile_model(model)
+        nets, optimizers = training_nets(model, amp=True), model.make_optimizers(RATES)
+        runs.append([{k: v.item() for k, v in model.training_step(nets, optimizers, batch).items()} for _ in range(2)])
+        assert all(torch.isfinite(p).all() for p in model.parameters()), f'compiled {compiled}: non-finite weights'
+    for eager, fused in zip(*runs):
+        assert fused == pytest.approx(eager, rel=0.05, abs=1e-3)
+
+
+def test_amp_channels_last_gzs_run_and_two_gloo_processes_match_one(tiny_data, tmp_path):
+    """--amp --channels_last --gzs train and score; torchrun with 2 CPU processes of 4 triplets each gives the
+    metrics of 1 process of 8 (DDP over two towers whose frozen weights get no gradient)."""
+    train(parse_args(clipprompt_args(tiny_data, tmp_path / 'fast', '--epochs', '1', '--amp', '--channels_last',
+                                     '--gzs')))
+    row = read_csv(tmp_path / 'fast' / f'synthetic_clipprompt_{TINY_CLIP}_32_gzs_results.csv')[-1]
+    assert 0 < float(row['torchmetrics_precise']) <= 1 and 0 < float(row['gzs_torchmetrics_precise']) <= 1
+    one = clipprompt_args(tiny_data, tmp_path / 'one', '--epochs', '1', '--device', 'cpu', '--batch_size', '8')
+    train(parse_args(one))
+    two = clipprompt_args(tiny_data, tmp_path / 'two', '--epochs', '1', '--device', 'cpu', '--batch_size', '4')
+    launcher = tmp_path / 'train_tiny_clip.py'  # train.py in processes that know the tiny CLIP too
+    launcher.write_text(f'import runpy, sys\nsys.path.insert(0, {str(ROOT / "tests")!r})\nimport helpers\n'
+                        f'runpy.run_path({str(ROOT / "train.py")!r}, run_name="__main__")\n')
+    result = subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port',
+                             str(free_port()), str(launcher), *two], capture_output=True, text=True, cwd=ROOT,
+                            env={**os.environ, 'OMP_NUM_THREADS': '1'}, timeout=600)
+    assert result.returncode == 0, result.stderr[:2000]
+    a, b = (read_csv(tmp_path / run / f'synthetic_clipprompt_{TINY_CLIP}_32_results.csv')[-1] for run in ('one', 'two'))
+    for name in ('triplet_loss', 'torchmetrics_mAP@all', 'torchmetrics_precise', 'precise'):
+        assert float(a[name]) == pytest.approx(float(b[name]), abs=1e-4), name

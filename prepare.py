@@ -246,6 +246,9 @@ def parse_args(argv=None):
     syn.add_argument('--img_size', type=int, default=64, help='image side in pixels')
     syn.add_argument("--data_seed", type=int, default=0,
                      help="which families go to val, and every image (not train.py's seed)")
+    syn.add_argument('--pairs', action='store_true',
+                     help="sketches in instance pairs for fine-grained ZS-SBIR: each drawn from one photo's shape and "
+                          'pose, named <photo stem>-<n>.png as in Sketchy (other images than without it)')
     syn.add_argument('--preview', default=None, help='also save a PNG of one sketch and photo per class')
     syn.add_argument('--overwrite', action='store_true', help='replace an existing <data_root>/synthetic')
     syn.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='drawing processes (same files for any number)')
@@ -291,7 +294,7 @@ def run(args):
     if args.command == 'synthetic':
         out = make_synthetic(args.data_root, args.num_classes, args.num_val_classes, args.num_sketches,
                              args.num_photos, args.num_val_photos, args.img_size, args.data_seed, args.overwrite,
-                             args.workers)
+                             args.workers, pairs=args.pairs)
         print(f'wrote {out}')
         if args.preview:
             preview(out, args.preview, size=args.img_size)

@@ -25,8 +25,9 @@ from utils import CONVENTIONS, PHOTO, SKETCH, VAL_CLASSES, hold_out, metric_name
 from zs_sbir import safe_files
 from zs_sbir.checkpoint import load_checkpoint_vectors, vectors_record
 from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_numbers, default_device, run_cli
-from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
-                                split_images, split_metrics)
+from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
+                                gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches, split_images,
+                                split_metrics)
 from zs_sbir.images import load_image, query_files, read_rgb
 from zs_sbir.pictures import draw_retrieval, fit_tile, heatmap, save_png
 from zs_sbir.retrieval import Gallery, embed, load_model
@@ -49,6 +50,9 @@ def parse_args(argv=None):
                    help="also draw what a method shows only on request (ACNet: the generator's photo-like image)")
     p.add_argument('--evaluate', action='store_true', help='recompute the metrics of the model on its val split')
     p.add_argument('--gzs', action='store_true', help='with --evaluate: generalized ZS-SBIR too (docs/metrics.md)')
+    p.add_argument('--fine_grained', action='store_true',
+                   help="with --evaluate: fine-grained ZS-SBIR too, Acc@1/5/10 of each sketch's own photo among the "
+                        "photos of its class (pairs by Sketchy's file names; docs/metrics.md)")
     p.add_argument('--metric_convention', default=None, choices=CONVENTIONS,
                    help="with --evaluate: the metrics printed (docs/metrics.md; default: the run's, its method's "
                         "paper's); both are returned")
@@ -254,10 +258,17 @@ def gzs_seen_of_run(checkpoint, data_root, data_name, val, val_classes):
 
 
 def score(args, model, img_size, batch_size, split, seen=None):
-    """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too."""
+    """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too, with
+    --fine_grained the fine-grained ones."""
+    if args.fine_grained:
+        paired_sketches(split)  # before embedding anything: a dataset without pairs is one line
     vectors = embed_images_of(args, model, img_size, batch_size, split)
     metrics = split_metrics(vectors, split)
+    if args.fine_grained:
+        metrics.update(fine_grained_metrics(vectors, split))
     if seen is not None:
+        print(f'GZS: {seen.count(SKETCH)} seen sketches and {seen.count(PHOTO)} seen photos join the unseen test '
+              f'set{gzs_shortfall(seen, split)}')
         seen_vectors = embed_images_of(args, model, img_size, batch_size, seen, 'embed GZS seen')
         gzs = gzs_metrics(vectors, split, seen_vectors, seen)
         metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
@@ -268,6 +279,8 @@ def report(what, split, metrics, convention='sake'):
     print(f'{what}{f" on {split.root}" if split else ""}: {format_metrics(metrics, convention)}')
     if 'gzs_' + metric_name('precise', convention) in metrics:
         print(f'  GZS (seen and unseen classes): {format_metrics(metrics, convention, prefix="gzs_")}')
+    if 'fg_Acc@1' in metrics:
+        print(f"  fine-grained (each sketch's own photo among its class's photos): {format_fine_grained(metrics)}")
 
 
 def training_free(args):
@@ -296,9 +309,9 @@ def run(args):
         raise UserError(f'{", ".join(empty)} must not be empty')
     check_numbers(args)  # --num, --workers, --img_size, ... (cli.LIMITS), the training-free ones too
     check_device(args.device)
-    if args.training_free or args.gzs:
+    if args.training_free or args.gzs or args.fine_grained:
         if not args.evaluate:
-            raise UserError('--training_free and --gzs go with --evaluate')
+            raise UserError('--training_free, --gzs and --fine_grained go with --evaluate')
         if args.training_free:
             return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)

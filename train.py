@@ -31,8 +31,9 @@ from utils import (PHOTO, SKETCH, Split, describe_split, drop_unreadable, finger
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
 from zs_sbir.cli import UserError, run_cli
 from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
-from zs_sbir.evaluation import (embed_split, format_metrics, gzs_metrics, gzs_seen_items, make_eval_loader,
-                                sample_queries, split_images, split_metrics)
+from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
+                                gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches, sample_queries,
+                                split_images, split_metrics)
 from zs_sbir.results import results_row, selection_key
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from zs_sbir.seeding import configure_backends, seed_everything
@@ -58,6 +59,7 @@ class Run:
     optimizers: dict = field(default_factory=dict)
     evals: dict = field(default_factory=dict)  # 'val' (a sample of its queries with --eval_queries), 'heldout'
     full_val: Optional[EvalSet] = None
+    full_gzs: Optional[EvalSet] = None  # with --gzs: every seen item (each epoch may score a sample of them)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     train_classes: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split fingerprints: what --resume checks
@@ -166,14 +168,23 @@ def prepare_data(run, train_split, val_split):
             run.evals['heldout'] = eval_set(args, rt, heldout_split, 'train')
         if args.gzs:
             seen = gzs_seen_items(heldout_split, val_split, args.seed)
-            run.evals['gzs'] = eval_set(args, rt, seen, 'train')
+            run.full_gzs = run.evals['gzs'] = eval_set(args, rt, seen, 'train')
             log(f'GZS: {seen.count(SKETCH)} seen sketches and {seen.count(PHOTO)} seen photos join the unseen '
-                f'test set')
+                f'test set{gzs_shortfall(seen, val_split)}')
+    if args.fine_grained:  # before any training: a dataset without pairs is one line
+        _, paired = paired_sketches(val_split)
+        log(f'fine-grained: {paired} of the {val_split.count(SKETCH)} val sketches look for their own photo among '
+            f'the photos of their class')
     run.full_val = run.evals['val'] = eval_set(args, rt, val_split, 'val')
     if 0 < args.eval_queries < val_split.count(SKETCH):
         run.evals['val'] = eval_set(args, rt, sample_queries(val_split, args.eval_queries, args.seed), 'val')
         log(f'each epoch: {args.eval_queries} of the {val_split.count(SKETCH)} val sketches (seed {args.seed}) against '
             f'all {val_split.count(PHOTO)} photos; the selected epoch: all of them')
+        if args.gzs:  # the seen queries in the same proportion as the unseen ones
+            seen = run.full_gzs.split
+            count = max(1, round(seen.count(SKETCH) * args.eval_queries / val_split.count(SKETCH)))
+            run.evals['gzs'] = eval_set(args, rt, sample_queries(seen, count, args.seed), 'train')
+            log(f'each epoch, GZS: {count} of the {seen.count(SKETCH)} seen sketches')
     run.train_classes = train_split.classes
     run.data = {'train': split_fingerprint(train_split), 'val': split_fingerprint(val_split)}
     cache = (args.data_root, args.data_name, 'train', args.method) if args.cache else None
@@ -193,6 +204,8 @@ def evaluate(run, evals=None):
     embed = dict(device=rt.device, amp=args.amp, channels_last=args.channels_last, world=rt.world, show=rt.main)
     vectors = embed_split(run.model, evals['val'].loader, **embed)
     metrics = split_metrics(vectors, evals['val'].split)
+    if args.fine_grained:
+        metrics.update(fine_grained_metrics(vectors, evals['val'].split))
     if 'heldout' in evals:
         heldout = split_metrics(embed_split(run.model, evals['heldout'].loader, desc='embed held-out', **embed),
                                 evals['heldout'].split)
@@ -212,7 +225,8 @@ def evaluate_selected_epoch_fully(run):
     state = load_torch(run.files.model, CHECKPOINT_FORMAT, 'checkpoint')
     latest = (max(int(row['epoch']) for row in run.rows), {k: v.clone() for k, v in model.state_dict().items()})
     model.load_state_dict(state['model'])
-    metrics, vectors = evaluate(run, {**run.evals, 'val': run.full_val})
+    metrics, vectors = evaluate(run, {**run.evals, 'val': run.full_val,
+                                      **({'gzs': run.full_gzs} if run.full_gzs else {})})
     run.rows.append(results_row(best['epoch'], {}, metrics, run.args))
     if run.rt.main:
         save_epoch(run, best['epoch'], metrics, vectors, run.full_val.split, latest)
@@ -366,7 +380,8 @@ def fit(run, train_split, val_split):
     else:
         first_epoch = 1
         metrics, _ = evaluate(run, {'val': run.evals['val']})
-        log(f'untrained   | unseen {format_metrics(metrics, args.metric_convention)}')
+        log(f'untrained   | unseen {format_metrics(metrics, args.metric_convention)}'
+            + (f' | fine-grained {format_fine_grained(metrics)}' if args.fine_grained else ''))
     nets, warming_up = None, None
     for epoch in range(first_epoch, args.epochs + 1):
         start = time.time()
@@ -387,6 +402,7 @@ def fit(run, train_split, val_split):
         precise = metric_name('precise', args.metric_convention)
         heldout = f' | held-out precise {metrics["heldout_" + precise]:.4f}' if 'heldout' in run.evals else ''
         heldout += f' | GZS precise {metrics["gzs_" + precise]:.4f}' if 'gzs' in run.evals else ''
+        heldout += f' | fine-grained {format_fine_grained(metrics)}' if args.fine_grained else ''
         log(f'epoch {epoch:>2}/{args.epochs} | {format_losses(losses)} | unseen '
             f'{format_metrics(metrics, args.metric_convention)}{heldout} | '
             f'{time.time() - start:.0f}s{" *best" if improved else ""}')
@@ -394,7 +410,8 @@ def fit(run, train_split, val_split):
         evaluate_selected_epoch_fully(run)
         run.best = {**run.best, **run.rows[-1]}
     log(f'best epoch {run.best["epoch"]}, selected on {SELECT_TEXT[args.select_on]}: unseen '
-        f'{format_metrics(run.best, args.metric_convention)}')
+        f'{format_metrics(run.best, args.metric_convention)}'
+        + (f' | fine-grained {format_fine_grained(run.best)}' if args.fine_grained else ''))
     log(f'saved {Path(args.save_root) / run_prefix(args)}_{{results.csv,model.pth,vectors.pth,last.pth}}')
     return run.best
 

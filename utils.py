@@ -370,4 +370,63 @@ def retrieval_metrics(query_vectors, query_labels, gallery_vectors, gallery_labe
 
 
 
+# ----------------------------------------------------------------------------------------------
+# Fine-grained ZS-SBIR (CLIP-AT, Sain et al. CVPR 2023; SpLIP, ECCV 2024): does a sketch find its own photo?
+
+FINE_GRAINED_KS = (1, 5, 10)
+FINE_GRAINED_NAMES = tuple(f'Acc@{k}' for k in FINE_GRAINED_KS)
+PAIR_RULE = ("Sketchy's file-name rule: sketch <photo stem>-<n>.<ext> beside photo <photo stem>.<ext>, "
+             'in the same class folder')
+
+
+def instance_pairs(split):
+    """For every item of the split, the index of the sketch's own photo under Sketchy's file-name rule
+    (`n02121808_10-3.png` is a sketch of `n02121808_10.jpg` of the same class), else -1 (photos, unpaired
+    sketches)."""
+    photo_of = {}
+    for i, (path, label, domain) in enumerate(zip(split.paths, split.labels, split.domains)):
+        if domain == PHOTO:
+            photo_of.setdefault((label, Path(path).stem), i)
+    pairs = [-1] * len(split)
+    for i, (path, label, domain) in enumerate(zip(split.paths, split.labels, split.domains)):
+        stem, dash, number = Path(path).stem.rpartition('-')
+        if domain == SKETCH and dash and number.isdigit():
+            pairs[i] = photo_of.get((label, stem), -1)
+    return pairs
+
+
+def fine_grained_accuracy(query_vectors, query_labels, own_photos, gallery_vectors, gallery_labels, *,
+                          ks=FINE_GRAINED_KS, per_query=False, max_memory_mb=1024):
+    """Acc@k of fine-grained ZS-SBIR: the share of queries whose own photo (`own_photos[i]`, a gallery index)
+    ranks within the top k of the gallery photos of the query's own class, each photo once. Cosine similarity;
+    ties go to the lower gallery index, as in retrieval_metrics. Returns {'Acc@k': float}, or with per_query=True
+    each query's rank of its own photo (1 = first) as a 1-D int64 CPU tensor."""
+    device = query_vectors.device if isinstance(query_vectors, torch.Tensor) else 'cpu'
+    queries, gallery = _as_tensor(query_vectors, device), _as_tensor(gallery_vectors, device)
+    query_labels, gallery_labels = _as_tensor(query_labels, device).long(), _as_tensor(gallery_labels, device).long()
+    own_photos = _as_tensor(own_photos, device).long()
+    if not len(queries) or len(own_photos) != len(queries) or len(query_labels) != len(queries):
+        raise ValueError('need at least one query, with one label and one own photo each')
+    if (own_photos < 0).any() or (own_photos >= len(gallery)).any() or \
+            (gallery_labels[own_photos.clamp(0, len(gallery) - 1)] != query_labels).any():
+        raise ValueError("every query's own photo must be a gallery photo of the query's class")
+    dtype = torch.promote_types(queries.dtype, torch.float32)
+    queries = torch.nn.functional.normalize(queries.to(dtype), dim=1)
+    gallery = torch.nn.functional.normalize(gallery.to(dtype), dim=1)
+    index = torch.arange(len(gallery), device=device)
+    block = max(1, int(max_memory_mb * 2 ** 20 // (6 * len(gallery))))
+    ranks = []
+    for start in range(0, len(queries), block):
+        rows = slice(start, start + block)
+        similarity = queries[rows] @ gallery.T
+        own = own_photos[rows, None]
+        mine = similarity.gather(1, own)
+        ahead = (similarity > mine) | ((similarity == mine) & (index < own))
+        ranks.append((ahead & (gallery_labels == query_labels[rows, None])).sum(dim=1) + 1)
+    ranks = torch.cat(ranks).cpu()
+    if per_query:
+        return ranks
+    return {f'Acc@{k}': (ranks <= k).double().mean().item() for k in ks}
+
+
 # How each --select_on rule picks the best epoch: the column it maximises.

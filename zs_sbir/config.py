@@ -16,7 +16,7 @@ SELECT_TEXT = {'test': 'the unseen test classes (as the seeds do)', 'heldout': '
 # different ones.
 COMMON_RUN_DEFINING = ('method', 'data_name', 'backbone_type', 'emb_dim', 'batch_size', 'warmup', 'lr', 'img_size',
                        'seed', 'select_on', 'metric_convention', 'val_classes', 'heldout_fraction', 'skip_bad_images',
-                       'eval_queries', 'gzs')
+                       'eval_queries', 'gzs', 'fine_grained')
 
 
 def run_defining():
@@ -58,6 +58,9 @@ def parse_args(argv=None, description=None):
     p.add_argument('--gzs', action='store_true',
                    help='also score generalized ZS-SBIR every epoch (docs/metrics.md): seen-class sketches and photos, '
                         'held out of training, join the queries and the gallery')
+    p.add_argument('--fine_grained', action='store_true',
+                   help="also score fine-grained ZS-SBIR every epoch (docs/metrics.md): Acc@1/5/10 of each sketch's "
+                        "own photo among the photos of its class (pairs by Sketchy's file names)")
     p.add_argument('--select_on', default='test', choices=SELECT_ON,
                    help="pick the best epoch on the unseen test classes (the seeds' way, to reproduce their "
                         'tables) or on held-out images of the seen classes (no test-set selection)')
@@ -162,7 +165,8 @@ def run_prefix(args):
     if args.data_name.startswith('tuberlin') and rule != method.defaults['val_classes']:
         prefix += f'_val-{rule}'  # another test set
     prefix += '_heldout' if getattr(args, 'select_on', 'test') == 'heldout' else ''  # trained on fewer images
-    return prefix + ('_gzs' if getattr(args, 'gzs', False) else '')  # GZS runs train on fewer images
+    prefix += '_gzs' if getattr(args, 'gzs', False) else ''  # GZS runs train on fewer images
+    return prefix + ('_fg' if getattr(args, 'fine_grained', False) else '')  # more columns in its CSV
 
 
 @dataclass

@@ -6,7 +6,9 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from utils import METRIC_NAMES, PHOTO, SKETCH, metric_name, retrieval_metrics
+from utils import (FINE_GRAINED_NAMES, METRIC_NAMES, PAIR_RULE, PHOTO, SKETCH, fine_grained_accuracy, instance_pairs,
+                   metric_name, retrieval_metrics)
+from zs_sbir.cli import DataError
 from zs_sbir.datasets import EpochSampler, SplitDataset
 from zs_sbir.image_cache import CachedImages
 from zs_sbir.images import FileImages
@@ -105,6 +107,16 @@ def gzs_seen_items(heldout, val, seed):
     return heldout.subset(sorted(photos + sketches))
 
 
+def gzs_shortfall(seen, val):
+    """'' when the seen items are the protocol's 20 % of the unseen test set, else what they fall short of, in
+    words (fewer images were held out of training than the protocol draws)."""
+    wanted = {SKETCH: int(GZS_SHARE * val.count(SKETCH)), PHOTO: int(GZS_SHARE * val.count(PHOTO))}
+    if all(seen.count(domain) >= count for domain, count in wanted.items()):
+        return ''
+    return (f" (fewer than the protocol's 20 %, {wanted[SKETCH]} sketches and {wanted[PHOTO]} photos: fewer were "
+            f'held out of training; a larger --heldout_fraction holds out more)')
+
+
 def gzs_metrics(val_vectors, val, seen_vectors, seen):
     """The four metrics over the generalized test set: every sketch (unseen and seen) queries every photo
     (unseen and seen); relevant means the same class. Seen labels follow the unseen ones."""
@@ -114,6 +126,34 @@ def gzs_metrics(val_vectors, val, seen_vectors, seen):
     vectors = torch.cat([val_vectors, seen_vectors.to(device)])
     sketch, photo = domains == SKETCH, domains == PHOTO
     return retrieval_metrics(vectors[sketch], labels[sketch], vectors[photo], labels[photo])
+
+
+def paired_sketches(split, option='--fine_grained'):
+    """The split's instance pairs (utils.instance_pairs) and how many sketches have one; a DataError naming the
+    folder when none has."""
+    pairs = instance_pairs(split)
+    count = sum(pair >= 0 for pair in pairs)
+    if not count:
+        raise DataError(f"{option}: no sketch in '{split.root}' has its own photo by {PAIR_RULE} (the generated "
+                        f'dataset has pairs with prepare.py synthetic --pairs)')
+    return pairs, count
+
+
+def fine_grained_metrics(vectors, split):
+    """fg_Acc@1/5/10: every sketch that has its own photo (Sketchy's file-name rule) looks for it among the photos
+    of its class."""
+    pairs, _ = paired_sketches(split)
+    sketches = [i for i, pair in enumerate(pairs) if pair >= 0]
+    photos = split.indices(PHOTO)
+    column = {item: j for j, item in enumerate(photos)}
+    labels = torch.tensor(split.labels, device=vectors.device)
+    accuracy = fine_grained_accuracy(vectors[sketches], labels[sketches], [column[pairs[i]] for i in sketches],
+                                     vectors[photos], labels[photos])
+    return {f'fg_{name}': value for name, value in accuracy.items()}
+
+
+def format_fine_grained(metrics):
+    return ' '.join(f'{name} {metrics["fg_" + name]:.4f}' for name in FINE_GRAINED_NAMES)
 
 
 def format_metrics(metrics, convention='sake', prefix=''):

@@ -2,7 +2,7 @@
 and read by reproduce.py and plot.py, and the epoch a run's selection rule picks."""
 import numpy as np
 
-from utils import CONVENTIONS, METRIC_NAMES, metric_name
+from utils import CONVENTIONS, FINE_GRAINED_NAMES, METRIC_NAMES, metric_name
 from zs_sbir.cli import UserError, first_line
 
 # The seeds' CSV order (precisions first), in SAKE's convention (the plain names), then in torchmetrics'.
@@ -34,7 +34,7 @@ def read_results(path):
         raise UserError(f"'{path}' is not a results CSV of train.py: it has no rows, or not the columns "
                         f"epoch, {', '.join(needed[1:])}")
     for column in frame:
-        if column in needed or column in CSV_METRICS or column.startswith(('heldout_', 'gzs_')) or \
+        if column in needed or column in CSV_METRICS or column.startswith(('heldout_', 'gzs_', 'fg_')) or \
                 column.endswith('_loss'):
             values = pd.to_numeric(frame[column], errors='coerce')
             # losses are empty in the row of a full evaluation (--eval_queries); nothing else may be
@@ -58,9 +58,10 @@ def read_results(path):
 
 
 def results_row(epoch, losses, metrics, args, eval_queries='all'):
-    """One row of the results CSV: the epoch, its losses, its metrics in both conventions (and the held-out and GZS
-    ones it has), and how the run is scored and selected (train.py's `args`)."""
+    """One row of the results CSV: the epoch, its losses, its metrics in both conventions (and the held-out, GZS
+    and fine-grained ones it has), and how the run is scored and selected (train.py's `args`)."""
     extra = [f'{kind}_{name}' for kind in ('heldout', 'gzs') for name in CSV_METRICS if f'{kind}_{name}' in metrics]
+    extra += [f'fg_{name}' for name in FINE_GRAINED_NAMES if f'fg_{name}' in metrics]
     return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *extra)},
             'eval_queries': eval_queries, 'select_on': args.select_on, 'metric_convention': args.metric_convention,
             'val_classes': args.val_classes}

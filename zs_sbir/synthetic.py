@@ -117,11 +117,23 @@ def random_shape(family, rng):
     return out
 
 
-def _pose(parts, rng, scale, canvas):
-    """Rotate, scale and move a shape into pixel coordinates of a square canvas."""
-    angle = np.deg2rad(rng.uniform(-25, 25))
-    size = canvas / 2 * rng.uniform(*scale)
-    centre = canvas / 2 + rng.uniform(-0.12, 0.12, size=2) * canvas
+def random_pose(rng):
+    """A pose to share between a photo and its sketches: (angle in degrees, size within the domain's range from
+    0 to 1, centre offset as a fraction of the canvas)."""
+    return rng.uniform(-25, 25), rng.uniform(0, 1), rng.uniform(-0.12, 0.12, size=2)
+
+
+def _pose(parts, rng, scale, canvas, pose=None):
+    """Rotate, scale and move a shape into pixel coordinates of a square canvas; in a random pose, or in `pose`
+    (random_pose's)."""
+    if pose is None:
+        angle = np.deg2rad(rng.uniform(-25, 25))
+        size = canvas / 2 * rng.uniform(*scale)
+        centre = canvas / 2 + rng.uniform(-0.12, 0.12, size=2) * canvas
+    else:
+        angle = np.deg2rad(pose[0])
+        size = canvas / 2 * (scale[0] + pose[1] * (scale[1] - scale[0]))
+        centre = canvas / 2 + pose[2] * canvas
     flip = np.array([1, -1])  # y points up in the family definitions
     return [((p @ _rotation(angle).T) * flip * size + centre, hole) for p, hole in parts]
 
@@ -166,7 +178,7 @@ def _texture(rng, canvas):
     return Image.fromarray(np.clip(mix * shade[..., None], 0, 255).astype(np.uint8))
 
 
-def render_photo(parts, rng, size):
+def render_photo(parts, rng, size, pose=None):
     canvas = size * SUPERSAMPLE
     top, bottom = np.array(_random_colour(rng)), np.array(_random_colour(rng))
     ramp = np.linspace(0, 1, canvas)[:, None, None]
@@ -177,7 +189,7 @@ def render_photo(parts, rng, size):
     image = Image.alpha_composite(image, layer).convert('RGB')
     mask = Image.new('L', image.size, 0)
     draw = ImageDraw.Draw(mask)
-    for points, hole in _pose(parts, rng, (0.55, 0.8), canvas):
+    for points, hole in _pose(parts, rng, (0.55, 0.8), canvas, pose):
         draw.polygon([tuple(p) for p in points], fill=0 if hole else 255)
     image.paste(_texture(rng, canvas), mask=mask)
     image = image.resize((size, size), Image.LANCZOS)
@@ -205,11 +217,11 @@ def _wobble(points, rng, canvas):
     return points + drift + rng.normal(0, 0.002 * canvas, size=points.shape)
 
 
-def render_sketch(parts, rng, size):
+def render_sketch(parts, rng, size, pose=None):
     canvas = size * SUPERSAMPLE
     image = Image.new('L', (canvas, canvas), 255)
     draw = ImageDraw.Draw(image)
-    for points, _ in _pose(parts, rng, (0.6, 0.85), canvas):
+    for points, _ in _pose(parts, rng, (0.6, 0.85), canvas, pose):
         line = _wobble(_resample(points, True, canvas / 150), rng, canvas)
         cuts = np.sort(rng.choice(np.arange(1, len(line) - 1), size=rng.integers(2, 6), replace=False))
         strokes = np.split(line, cuts)
@@ -236,7 +248,7 @@ def synthetic_classes(num_classes, num_val_classes, seed):
 
 
 def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40, num_photos=40,
-                   num_val_photos=200, img_size=64, seed=0, overwrite=False, workers=1, wait=0):
+                   num_val_photos=200, img_size=64, seed=0, overwrite=False, workers=1, wait=0, pairs=False):
     """Write <data_root>/synthetic/{train,val}/{sketch,photo}/<class>/ and return its path.
 
     Every image has its own random stream derived from (seed, family, domain, index), so the files
@@ -244,7 +256,9 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
     `overwrite`, only if this repo made it, and only once the new one is complete. One process writes
     it at a time: another is refused, or with `wait` (seconds) waits for it and then, unless
     `overwrite`, uses what it wrote. `workers` processes draw class folders in parallel; the files
-    are the same for any number.
+    are the same for any number. With `pairs`, sketches come in instance pairs for fine-grained ZS-SBIR: sketch j
+    of a class is drawn from the shape and pose of its photo p = j mod (photos of the class) and named
+    `<class>_<p>-<j // photos + 1>.png`, Sketchy's file-name rule (utils.instance_pairs).
     """
     counts = dict(num_sketches=num_sketches, num_photos=num_photos, num_val_photos=num_val_photos)
     problems = [f'--{name} must be at least 1, got {value}' for name, value in counts.items() if value < 1]
@@ -270,7 +284,7 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         check_folder_replaceable(out, overwrite)
         remove_stale_staging(out)
         tmp = staging_folder(out)
-        folders = [(tmp / split / domain / name, name, domain, count, img_size, seed)
+        folders = [(tmp / split / domain / name, name, domain, count, img_size, seed, photos if pairs else 0)
                    for split, classes, photos in (('train', train, num_photos), ('val', val, num_val_photos))
                    for name in classes for domain, count in (('sketch', num_sketches), ('photo', photos))]
         if workers > 1:
@@ -285,15 +299,26 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
     return out
 
 
-def _draw_folder(folder, name, domain, count, img_size, seed):
+def _draw_folder(folder, name, domain, count, img_size, seed, paired_photos=0):
+    """One class folder; with `paired_photos` (the class's photo count) in instance pairs (make_synthetic)."""
     folder.mkdir(parents=True)
+    family = list(FAMILIES).index(name)
     for i in range(count):
-        rng = np.random.default_rng([seed, list(FAMILIES).index(name), domain == 'sketch', i])
-        parts = random_shape(name, rng)
-        if domain == 'sketch':
-            render_sketch(parts, rng, img_size).save(folder / f'{name}_{i:04d}.png')
+        rng = np.random.default_rng([seed, family, domain == 'sketch', i])
+        if paired_photos:
+            photo = i % paired_photos if domain == 'sketch' else i
+            instance = np.random.default_rng([seed, family, 2, photo])  # the shape and pose photo and sketches share
+            parts, pose = random_shape(name, instance), random_pose(instance)
+            if domain == 'sketch':  # drawn by hand from the photo: a little turned, scaled and shifted
+                pose = (pose[0] + rng.normal(0, 3), np.clip(pose[1] + rng.normal(0, 0.1), 0, 1),
+                        pose[2] + rng.normal(0, 0.015, size=2))
+                render_sketch(parts, rng, img_size, pose).save(folder / f'{name}_{photo:04d}-{i // paired_photos + 1}.png')
+            else:
+                render_photo(parts, rng, img_size, pose).save(folder / f'{name}_{i:04d}.jpg', quality=92)
+        elif domain == 'sketch':
+            render_sketch(random_shape(name, rng), rng, img_size).save(folder / f'{name}_{i:04d}.png')
         else:
-            render_photo(parts, rng, img_size).save(folder / f'{name}_{i:04d}.jpg', quality=92)
+            render_photo(random_shape(name, rng), rng, img_size).save(folder / f'{name}_{i:04d}.jpg', quality=92)
 
 
 def preview(data_dir, out_path, per_class=1, size=64):

@@ -27,8 +27,8 @@ import pandas as pd
 import torch
 
 from methods import get_method, method_names
-from utils import CONVENTIONS, METRIC_NAMES, metric_name
-from zs_sbir.cli import ArgumentParser, UserError, first_line, run_cli
+from utils import CONVENTIONS, FINE_GRAINED_NAMES, METRIC_NAMES, metric_name
+from zs_sbir.cli import ArgumentParser, UserError, check_numbers, first_line, run_cli
 from zs_sbir.config import check_args, parse_args as train_args, run_prefix
 from zs_sbir.results import SELECT_ON, read_results
 from zs_sbir.safe_files import atomic_write
@@ -52,10 +52,11 @@ COMMON_SUFFIXES = r'(?:_sake|_torchmetrics)?(?:_val-(?:all|seeds))?(?:_heldout)?
 
 def parse_run_name(filename):
     """(method, match with dataset, backbone, dim, variant, gzs) of a results CSV named as train.py names them,
-    {data_name}_{method}_{backbone_type}_{emb_dim}{variant}[_gzs]_results.csv, or None."""
+    {data_name}_{method}_{backbone_type}_{emb_dim}{variant}[_gzs][_fg]_results.csv, or None."""
     for method in method_names():
         found = re.fullmatch(rf'(?P<dataset>.+?)_{re.escape(method)}_(?P<backbone>.+)_(?P<dim>\d+)'
                              rf'(?P<variant>{get_method(method).file_suffix_pattern}{COMMON_SUFFIXES})(?P<gzs>_gzs)?'
+                             r'(?P<fg>_fg)?'
                              r'_results\.csv', filename)
         if found:
             return method, found
@@ -83,6 +84,11 @@ def parse_args(argv=None):
                    help="also every ablation of the original code's history beside each method (docs/training.md)")
     p.add_argument('--gzs', action='store_true', help='also score generalized ZS-SBIR (train.py --gzs), in its own '
                                                       'columns')
+    p.add_argument('--fine_grained', action='store_true',
+                   help="also score fine-grained ZS-SBIR (train.py --fine_grained: Acc@1/5/10), in its own columns")
+    p.add_argument('--seeds', nargs='+', type=int, default=None,
+                   help="run every configuration once per seed (train.py --seed), each seed's runs in "
+                        '{save_root}/seed-{seed}, and table the mean and sample standard deviation over them')
     p.add_argument('--all_metrics', action='store_true',
                    help='all four metrics for every dataset, not only those papers compare on it')
     p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
@@ -110,16 +116,22 @@ def configurations(args):
 def grid(args):
     """(train.py argument list, parsed train.py args) for every configuration of the grid."""
     runs = []
-    for (method, backbone, dim), dataset in product(configurations(args), args.datasets):
+    for (method, backbone, dim), dataset, seed in product(configurations(args), args.datasets, args.seeds or [None]):
         ablations = [a['argv'] for a in get_method(method).ablations if backbone.startswith(a.get('backbones', ''))]
         variants = [[]] + ablations if args.ablations else [[]]
         for variant in variants:
             argv = ['--method', method, '--backbone_type', backbone, '--emb_dim', str(dim), '--data_name', dataset,
-                    '--save_root', args.save_root, '--select_on', args.select_on, *variant,
+                    '--save_root', seed_folder(args.save_root, seed), '--select_on', args.select_on, *variant,
                     *(['--metric_convention', args.metric_convention] if args.metric_convention else []),
-                    *(['--gzs'] if args.gzs else []), *args.train_args]
+                    *(['--gzs'] if args.gzs else []), *(['--fine_grained'] if args.fine_grained else []),
+                    *(['--seed', str(seed)] if seed is not None else []), *args.train_args]
             runs.append((argv, train_args(argv)))
     return runs
+
+
+def seed_folder(save_root, seed):
+    """Where the runs of one seed go (train.py's file names do not say the seed)."""
+    return str(save_root) if seed is None else str(Path(save_root) / f'seed-{seed}')
 
 
 def results_csv(run_args):
@@ -171,7 +183,9 @@ def best_rows(save_root, convention=None, paths=None):
     selection rule picked, its metrics in `convention` (default: the run's own). Files that are not train.py's, and
     runs not complete, are skipped with a note."""
     rows = []
-    for path in sorted(paths) if paths is not None else sorted(Path(save_root).glob('*_results.csv')):
+    if paths is None:  # every run there, and those of reproduce.py --seeds in its seed-* folders
+        paths = [*Path(save_root).glob('*_results.csv'), *Path(save_root).glob('seed-*/*_results.csv')]
+    for path in sorted(paths):
         parsed = parse_run_name(path.name)
         if parsed is None:
             print(f'skipped {path}: not named as train.py names its results')
@@ -194,14 +208,32 @@ def best_rows(save_root, convention=None, paths=None):
         variant = name['variant'].replace('_', ' ').strip()
         gzs = {f'GZS {m}': 100 * float(best[f'gzs_{metric_name(m, shown)}']) for m in METRIC_NAMES
                if f'gzs_{metric_name(m, shown)}' in best}
+        fine = {f'FG {m}': 100 * float(best[f'fg_{m}']) for m in FINE_GRAINED_NAMES if f'fg_{m}' in best}
         variant += ' gzs' if name['gzs'] else ''  # trained on fewer images: its own row
         variant = variant.strip()
+        seed = re.fullmatch(r'seed-(\d+)', path.parent.name)
         rows.append({'dataset': name['dataset'], 'method': method + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
                      'epochs': len(frame), 'select_on': select_on, 'metrics': shown,
                      'val_classes': frame['val_classes'].iloc[-1] if 'val_classes' in frame else 'seeds',
-                     **{m: 100 * float(best[metric_name(m, shown)]) for m in METRIC_NAMES}, **gzs})
+                     'seed': int(seed.group(1)) if seed else None,
+                     **{m: 100 * float(best[metric_name(m, shown)]) for m in METRIC_NAMES}, **gzs, **fine})
     return pd.DataFrame(rows)
+
+
+RUN_IDENTITY = ['dataset', 'method', 'backbone', 'dim', 'select_on', 'metrics', 'val_classes']
+
+
+def over_seeds(rows):
+    """One row per configuration: each metric's mean over its seeds' runs, its sample standard deviation (as
+    '<metric> sd', NaN for one run) and n, the number of runs."""
+    values = [c for c in rows if c not in RUN_IDENTITY + ['epoch', 'epochs', 'seed']]
+    groups = rows.groupby(RUN_IDENTITY, sort=True, dropna=False)
+    table = groups[values].mean()
+    spread = groups[values].std(ddof=1)
+    table[[f'{column} sd' for column in values]] = spread[values].to_numpy()
+    table['n'] = groups.size()
+    return table.reset_index()
 
 
 def dataset_metrics(dataset, all_metrics=False):
@@ -213,30 +245,50 @@ def dataset_metrics(dataset, all_metrics=False):
     return METRIC_NAMES
 
 
+def ablation_sources():
+    """{row label, e.g. 'acnet extractor-triplet': where the original code had that variant} for every ablation."""
+    sources = {}
+    for method in method_names():
+        for ablation in get_method(method).ablations:
+            options = train_args(['--method', method, *ablation['argv']])
+            suffix = get_method(method, options).file_suffix(options).replace('_', ' ').strip()
+            sources[f'{method} {suffix}'] = f"the original's {ablation['source']}"
+    return sources
+
+
 def build_table(rows, all_metrics=False):
     """Markdown in the seeds' layout, with the metrics papers compare per dataset; the published ACNet
     rows next to ours where they exist, and other methods' published numbers, marked as such."""
     datasets = sorted(set(rows['dataset']), key=lambda d: (d not in DATASET_TITLES, d))
     columns = [(d, m) for d in datasets for m in dataset_metrics(d, all_metrics)]
-    if any(column.startswith('GZS ') for column in rows):  # generalized ZS-SBIR: the same metrics again
+    if any(column.startswith('GZS ') and not column.endswith(' sd') for column in rows):  # the same metrics again
         columns += [(d, f'GZS {m}') for d in datasets for m in dataset_metrics(d, all_metrics)]
-    header = ['method', 'backbone', 'dim', 'selected on', 'metrics'] + \
+    columns += [(d, f'FG {m}') for d in datasets for m in FINE_GRAINED_NAMES if f'FG {m}' in rows]
+    seeds = 'n' in rows and rows['n'].max() > 1
+    header = ['method', 'backbone', 'dim', 'selected on', 'metrics', *(['seeds'] if seeds else [])] + \
         [f'{DATASET_TITLES.get(d, d)} {m}' for d, m in columns]
     lines = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(header)]
 
-    def line(label, backbone, dim, selected, convention, values, all_val=()):
-        cells = [f'{values[d][m]:.1f}{ALL_VAL_MARK if d in all_val else ""}' if m in values.get(d, {}) else ''
+    def cell(value, mark=''):
+        mean, sd = value if isinstance(value, tuple) else (value, None)
+        return f'{mean:.1f}{mark}' + (f' ± {sd:.1f}' if sd is not None and pd.notna(sd) else '')
+
+    def line(label, backbone, dim, selected, convention, values, all_val=(), n=None):
+        cells = [cell(values[d][m], ALL_VAL_MARK if d in all_val else '') if m in values.get(d, {}) else ''
                  for d, m in columns]
-        return f'| {label} | {backbone} | {dim} | {selected} | {convention} | ' + ' | '.join(cells) + ' |'
+        count = [str(n or '')] if seeds else []
+        return f'| {label} | {backbone} | {dim} | {selected} | {convention} | ' + ' | '.join(count + cells) + ' |'
     marked = False
+    shown = [m for _, m in columns]
     for (method, backbone, dim, convention), group in rows.groupby(['method', 'backbone', 'dim', 'metrics'],
                                                                     sort=True):
-        ours = {row['dataset']: {m: row[m] for m in row.index if (m in METRIC_NAMES or m.startswith('GZS ')) and
-                                 pd.notna(row[m])} for _, row in group.iterrows()}
+        ours = {row['dataset']: {m: (row[m], row.get(f'{m} sd')) for m in row.index if m in shown and pd.notna(row[m])}
+                for _, row in group.iterrows()}
         all_val = {row['dataset'] for _, row in group.iterrows()
                    if row['dataset'].startswith('tuberlin') and row['val_classes'] == 'all'}
+        counts = sorted({int(n) for n in group['n']}) if 'n' in group else []
         lines.append(line(f'{method} (ours)', backbone, dim, ', '.join(sorted(set(group['select_on']))), convention,
-                          ours, all_val))
+                          ours, all_val, '/'.join(map(str, counts))))
         marked |= bool(all_val)
         if method in method_names():  # a variant ('acnet ce') has no published row; a published row, its paper's metrics
             paper = get_method(method).defaults
@@ -249,6 +301,12 @@ def build_table(rows, all_metrics=False):
     for dataset in datasets:
         for name, values in PUBLISHED_OTHERS.get(dataset, []):
             lines.append(line(f'{name} (published, another method)', '', '', '', 'its paper', {dataset: values}))
+    sources = ablation_sources()
+    shown_variants = sorted({m for m in rows['method'] if m in sources})
+    if shown_variants:
+        lines.append('\n' + '; '.join(f'{m}: {sources[m]}' for m in shown_variants))
+    if seeds:
+        lines.append('\nours: mean ± sample standard deviation over the seeds (n runs each)')
     if marked:
         lines.append(f'\n{ALL_VAL_MARK} every TU-Berlin val class kept, as ClipPrompt evaluates (--val_classes all); the '
                      f'other TU-Berlin numbers leave out the classes with fewer than 400 photos, as the seeds do')
@@ -256,6 +314,9 @@ def build_table(rows, all_metrics=False):
 
 
 def run(args):
+    check_numbers(args)  # --emb_dims, --seeds (cli.LIMITS)
+    if args.seeds and len(set(args.seeds)) < len(args.seeds):
+        raise UserError(f'--seeds must differ, got {" ".join(map(str, args.seeds))}')
     if '--save_root' in args.train_args:
         raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
                         'reproduce.py --save_root (before --) instead')
@@ -280,7 +341,7 @@ def run(args):
     if rows.empty:
         raise UserError(f"no complete run of train.py under '{args.save_root}' (run the grid first, or pass the "
                         f"--save_root that holds them)")
-    table = build_table(rows, args.all_metrics)
+    table = build_table(over_seeds(rows), args.all_metrics)
     print(table)
     atomic_write(Path(args.save_root, 'benchmark.md'), lambda tmp: Path(tmp).write_text(table + '\n'))
     if failed:

@@ -62,8 +62,8 @@ class ACNet(Method):
         dict(argv=['--loss_weights', '1', '1', '1', '--class_on', 'photo', 'fake'], source='75f7311 train_ind.py'),
         dict(argv=['--loss_weights', '1', '0', '1'], source='75f7311 train_reg.py'),
         dict(argv=['--class_loss', 'ce'], source='04de2e0 (reverted in f63739d)'),
-        dict(argv=['--extractor_only'], source='61d156a-c9ca544 ablation/norm.py'),
-        dict(argv=['--extractor_only', '--class_loss', 'triplet'], source='61d156a-c9ca544 ablation/triplet.py'))
+        dict(argv=['--extractor_only'], source='c9ca544 ablation/norm.py'),
+        dict(argv=['--extractor_only', '--class_loss', 'triplet'], source='c9ca544 ablation/triplet.py'))
 
     def __init__(self, classes, backbone_type, emb_dim, class_loss, loss_weights, class_on, pretrained=True,
                  weights=None):

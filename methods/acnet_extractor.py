@@ -1,5 +1,5 @@
-"""ACNet's extractor-only baselines (the original's ablation/norm.py and ablation/triplet.py, 61d156a-c9ca544): no
-generator or discriminator, the extractor alone on single sketches and photos with one class loss, its
+"""ACNet's extractor-only baselines (the original's ablation/norm.py and ablation/triplet.py as of c9ca544; at
+61d156a the triplet script still trained the generator): no generator or discriminator, the extractor alone on single sketches and photos with one class loss, its
 BatchNorm training. Not a --method of its own: `--method acnet --extractor_only` selects it (ACNet.resolve), so
 its runs and checkpoints are ACNet's, with `_extractor-<class loss>` in their file names.
 
@@ -32,6 +32,9 @@ class ACNetExtractor(ACNet):
         problems = super().check(options)
         if tuple(options.loss_weights) != DEFAULT_LOSS_WEIGHTS or tuple(options.class_on) != CLASS_INPUTS:
             problems.append("--loss_weights and --class_on weigh the generator's losses: --extractor_only has none")
+        if options.class_loss == 'ce':
+            problems.append('--extractor_only --class_loss ce: no commit of the original had this baseline (its '
+                            'extractor-only scripts use normsoftmax or triplet); pick one of those')
         return problems
 
     @classmethod

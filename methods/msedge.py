@@ -48,7 +48,7 @@ class MSEdge(Method):
     warms_up = True
     defaults = dict(Method.defaults, warmup=2)
     min_batch_size = 2  # its BatchNorm trains: a batch of one image has no statistics
-    ablations = (dict(argv=['--feature_levels', '1', '2', '4'], source='75d71f0', backbones='resnet50'),)
+    ablations = (dict(argv=['--feature_levels', '1', '2', '4'], source='EGFF 75d71f0', backbones='resnet50'),)
     paper_grid = dict(backbones=('resnet50', 'vgg16'), emb_dims=(64, 512, 4096))  # the seeds' table
     file_suffix_pattern = r'(?:_edge-[a-z]+|_levels-[\d-]+)*'
     training_free_options = ('edge_mode',)

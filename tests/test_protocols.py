@@ -12,16 +12,17 @@ import reproduce
 import test as retrieval
 from argparse import Namespace
 
-from helpers import DEVICE, check_cli, fake_run, lr, make_model, rng_images, tiny
+from helpers import DEVICE, TINY, check_cli, fake_run, lr, make_model, rng_images, tiny
 from methods import get_method
 from methods.acnet import ACNet
 from train import main as train_main, train
-from utils import METRIC_NAMES, PHOTO, SKETCH, hold_out, retrieval_metrics, scan_split
+from utils import METRIC_NAMES, PHOTO, SKETCH, Split, hold_out, retrieval_metrics, scan_split
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
 from zs_sbir.config import parse_args, run_prefix
-from zs_sbir.evaluation import GZS_SHARE, gzs_metrics, gzs_seen_items
+from zs_sbir.evaluation import GZS_SHARE, gzs_metrics, gzs_seen_items, gzs_shortfall
 from zs_sbir.reference_metrics import reference_means
 from zs_sbir.safe_files import read_csv
+from zs_sbir.synthetic import make_synthetic
 from zs_sbir.training import training_nets
 
 
@@ -205,6 +206,11 @@ def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
     table = reproduce.build_table(reproduce.best_rows(tmp_path)).splitlines()
     assert 'GZS mAP@200' in table[0] and '| msedge gzs (ours) | resnet50 | 512 | test | sake | 50.0 | 50.0 | 50.0 | 50.0 | ' \
         '25.0 | 25.0 | 25.0 | 25.0 |' in table
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512_extractor-triplet', [0.2])  # an ablation: its source under the table
+    fake_run(tmp_path, 'synthetic_msedge_resnet50_512_levels-1-2-4', [0.2])
+    table = reproduce.build_table(reproduce.best_rows(tmp_path))
+    assert ("acnet extractor-triplet: the original's c9ca544 ablation/triplet.py; msedge levels-1-2-4: the original's "
+            'EGFF 75d71f0') in table
 
 
 # ----------------------------------------------------------------------------------------------- MSEdge levels
@@ -221,3 +227,27 @@ def test_msedge_feature_levels_of_the_last_edge_fusion_commit():
     assert run_prefix(parse_args(['--method', 'msedge', '--feature_levels', '1', '2', '4'])).endswith('_levels-1-2-4')
     assert run_prefix(parse_args(['--method', 'msedge', '--feature_levels', '2', '3', '4'])) == \
         'sketchy_msedge_resnet50_512'  # the default: no suffix
+
+
+def test_a_smaller_seen_pool_is_said_and_sampled_epochs_sample_the_seen_queries_alike(tmp_path, capsys):
+    def split(sketches, photos):
+        return Split(tmp_path, ['a'], [f'x{i}' for i in range(sketches + photos)], [0] * (sketches + photos),
+                     [SKETCH] * sketches + [PHOTO] * photos)
+    val = split(10, 20)  # the protocol adds int(0.2 x 10) = 2 sketches and int(0.2 x 20) = 4 photos
+    assert gzs_shortfall(split(2, 4), val) == ''
+    assert gzs_shortfall(split(2, 3), val) == (" (fewer than the protocol's 20 %, 2 sketches and 4 photos: fewer were "
+                                               'held out of training; a larger --heldout_fraction holds out more)')
+
+    data = tmp_path / 'data'
+    make_synthetic(data, **{**TINY, 'num_sketches': 10})  # val: 20 sketches, 12 photos; GZS adds 4 and 2
+    train(parse_args(tiny(data, tmp_path / 'run', '--epochs', '1', '--gzs', '--heldout_fraction', '0.5',
+                          '--eval_queries', '10')))
+    out = capsys.readouterr().out
+    assert 'GZS: 4 seen sketches and 2 seen photos join the unseen test set\n' in out
+    assert 'each epoch, GZS: 2 of the 4 seen sketches' in out  # 10 of 20 unseen queries: half of the seen ones too
+    prefix = tmp_path / 'run' / 'synthetic_acnet_resnet50_8_gzs'
+    final = read_csv(f'{prefix}_results.csv')[-1]
+    assert final['eval_queries'] == 'all'
+    metrics = retrieval.main(['--evaluate', '--gzs', '--data_base', f'{prefix}_model.pth', '--workers', '0',
+                              '--device', DEVICE])
+    assert metrics['gzs_precise'] == pytest.approx(float(final['gzs_precise']), abs=1e-5)  # all seen queries

@@ -1,8 +1,9 @@
 """reproduce.py (formerly benchmark.py): the table builder on fabricated results CSVs, and the grid's skipping and dry run."""
+import numpy as np
 import pytest
 
 import reproduce
-from helpers import fake_run
+from helpers import check_cli, fake_run
 from utils import METRIC_NAMES
 from zs_sbir.safe_files import read_csv, write_csv
 
@@ -104,3 +105,36 @@ def test_each_row_says_its_metric_convention_and_a_convention_can_be_asked_for(t
     assert (asked['metrics'], asked['epoch'], asked['mAP@all']) == ('torchmetrics', 2, 30.0)  # the run's epoch
     fake_run(tmp_path, 'tuberlin_acnet_resnet50_512', [0.5])  # written before torchmetrics columns existed
     assert list(reproduce.best_rows(tmp_path, 'torchmetrics')['dataset']) == ['sketchy']
+
+
+def test_seeds_run_each_configuration_per_seed_and_table_mean_and_sample_sd(tmp_path, capsys):
+    argv = ['--methods', 'acnet', '--backbones', 'resnet50', '--emb_dims', '512', '--datasets', 'synthetic',
+            '--save_root', str(tmp_path), '--seeds', '1', '2', '3', '--fine_grained', '--dry_run', '--', '--epochs', '2']
+    fake_run(tmp_path / 'seed-2', 'synthetic_acnet_resnet50_512_fg', [0.2, 0.3])  # seed 2 finished already
+    reproduce.main(argv)
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 3 and out[1] == f'done already: {tmp_path}/seed-2/synthetic_acnet_resnet50_512_fg_results.csv'
+    for line, seed in ((out[0], 1), (out[2], 3)):
+        assert f'--save_root {tmp_path}/seed-{seed} ' in line and line.endswith(f'--fine_grained --seed {seed} --epochs 2')
+
+    # three seeds' runs (precise 0.2, 0.5, 0.6 at their best epochs), each with fine-grained columns
+    for seed, best in ((1, 0.2), (2, 0.5), (3, 0.6)):
+        fake_run(tmp_path / f'seed-{seed}', 'synthetic_acnet_resnet50_512_fg', [best / 2, best])
+        path = tmp_path / f'seed-{seed}' / 'synthetic_acnet_resnet50_512_fg_results.csv'
+        write_csv([{**row, 'fg_Acc@1': float(row['precise']) / 10, 'fg_Acc@5': 0.5, 'fg_Acc@10': 0.9}
+                   for row in read_csv(path)], path)
+    reproduce.main(['--save_root', str(tmp_path), '--table_only', '--all_metrics'])
+    table = capsys.readouterr().out
+    mean, sd = 100 * np.mean([0.2, 0.5, 0.6]), 100 * np.std([0.2, 0.5, 0.6], ddof=1)  # 43.3, 20.8
+    assert f'| acnet (ours) | resnet50 | 512 | test | sake | 3 | {mean:.1f} ± {sd:.1f} |' in table
+    acc1 = (100 * np.mean([0.02, 0.05, 0.06]), 100 * np.std([0.02, 0.05, 0.06], ddof=1))
+    assert f'| {acc1[0]:.1f} ± {acc1[1]:.1f} | 50.0 ± 0.0 | 90.0 ± 0.0 |' in table
+    assert 'generated dataset FG Acc@1 | generated dataset FG Acc@5 | generated dataset FG Acc@10 |' in table
+    assert 'mean ± sample standard deviation over the seeds (n runs each)' in table
+
+
+def test_bad_seeds_are_one_line(tmp_path, capsys):
+    for seeds, message in ((['1', '1'], '--seeds must differ, got 1 1'), (['-2'], '--seeds must be from 0 to 2147483647, got -2')):
+        check_cli(capsys, reproduce.main, ['--datasets', 'synthetic', '--seeds', *seeds, '--save_root', tmp_path / 'x',
+                                           '--dry_run'], message)
+    assert not (tmp_path / 'x').exists()

@@ -116,6 +116,7 @@ def test_loss_variants_and_edge_modes_get_their_own_files(tiny_data, tmp_path):
     (['--warmup', '3'], r'--warmup must be between 0 and --epochs \(2\)'),
     (['--method', 'msedge', '--batch_size', '1'], '--batch_size must be from 2 to 65536'),  # BatchNorm trains
     (['--extractor_only', '--batch_size', '1'], '--batch_size must be from 2 to 65536'),
+    (['--extractor_only', '--class_loss', 'ce'], r'--extractor_only --class_loss ce: no commit of the original had'),
     (['--img_size', '30'], '--img_size must be a multiple of 4'),
     (['--heldout_fraction', '1.5'], '--heldout_fraction must be between 0 and 1'),
 ])

@@ -151,7 +151,7 @@ INT32 = 2 ** 31 - 1
 LIMITS = {
     'img_size': Limit(32, 2048, 4), 'batch_size': Limit(1, 65536), 'eval_batch_size': Limit(1, 65536),
     'emb_dim': Limit(1, 65536), 'emb_dims': Limit(1, 65536), 'epochs': Limit(1, 100_000), 'warmup': Limit(0, 100_000),
-    'workers': Limit(0, MAX_WORKERS), 'seed': Limit(0, INT32), 'data_seed': Limit(0, INT32),
+    'workers': Limit(0, MAX_WORKERS), 'seed': Limit(0, INT32), 'seeds': Limit(0, INT32), 'data_seed': Limit(0, INT32),
     'eval_queries': Limit(0, 10 ** 9), 'lr': Limit(0, open_low=True), 'num': Limit(1, 10_000),
     'nprobe': Limit(1, INT32), 'ef_search': Limit(1, INT32), 'save_every': Limit(0), 'port': Limit(1, 65535),
     'max_points': Limit(10, 10 ** 7), 'limit': Limit(1, 10 ** 6), 'columns': Limit(1, 100), 'steps': Limit(1, 10 ** 6),

@@ -32,8 +32,8 @@ from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_rec
 from zs_sbir.cli import UserError, run_cli
 from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
 from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
-                                gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches, sample_queries,
-                                split_images, split_metrics)
+                                gzs_pool, gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches,
+                                sample_queries, split_images, split_metrics)
 from zs_sbir.results import results_row, selection_key
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from zs_sbir.seeding import configure_backends, seed_everything
@@ -60,6 +60,7 @@ class Run:
     evals: dict = field(default_factory=dict)  # 'val' (a sample of its queries with --eval_queries), 'heldout'
     full_val: Optional[EvalSet] = None
     full_gzs: Optional[EvalSet] = None  # with --gzs: every seen item (each epoch may score a sample of them)
+    gzs_pool: dict = field(default_factory=dict)  # with --gzs: its seen items against the protocol's (CSV columns)
     run_id: str = field(default_factory=lambda: uuid.uuid4().hex)
     train_classes: list = field(default_factory=list)
     data: dict = field(default_factory=dict)  # split fingerprints: what --resume checks
@@ -169,6 +170,7 @@ def prepare_data(run, train_split, val_split):
         if args.gzs:
             seen = gzs_seen_items(heldout_split, val_split, args.seed)
             run.full_gzs = run.evals['gzs'] = eval_set(args, rt, seen, 'train')
+            run.gzs_pool = gzs_pool(seen, val_split)
             log(f'GZS: {seen.count(SKETCH)} seen sketches and {seen.count(PHOTO)} seen photos join the unseen '
                 f'test set{gzs_shortfall(seen, val_split)}')
     if args.fine_grained:  # before any training: a dataset without pairs is one line
@@ -213,7 +215,7 @@ def evaluate(run, evals=None):
     if 'gzs' in evals:
         seen = embed_split(run.model, evals['gzs'].loader, desc='embed GZS seen', **embed)
         gzs = gzs_metrics(vectors, evals['val'].split, seen, evals['gzs'].split)
-        metrics.update({f'gzs_{name}': value for name, value in gzs.items()})
+        metrics.update({f'gzs_{name}': value for name, value in gzs.items()}, **run.gzs_pool)
     return metrics, vectors
 
 

@@ -107,14 +107,23 @@ def gzs_seen_items(heldout, val, seed):
     return heldout.subset(sorted(photos + sketches))
 
 
+def gzs_pool(seen, val):
+    """How many seen sketches and photos GZS adds, and how many its protocol asks for (20 % of the unseen test
+    set's): the results CSV's gzs_seen_* and gzs_protocol_* columns."""
+    return {'gzs_seen_sketches': seen.count(SKETCH), 'gzs_seen_photos': seen.count(PHOTO),
+            'gzs_protocol_sketches': int(GZS_SHARE * val.count(SKETCH)),
+            'gzs_protocol_photos': int(GZS_SHARE * val.count(PHOTO))}
+
+
 def gzs_shortfall(seen, val):
     """'' when the seen items are the protocol's 20 % of the unseen test set, else what they fall short of, in
     words (fewer images were held out of training than the protocol draws)."""
-    wanted = {SKETCH: int(GZS_SHARE * val.count(SKETCH)), PHOTO: int(GZS_SHARE * val.count(PHOTO))}
-    if all(seen.count(domain) >= count for domain, count in wanted.items()):
+    pool = gzs_pool(seen, val)
+    if all(pool[f'gzs_seen_{d}'] >= pool[f'gzs_protocol_{d}'] for d in ('sketches', 'photos')):
         return ''
-    return (f" (fewer than the protocol's 20 %, {wanted[SKETCH]} sketches and {wanted[PHOTO]} photos: fewer were "
-            f'held out of training; a larger --heldout_fraction holds out more)')
+    return (f" (fewer than the protocol's 20 %, {pool['gzs_protocol_sketches']} sketches and "
+            f"{pool['gzs_protocol_photos']} photos: fewer were held out of training; a larger --heldout_fraction "
+            f'holds out more)')
 
 
 def gzs_metrics(val_vectors, val, seen_vectors, seen):

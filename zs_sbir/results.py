@@ -11,6 +11,8 @@ CSV_METRICS = tuple(metric_name(name, convention) for convention in CONVENTIONS
 # How --select_on picks the best epoch: by `precise` on the unseen test classes (the seeds' way), or on held-out
 # images of the seen classes; in the run's metric convention.
 SELECT_ON = ('test', 'heldout')
+# With --gzs: how many seen sketches and photos joined the test set, and how many the protocol asks for
+GZS_POOL = tuple(f'gzs_{kind}_{domain}' for kind in ('seen', 'protocol') for domain in ('sketches', 'photos'))
 
 
 def selection_key(select_on, convention='sake'):
@@ -62,6 +64,7 @@ def results_row(epoch, losses, metrics, args, eval_queries='all'):
     and fine-grained ones it has), and how the run is scored and selected (train.py's `args`)."""
     extra = [f'{kind}_{name}' for kind in ('heldout', 'gzs') for name in CSV_METRICS if f'{kind}_{name}' in metrics]
     extra += [f'fg_{name}' for name in FINE_GRAINED_NAMES if f'fg_{name}' in metrics]
+    extra += [name for name in GZS_POOL if name in metrics]
     return {'epoch': epoch, **losses, **{name: metrics[name] for name in (*CSV_METRICS, *extra)},
             'eval_queries': eval_queries, 'select_on': args.select_on, 'metric_convention': args.metric_convention,
             'val_classes': args.val_classes}

@@ -215,15 +215,32 @@ def best_rows(save_root, convention=None, paths=None):
             if seen[0] < wanted[0] or seen[1] < wanted[1]:
                 gzs['GZS pool'] = f'{seen[0]} of {wanted[0]} sketches and {seen[1]} of {wanted[1]} photos'
         variant += ' gzs' if name['gzs'] else ''  # trained on fewer images: its own row
+        variant += ' fg' if name['fg'] else ''  # the same training as the plain run: never averaged with it
         variant = variant.strip()
-        seed = re.fullmatch(r'seed-(\d+)', path.parent.name)
         rows.append({'dataset': name['dataset'], 'method': method + (f' {variant}' if variant else ''),
                      'backbone': name['backbone'], 'dim': int(name['dim']), 'epoch': int(best['epoch']),
                      'epochs': len(frame), 'select_on': select_on, 'metrics': shown,
                      'val_classes': frame['val_classes'].iloc[-1] if 'val_classes' in frame else 'seeds',
-                     'seed': int(seed.group(1)) if seed else None,
+                     'seed': run_seed(path), 'path': str(path),
                      **{m: 100 * float(best[metric_name(m, shown)]) for m in METRIC_NAMES}, **gzs, **fine})
-    return pd.DataFrame(rows)
+    return drop_repeated_seeds(pd.DataFrame(rows))
+
+
+def run_seed(results):
+    """The --seed a run trained with (its _last.pth's arguments; complete runs have one)."""
+    last = Path(results).with_name(Path(results).name.replace('_results.csv', '_last.pth'))
+    return int(torch.load(last, map_location='cpu', weights_only=True, mmap=True)['args'].get('seed', 1))
+
+
+def drop_repeated_seeds(rows):
+    """One run per configuration and seed: a run in --save_root itself and one in its seed-N folder may be the
+    same seed (train.py's default is 1); the later in path order (seed-N/ sorts first) is left out, with a note."""
+    if rows.empty:
+        return rows
+    repeated = rows.duplicated(RUN_IDENTITY + ['seed'])
+    for _, row in rows[repeated].iterrows():
+        print(f"skipped {row['path']}: another run of the same configuration has seed {row['seed']} too")
+    return rows[~repeated].drop(columns='path')
 
 
 RUN_IDENTITY = ['dataset', 'method', 'backbone', 'dim', 'select_on', 'metrics', 'val_classes']
@@ -316,9 +333,10 @@ def build_table(rows, all_metrics=False):
         lines.append(f"\n{SHORT_MARK} GZS with fewer seen items than the protocol's 20 % (fewer were held out of "
                      f"training): {'; '.join(short)}")
     sources = ablation_sources()
-    shown_variants = sorted({m for m in rows['method'] if m in sources})
+    shown_variants = sorted({(label, source) for m in rows['method'] for label, source in sources.items()
+                             if m == label or m.startswith(label + ' ')})  # 'acnet extractor-triplet gzs' too
     if shown_variants:
-        lines.append('\n' + '; '.join(f'{m}: {sources[m]}' for m in shown_variants))
+        lines.append('\n' + '; '.join(f'{label}: {source}' for label, source in shown_variants))
     if seeds:
         lines.append('\nours: mean ± sample standard deviation over the seeds (n runs each)')
     if marked:
@@ -331,6 +349,8 @@ def run(args):
     check_numbers(args)  # --emb_dims, --seeds (cli.LIMITS)
     if args.seeds and len(set(args.seeds)) < len(args.seeds):
         raise UserError(f'--seeds must differ, got {" ".join(map(str, args.seeds))}')
+    if args.seeds and '--seed' in args.train_args:
+        raise UserError('--seed after -- would give every run of --seeds the same seed: leave it out')
     if '--save_root' in args.train_args:
         raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
                         'reproduce.py --save_root (before --) instead')

@@ -26,7 +26,7 @@ from zs_sbir import safe_files
 from zs_sbir.checkpoint import load_checkpoint_vectors, vectors_record
 from zs_sbir.cli import DEFAULT_WORKERS, ArgumentParser, UserError, check_device, check_numbers, default_device, run_cli
 from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
-                                gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches, split_images,
+                                gzs_seen_items, gzs_shortfall, make_eval_loader, describe_pairs, split_images,
                                 split_metrics)
 from zs_sbir.images import load_image, query_files, read_rgb
 from zs_sbir.pictures import draw_retrieval, fit_tile, heatmap, save_png
@@ -260,8 +260,8 @@ def gzs_seen_of_run(checkpoint, data_root, data_name, val, val_classes):
 def score(args, model, img_size, batch_size, split, seen=None):
     """The four metrics of `model` on a val split; with `seen` (GZS's seen items) the generalized ones too, with
     --fine_grained the fine-grained ones."""
-    if args.fine_grained:
-        paired_sketches(split)  # before embedding anything: a dataset without pairs is one line
+    if args.fine_grained:  # before embedding anything: a dataset without pairs is one line
+        print(describe_pairs(split))
     vectors = embed_images_of(args, model, img_size, batch_size, split)
     metrics = split_metrics(vectors, split)
     if args.fine_grained:

@@ -33,7 +33,7 @@ from zs_sbir.cli import UserError, run_cli
 from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
 from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
                                 gzs_pool, gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches,
-                                sample_queries, split_images, split_metrics)
+                                describe_pairs, sample_queries, split_images, split_metrics)
 from zs_sbir.results import results_row, selection_key
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from zs_sbir.seeding import configure_backends, seed_everything
@@ -174,15 +174,16 @@ def prepare_data(run, train_split, val_split):
             log(f'GZS: {seen.count(SKETCH)} seen sketches and {seen.count(PHOTO)} seen photos join the unseen '
                 f'test set{gzs_shortfall(seen, val_split)}')
     if args.fine_grained:  # before any training: a dataset without pairs is one line
-        _, paired = paired_sketches(val_split)
-        log(f'fine-grained: {paired} of the {val_split.count(SKETCH)} val sketches look for their own photo among '
-            f'the photos of their class')
+        log(describe_pairs(val_split))
     run.full_val = run.evals['val'] = eval_set(args, rt, val_split, 'val')
     if 0 < args.eval_queries < val_split.count(SKETCH):
         run.evals['val'] = eval_set(args, rt, sample_queries(val_split, args.eval_queries, args.seed), 'val')
+        if args.fine_grained:
+            paired_sketches(run.evals['val'].split,
+                            f'--fine_grained with --eval_queries {args.eval_queries} (a sample without pairs: raise it)')
         log(f'each epoch: {args.eval_queries} of the {val_split.count(SKETCH)} val sketches (seed {args.seed}) against '
             f'all {val_split.count(PHOTO)} photos; the selected epoch: all of them')
-        if args.gzs:  # the seen queries in the same proportion as the unseen ones
+        if args.gzs and run.full_gzs.split.count(SKETCH):  # the seen queries in the proportion of the unseen ones
             seen = run.full_gzs.split
             count = max(1, round(seen.count(SKETCH) * args.eval_queries / val_split.count(SKETCH)))
             run.evals['gzs'] = eval_set(args, rt, sample_queries(seen, count, args.seed), 'train')

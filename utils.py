@@ -414,7 +414,8 @@ def fine_grained_accuracy(query_vectors, query_labels, own_photos, gallery_vecto
     queries = torch.nn.functional.normalize(queries.to(dtype), dim=1)
     gallery = torch.nn.functional.normalize(gallery.to(dtype), dim=1)
     index = torch.arange(len(gallery), device=device)
-    block = max(1, int(max_memory_mb * 2 ** 20 // (6 * len(gallery))))
+    # per (query, photo): the similarity and four boolean temporaries
+    block = max(1, int(max_memory_mb * 2 ** 20 // ((queries.element_size() + 4) * len(gallery))))
     ranks = []
     for start in range(0, len(queries), block):
         rows = slice(start, start + block)

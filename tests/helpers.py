@@ -141,7 +141,7 @@ def cli_checker(main, literal=False):
     return check
 
 
-def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0, epochs=None):
+def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_scale=1.0, epochs=None, seed=1):
     """A results CSV whose metrics are all `precise[e] * metric_scale` at epoch e (+ held-out columns), and the
     _last.pth of a run started for `epochs` (default: as many as there are values) that got to the last of them."""
     rows = []
@@ -153,7 +153,7 @@ def fake_run(folder, prefix, precise, heldout=None, select_on='test', metric_sca
         row['select_on'] = select_on
         rows.append(row)
     write_csv(rows, folder / f'{prefix}_results.csv')
-    torch.save({'format': 'zs-sbir-checkpoint-2', 'args': {'epochs': epochs or len(precise), 'eval_queries': 0},
+    torch.save({'format': 'zs-sbir-checkpoint-2', 'args': {'epochs': epochs or len(precise), 'eval_queries': 0, 'seed': seed},
                 'epoch': len(precise)}, folder / f'{prefix}_last.pth')
 
 

@@ -66,6 +66,17 @@ def slow_ranks(queries, query_labels, own, gallery, gallery_labels):
     return ranks
 
 
+def test_the_gallery_is_the_photos_that_sketches_show():
+    """A photo no sketch shows (Sketchy's extended photos) stays out of the gallery, as in CLIP-AT's: here it
+    would take first place for sketch a-1."""
+    split = split_of([('photo/cat/a.jpg', 'cat'), ('photo/cat/b.jpg', 'cat'), ('photo/cat/c.jpg', 'cat'),
+                      ('sketch/cat/a-1.png', 'cat'), ('sketch/cat/b-1.png', 'cat')])
+    vectors = torch.tensor([[0.9, 0.1], [0., 1], [1, 0], [1, 0], [0, 1]])
+    assert fine_grained_metrics(vectors, split) == {'fg_Acc@1': 1.0, 'fg_Acc@5': 1.0, 'fg_Acc@10': 1.0}
+    with_c = fine_grained_accuracy(vectors[[3, 4]], torch.zeros(2), torch.tensor([0, 1]), vectors[:3], torch.zeros(3))
+    assert with_c['Acc@1'] == 0.5
+
+
 @pytest.mark.parametrize('seed', [0, 1, 2])
 def test_acc_at_k_equals_a_slow_reference(seed):
     rng = np.random.default_rng(seed)
@@ -158,6 +169,16 @@ def test_train_and_test_score_fine_grained(paired_data, tiny_data, tmp_path, cap
                            str(paired_data), '--data_name', 'synthetic', '--img_size', '32', '--workers', '0',
                            '--device', DEVICE])
     assert 0 <= free['fg_Acc@1'] <= free['fg_Acc@10'] <= 1
+
+    # --eval_queries: each epoch scores the sampled sketches' pairs, the selected epoch all of them
+    train(parse_args(tiny(paired_data, tmp_path / 'sampled', '--epochs', '1', '--fine_grained', '--warmup', '0',
+                          '--eval_queries', '3')))
+    rows = read_csv(tmp_path / 'sampled' / 'synthetic_acnet_resnet50_8_fg_results.csv')
+    assert [r['eval_queries'] for r in rows] == ['3', 'all'] and all(r['fg_Acc@1'] != '' for r in rows)
+    full = retrieval.main(['--evaluate', '--fine_grained', '--data_base',
+                           str(tmp_path / 'sampled' / 'synthetic_acnet_resnet50_8_fg_model.pth'), '--workers', '0',
+                           '--device', DEVICE])
+    assert all(float(rows[-1][f'fg_Acc@{k}']) == pytest.approx(full[f'fg_Acc@{k}'], abs=1e-6) for k in (1, 5, 10))
 
     # a dataset without pairs: one line, before anything is written
     check_train(capsys, tiny(tiny_data, tmp_path / 'none', '--epochs', '1', '--fine_grained'),

@@ -215,7 +215,8 @@ def test_reproduce_runs_the_ablation_set_and_tables_gzs(tmp_path, capsys):
     assert ("‡ GZS with fewer seen items than the protocol's 20 % (fewer were held out of training): msedge gzs on "
             'generated dataset: 40 of 40 sketches and 60 of 200 photos') in table
     fake_run(tmp_path, 'synthetic_acnet_resnet50_512_extractor-triplet', [0.2])  # an ablation: its source under the table
-    fake_run(tmp_path, 'synthetic_msedge_resnet50_512_levels-1-2-4', [0.2])
+    fake_run(tmp_path, 'synthetic_msedge_resnet50_512_levels-1-2-4_heldout', [0.2], select_on='heldout',
+             heldout=[0.1])  # with a common suffix after the variant's own
     table = reproduce.build_table(reproduce.best_rows(tmp_path))
     assert ("acnet extractor-triplet: the original's c9ca544 ablation/triplet.py; msedge levels-1-2-4: the original's "
             'EGFF 75d71f0') in table
@@ -244,7 +245,7 @@ def test_a_smaller_seen_pool_is_said_and_sampled_epochs_sample_the_seen_queries_
     val = split(10, 20)  # the protocol adds int(0.2 x 10) = 2 sketches and int(0.2 x 20) = 4 photos
     assert gzs_shortfall(split(2, 4), val) == ''
     assert gzs_shortfall(split(2, 3), val) == (" (fewer than the protocol's 20 %, 2 sketches and 4 photos: fewer were "
-                                               'held out of training; a larger --heldout_fraction holds out more)')
+                                               'held out of training; train with a larger --heldout_fraction to hold out more)')
 
     data = tmp_path / 'data'
     make_synthetic(data, **{**TINY, 'num_sketches': 10})  # val: 20 sketches, 12 photos; GZS adds 4 and 2

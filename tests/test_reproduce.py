@@ -119,14 +119,14 @@ def test_seeds_run_each_configuration_per_seed_and_table_mean_and_sample_sd(tmp_
 
     # three seeds' runs (precise 0.2, 0.5, 0.6 at their best epochs), each with fine-grained columns
     for seed, best in ((1, 0.2), (2, 0.5), (3, 0.6)):
-        fake_run(tmp_path / f'seed-{seed}', 'synthetic_acnet_resnet50_512_fg', [best / 2, best])
+        fake_run(tmp_path / f'seed-{seed}', 'synthetic_acnet_resnet50_512_fg', [best / 2, best], seed=seed)
         path = tmp_path / f'seed-{seed}' / 'synthetic_acnet_resnet50_512_fg_results.csv'
         write_csv([{**row, 'fg_Acc@1': float(row['precise']) / 10, 'fg_Acc@5': 0.5, 'fg_Acc@10': 0.9}
                    for row in read_csv(path)], path)
     reproduce.main(['--save_root', str(tmp_path), '--table_only', '--all_metrics'])
     table = capsys.readouterr().out
     mean, sd = 100 * np.mean([0.2, 0.5, 0.6]), 100 * np.std([0.2, 0.5, 0.6], ddof=1)  # 43.3, 20.8
-    assert f'| acnet (ours) | resnet50 | 512 | test | sake | 3 | {mean:.1f} ± {sd:.1f} |' in table
+    assert f'| acnet fg (ours) | resnet50 | 512 | test | sake | 3 | {mean:.1f} ± {sd:.1f} |' in table
     acc1 = (100 * np.mean([0.02, 0.05, 0.06]), 100 * np.std([0.02, 0.05, 0.06], ddof=1))
     assert f'| {acc1[0]:.1f} ± {acc1[1]:.1f} | 50.0 ± 0.0 | 90.0 ± 0.0 |' in table
     assert 'generated dataset FG Acc@1 | generated dataset FG Acc@5 | generated dataset FG Acc@10 |' in table
@@ -138,3 +138,22 @@ def test_bad_seeds_are_one_line(tmp_path, capsys):
         check_cli(capsys, reproduce.main, ['--datasets', 'synthetic', '--seeds', *seeds, '--save_root', tmp_path / 'x',
                                            '--dry_run'], message)
     assert not (tmp_path / 'x').exists()
+
+
+def test_a_seed_is_counted_once_and_fg_runs_are_rows_of_their_own(tmp_path, capsys):
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512', [0.4])  # train.py's default seed 1, in --save_root itself
+    fake_run(tmp_path / 'seed-1', 'synthetic_acnet_resnet50_512', [0.2], seed=1)  # the same seed again
+    fake_run(tmp_path / 'seed-2', 'synthetic_acnet_resnet50_512', [0.3], seed=2)
+    fake_run(tmp_path, 'synthetic_acnet_resnet50_512_fg', [0.9])  # the same training, scored fine-grained too
+    reproduce.main(['--save_root', str(tmp_path), '--table_only', '--all_metrics'])
+    out = capsys.readouterr().out
+    assert f'skipped {tmp_path}/synthetic_acnet_resnet50_512_results.csv: another run of the same ' \
+        'configuration has seed 1 too' in out
+    assert '| acnet (ours) | resnet50 | 512 | test | sake | 2 | 25.0 ± 7.1 |' in out  # seed-1's 0.2 and seed-2's 0.3
+    assert '| acnet fg (ours) | resnet50 | 512 | test | sake | 1 | 90.0 |' in out
+    check_cli(capsys, reproduce.main, ['--datasets', 'synthetic', '--seeds', '1', '2', '--save_root', tmp_path / 'x',
+                                       '--dry_run', '--', '--seed', '7'], '--seed after -- would give every run')
+    for name in ('synthetic_acnet_resnet50_512_gzs_fg', 'synthetic_msedge_resnet50_512_edge-none_heldout_gzs_fg',
+                 'synthetic_acnet_resnet50_64_extractor-triplet_fg'):
+        method, parsed = reproduce.parse_run_name(f'{name}_results.csv')
+        assert parsed['fg'] == '_fg' and name.startswith(f"synthetic_{method}_resnet50_{parsed['dim']}"), name

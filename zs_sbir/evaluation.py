@@ -122,8 +122,8 @@ def gzs_shortfall(seen, val):
     if all(pool[f'gzs_seen_{d}'] >= pool[f'gzs_protocol_{d}'] for d in ('sketches', 'photos')):
         return ''
     return (f" (fewer than the protocol's 20 %, {pool['gzs_protocol_sketches']} sketches and "
-            f"{pool['gzs_protocol_photos']} photos: fewer were held out of training; a larger --heldout_fraction "
-            f'holds out more)')
+            f"{pool['gzs_protocol_photos']} photos: fewer were held out of training; train with a larger "
+            f'--heldout_fraction to hold out more)')
 
 
 def gzs_metrics(val_vectors, val, seen_vectors, seen):
@@ -148,12 +148,21 @@ def paired_sketches(split, option='--fine_grained'):
     return pairs, count
 
 
+def describe_pairs(split):
+    """One line: how many sketches fine-grained ZS-SBIR scores, against how many photos."""
+    pairs, count = paired_sketches(split)
+    photos = len({pair for pair in pairs if pair >= 0})
+    return (f'fine-grained: {count} of the {split.count(SKETCH)} sketches look for their own photo among the '
+            f'{photos} photos of their classes that have sketches')
+
+
 def fine_grained_metrics(vectors, split):
     """fg_Acc@1/5/10: every sketch that has its own photo (Sketchy's file-name rule) looks for it among the photos
-    of its class."""
+    of its class that have sketches, each once (the de-duplicated photos of the class's pairs, as CLIP-AT's
+    gallery: Sketchy's extended photos, which no sketch shows, stay out)."""
     pairs, _ = paired_sketches(split)
     sketches = [i for i, pair in enumerate(pairs) if pair >= 0]
-    photos = split.indices(PHOTO)
+    photos = sorted({pairs[i] for i in sketches})
     column = {item: j for j, item in enumerate(photos)}
     labels = torch.tensor(split.labels, device=vectors.device)
     accuracy = fine_grained_accuracy(vectors[sketches], labels[sketches], [column[pairs[i]] for i in sketches],

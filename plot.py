@@ -25,13 +25,14 @@ import torch
 from methods import get_method, method_names
 from utils import METRIC_NAMES, PHOTO, SKETCH, retrieval_metrics
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_checkpoint_vectors, load_torch
+from zs_sbir.evaluation import collapsed
 from zs_sbir.cli import ArgumentParser, UserError, check_device, check_numbers, default_device, run_cli
 from zs_sbir.images import load_image, walk_image_files
 from zs_sbir.pictures import heatmap, save_png, sheet, to_pil
 from zs_sbir.results import read_results
 from zs_sbir.retrieval import load_model
-from zs_sbir.safe_files import (OUTPUT_MARK, atomic_write, check_replaceable, check_writable_dir, make_output_folder,
-                                unique_stems, writing_into)
+from zs_sbir.safe_files import (OUTPUT_MARK, atomic_write, check_outside, check_replaceable, check_writable_dir,
+                                make_output_folder, unique_stems, writing_into)
 
 
 def pyplot():
@@ -147,7 +148,9 @@ def run_stem(data_base):
 
 def saved_embeddings(args):
     checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
-    return load_checkpoint_vectors(args.data_base, checkpoint, args.vectors)[0]
+    record = load_checkpoint_vectors(args.data_base, checkpoint, args.vectors)[0]
+    check_outside(args.save_root, [('the dataset', Path(record['data_root']) / record['data_name'])])
+    return record
 
 
 def tsne_data(record, max_points=3000, seed=0):
@@ -155,6 +158,8 @@ def tsne_data(record, max_points=3000, seed=0):
     dimensions first), with each point's path, class and domain."""
     from sklearn.decomposition import PCA
     from sklearn.manifold import TSNE
+    if collapsed(record['vectors'].float()):
+        raise UserError('every saved embedding is the same vector (the network collapsed): there is nothing to map')
     vectors = record['vectors'].float().numpy()  # unit vectors, as the method embedded them
     rng = np.random.default_rng(seed)
     keep = np.sort(rng.choice(len(vectors), size=min(len(vectors), max_points), replace=False))
@@ -259,6 +264,10 @@ def model_drawing(args):
     """(model, its input size) of --data_base, refused in one line when its method does not draw what the command
     shows."""
     model, checkpoint = load_model(args.data_base, args.device)
+    queries = Path(args.query_name)
+    dataset = Path(checkpoint['args']['data_root']) / checkpoint['args']['data_name']
+    check_outside(args.save_root, [('the dataset', dataset)] + ([('the --query_name folder', queries)]
+                                                                 if queries.is_dir() else []))
     picture, noun = DRAWN[args.command]
     if picture not in model.draws:
         drawers = [name for name in method_names() if picture in get_method(name).draws]

@@ -31,7 +31,7 @@ from utils import CONVENTIONS, FINE_GRAINED_NAMES, METRIC_NAMES, metric_name
 from zs_sbir.cli import ArgumentParser, UserError, check_numbers, first_line, run_cli
 from zs_sbir.config import check_args, parse_args as train_args, run_prefix
 from zs_sbir.results import GZS_POOL, SELECT_ON, read_results
-from zs_sbir.safe_files import atomic_write
+from zs_sbir.safe_files import atomic_write, check_writable_dir
 
 
 DATASET_TITLES = {'sketchy': 'Sketchy Extended', 'sketchy21': 'Sketchy Ext (21)', 'sketchy25': 'Sketchy Ext (25)',
@@ -345,6 +345,12 @@ def build_table(rows, all_metrics=False):
     return '\n'.join(lines)
 
 
+# train.py options the grid sets itself, and reproduce.py's own option for each
+GRID_OPTIONS = {'--method': '--methods', '--backbone_type': '--backbones', '--emb_dim': '--emb_dims',
+                '--proj_dim': '--emb_dims', '--data_name': '--datasets', '--select_on': '--select_on',
+                '--metric_convention': '--metric_convention'}
+
+
 def run(args):
     check_numbers(args)  # --emb_dims, --seeds (cli.LIMITS)
     if args.seeds and len(set(args.seeds)) < len(args.seeds):
@@ -354,6 +360,11 @@ def run(args):
     if '--save_root' in args.train_args:
         raise UserError('--save_root after -- would send the runs elsewhere than the table reads: give '
                         'reproduce.py --save_root (before --) instead')
+    grid_options = [o for o in args.train_args if o.split('=')[0] in GRID_OPTIONS]
+    if grid_options:  # appended after the grid's own values, they would replace them in every run
+        raise UserError(f'{grid_options[0].split("=")[0]} after -- would override the grid in every run: use '
+                        f"reproduce.py's {GRID_OPTIONS[grid_options[0].split('=')[0]]} (before --) instead")
+    check_writable_dir(args.save_root, '--save_root')
     if not args.table_only:
         missing = set()
         for _, run_args in grid(args):

@@ -31,15 +31,15 @@ from utils import (PHOTO, SKETCH, Split, describe_split, drop_unreadable, finger
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, checkpoint_record, load_torch, vectors_record
 from zs_sbir.cli import UserError, run_cli
 from zs_sbir.config import SELECT_TEXT, RunFiles, check_args, parse_args, run_defining, run_files, run_prefix
-from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_grained, format_metrics, gzs_metrics,
-                                gzs_pool, gzs_seen_items, gzs_shortfall, make_eval_loader, paired_sketches,
-                                describe_pairs, sample_queries, split_images, split_metrics)
+from zs_sbir.evaluation import (collapsed, describe_pairs, embed_split, fine_grained_metrics, format_fine_grained,
+                                format_metrics, gzs_metrics, gzs_pool, gzs_seen_items, gzs_shortfall, make_eval_loader,
+                                paired_sketches, sample_queries, split_images, split_metrics)
 from zs_sbir.results import results_row, selection_key
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
 from zs_sbir.seeding import configure_backends, seed_everything
 from zs_sbir.synthetic import make_synthetic
-from zs_sbir.training import (Dist, all_agree, compile_model, init_distributed, make_train_loader, train_epoch,
-                              training_nets, wait_for_main)
+from zs_sbir.training import (Dist, NonFiniteLoss, all_agree, compile_model, init_distributed, make_train_loader,
+                              train_epoch, training_nets, wait_for_main)
 
 @dataclass
 class EvalSet:
@@ -396,6 +396,9 @@ def fit(run, train_split, val_split):
         losses = train_epoch(nets, run.optimizers, train_loader, rt, f'epoch {epoch}/{args.epochs}',
                              channels_last=args.channels_last)
         metrics, vectors = evaluate(run)
+        if collapsed(vectors):  # its metrics would only rank ties: not an epoch to keep
+            raise NonFiniteLoss(f'epoch {epoch}/{args.epochs}: every val embedding is the same vector (the network '
+                                f'collapsed); lower --lr')
         run.rows.append(results_row(epoch, losses, metrics, args, args.eval_queries if run.sampled else 'all'))
         improved = run.best is None or metrics[key] > run.best[key]
         if improved:

@@ -121,9 +121,10 @@ class ClipPrompt(Method):
         for name in ('encoder_lr', 'prompt_lr'):
             if not 0 < getattr(options, name) < float('inf'):
                 problems.append(f'--{name} must be a positive number, got {getattr(options, name)}')
-        for name in ('triplet_margin', 'cls_weight'):
-            if not 0 <= getattr(options, name) < float('inf'):
-                problems.append(f'--{name} must be 0 or more, got {getattr(options, name)}')
+        if not 0 < options.triplet_margin < float('inf'):  # torch's triplet loss takes no margin of 0
+            problems.append(f'--triplet_margin must be a positive number, got {options.triplet_margin}')
+        if not 0 <= options.cls_weight < float('inf'):
+            problems.append(f'--cls_weight must be 0 or more, got {options.cls_weight}')
         return problems
 
     @classmethod

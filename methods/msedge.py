@@ -97,9 +97,10 @@ class MSEdge(Method):
             return [f'--feature_levels must name three different levels, got {" ".join(map(str, levels))}']
         count = len(create_timm(backbone_tag(SEED_BACKBONES, options.backbone_type), False,
                                 features_only=True).feature_info)
-        if not all(-count <= level < count for level in levels):
-            return [f'--feature_levels {" ".join(map(str, levels))}: {options.backbone_type} has {count} feature '
-                    f'levels (0 to {count - 1}, or -{count} to -1)']
+        if not all(0 <= level < count for level in levels) or list(levels) != sorted(levels):
+            # from shallow to deep, as the fusion head's widths expect, and one name per set of levels
+            return [f'--feature_levels {" ".join(map(str, levels))}: give three levels of {options.backbone_type} '
+                    f'from shallow to deep, each from 0 to {count - 1} (e.g. {count - 3} {count - 2} {count - 1})']
         return []
 
     @classmethod

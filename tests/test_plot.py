@@ -171,3 +171,26 @@ def test_sheets_deal_files_out_across_class_folders(tmp_path):
     files = [tmp_path / c / f'{c}_{i}.png' for c in ('b', 'a', 'c') for i in range(3 if c != 'c' else 1)]
     order = [p.stem for p in plot.across_folders(sorted(files))]
     assert order == ['a_0', 'b_0', 'c_0', 'a_1', 'b_1', 'a_2', 'b_2']
+
+
+def test_figures_never_go_into_the_dataset_or_the_query_folder_and_a_collapsed_run_has_no_map(runs, tiny_data,
+                                                                                               tmp_path, capsys):
+    dataset = tiny_data / 'synthetic'
+    before = {p: p.stat().st_mtime_ns for p in dataset.rglob('*') if p.is_file()}
+    for command in (['tsne', '--data_base', runs['acnet']], ['per_class', '--data_base', runs['acnet']]):
+        check_error(capsys, [*command, '--save_root', dataset / 'val' / 'photo'],
+                    r"--save_root '.*photo' is inside the dataset '.*synthetic': pictures written there would become")
+    queries = tmp_path / 'mine'
+    queries.mkdir()
+    Image.new('RGB', (32, 32), 'white').save(queries / 'a.png')
+    check_error(capsys, ['generated', '--data_base', runs['acnet'], '--query_name', queries, '--save_root', queries,
+                         '--device', DEVICE], r"is inside the --query_name folder '.*mine'")
+    check_error(capsys, ['attention', '--data_base', runs['msedge'], '--query_name', dataset / 'val' / 'photo',
+                         '--save_root', dataset / 'val' / 'x', '--device', DEVICE], 'is inside the dataset')
+    assert {p: p.stat().st_mtime_ns for p in dataset.rglob('*') if p.is_file()} == before  # nothing added or changed
+    assert sorted(queries.iterdir()) == [queries / 'a.png']
+
+    vectors = load_torch(str(runs['acnet']).replace('_model.pth', '_vectors.pth'), VECTORS_FORMAT, 'vectors')
+    save_torch({**vectors, 'vectors': torch.zeros_like(vectors['vectors'])}, tmp_path / 'zero_vectors.pth')
+    check_error(capsys, ['tsne', '--data_base', runs['acnet'], '--vectors', tmp_path / 'zero_vectors.pth', '--save_root',
+                         tmp_path / 'figures'], 'every saved embedding is the same vector')

@@ -94,6 +94,22 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_data, 
     assert load_torch(tmp_path / f'{PREFIX}_model.pth', CHECKPOINT_FORMAT, 'checkpoint')['epoch'] == 1
 
 
+def test_a_collapsed_network_stops_the_run_like_a_nan_loss(tiny_data, tmp_path, monkeypatch, capsys):
+    """Every val embedding the same vector (as after --lr 1e30): its metrics would only rank ties, and would
+    have been selected as best."""
+    real_embed = ACNet.embed
+    calls = {'n': 0}
+
+    def embed(self, images, domains):
+        calls['n'] += 1
+        vectors = real_embed(self, images, domains)
+        return torch.zeros_like(vectors) if calls['n'] > 1 else vectors  # the untrained evaluation is one batch
+    monkeypatch.setattr(ACNet, 'embed', embed)
+    code, err = run_main(tiny(tiny_data, tmp_path, '--epochs', '2', '--eval_batch_size', '64'), capsys)
+    assert code == 2 and 'epoch 1/2: every val embedding is the same vector (the network collapsed)' in err
+    assert not (tmp_path / f'{PREFIX}_model.pth').exists()
+
+
 def test_atomic_write_never_leaves_a_half_written_file(tmp_path):
     target = tmp_path / 'results.csv'
     target.write_text('good')

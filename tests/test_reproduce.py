@@ -157,3 +157,15 @@ def test_a_seed_is_counted_once_and_fg_runs_are_rows_of_their_own(tmp_path, caps
                  'synthetic_acnet_resnet50_64_extractor-triplet_fg'):
         method, parsed = reproduce.parse_run_name(f'{name}_results.csv')
         assert parsed['fg'] == '_fg' and name.startswith(f"synthetic_{method}_resnet50_{parsed['dim']}"), name
+
+
+def test_options_after_dashes_that_the_grid_sets_and_a_file_as_save_root_are_refused(tmp_path, capsys):
+    for option, own in (('--method', '--methods'), ('--emb_dim', '--emb_dims'), ('--data_name', '--datasets'),
+                        ('--select_on', '--select_on'), ('--backbone_type', '--backbones')):
+        check_cli(capsys, reproduce.main, ['--datasets', 'synthetic', '--save_root', tmp_path / 'x', '--dry_run', '--',
+                                           option, 'msedge'], f"{option} after -- would override the grid in every "
+                                                              f"run: use reproduce.py's {own}")
+    (tmp_path / 'afile').write_text('mine')
+    check_cli(capsys, reproduce.main, ['--datasets', 'synthetic', '--save_root', tmp_path / 'afile', '--dry_run'],
+              "--save_root '.*afile' is a file, not a folder")
+    assert not (tmp_path / 'x').exists() and (tmp_path / 'afile').read_text() == 'mine'

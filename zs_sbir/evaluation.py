@@ -73,6 +73,11 @@ def embed_split(model, loader, device, desc='embed val', amp=False, channels_las
     return gather_rows(torch.cat(chunks), torch.cat(order), len(loader.dataset), world)
 
 
+def collapsed(vectors, tolerance=1e-6):
+    """True when every embedding is the same vector (all zero, say): a network that no longer tells images apart."""
+    return len(vectors) > 1 and bool((vectors - vectors[:1]).abs().max() <= tolerance)
+
+
 def split_metrics(vectors, split):
     """Unseen-class metrics: every sketch of the split queries all its photos."""
     labels = torch.tensor(split.labels, device=vectors.device)

@@ -263,6 +263,15 @@ def unique_stems(files):
 
 
 
+def check_outside(save_root, protected):
+    """--save_root may not lie inside a `protected` folder ([(description, folder)]): what is written there would
+    become one of its images."""
+    for what, folder in protected:
+        if folder is not None and Path(save_root).resolve().is_relative_to(Path(folder).resolve()):
+            raise UserError(f"--save_root '{save_root}' is inside {what} '{folder}': pictures written there would "
+                            f"become its images; choose another --save_root")
+
+
 def plan_outputs(files, save_root, protected, outputs):
     """[(input file, its output paths)], each named by outputs(save_root, stem) with the file's stem made
     unique (two cat.png from two folders: cat, cat_), every output checked before anything is written:
@@ -270,10 +279,7 @@ def plan_outputs(files, save_root, protected, outputs):
     become one of its images), no output may be or hold an input, and an existing output must be this repo's."""
     save_root = Path(save_root)
     check_writable_dir(save_root, '--save_root')
-    for what, folder in protected:
-        if save_root.resolve().is_relative_to(Path(folder).resolve()):
-            raise UserError(f"--save_root '{save_root}' is inside {what} '{folder}': pictures written there would "
-                            f"become its images; choose another --save_root")
+    check_outside(save_root, protected)
     inputs, plan = [Path(p).resolve() for p in files], []
     for path, stem in zip(files, unique_stems(files)):
         targets = outputs(save_root, stem)

@@ -35,7 +35,8 @@ from zs_sbir.evaluation import (collapsed, describe_pairs, embed_split, fine_gra
                                 format_metrics, gzs_metrics, gzs_pool, gzs_seen_items, gzs_shortfall, make_eval_loader,
                                 paired_sketches, sample_queries, split_images, split_metrics)
 from zs_sbir.results import results_row, selection_key
-from zs_sbir.safe_files import acquire_lock, check_writable_dir, csv_writer, remove_stale_temporaries, save_together
+from zs_sbir.safe_files import (acquire_lock, check_outside, check_writable_dir, csv_writer, remove_stale_temporaries,
+                                save_together)
 from zs_sbir.seeding import configure_backends, seed_everything
 from zs_sbir.synthetic import make_synthetic
 from zs_sbir.training import (Dist, NonFiniteLoss, all_agree, compile_model, init_distributed, make_train_loader,
@@ -80,6 +81,7 @@ def check_outputs(args, files):
     """--save_root must be writable, and an earlier run's files are only replaced on request. Nothing is
     created here: a run that fails before its first save leaves no folder behind."""
     check_writable_dir(args.save_root, '--save_root')
+    check_outside(args.save_root, [('the dataset', Path(args.data_root) / args.data_name)])
     earlier = [f for f in files.outputs() if f.exists()]
     if args.resume and not files.last.exists():
         raise UserError(f"nothing to resume: '{files.last}' not found (same --save_root and run options?)")

@@ -396,6 +396,7 @@ def test_probe_of_every_command(run, tiny_data, tmp_path, capsys):
     cases = [
         (train_main, ['--data_root', '', '--save_root', tmp_path / 'out'], '--data_root must not be empty'),
         (train_main, train_base + ['--data_name', '../synthetic'], '--data_name must be the name of a folder'),
+        (train_main, tiny(tiny_data, tiny_data / 'synthetic' / 'val' / 'runs'), r"--save_root '.*runs' is inside the dataset"),
         (train_main, train_base + ['--seed', str(10 ** 23)], '--seed must be from 0 to 2147483647'),
         (train_main, train_base + ['--img_size', '100000'], '--img_size must be a multiple of 4 from 32 to 2048'),
         (train_main, train_base + ['--lr', 'inf'], '--lr must be a positive number, got inf'),

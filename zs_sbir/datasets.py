@@ -74,12 +74,19 @@ class SketchPhotoPairs(Dataset):
     def __len__(self):
         return len(self.sketches)
 
+    def draw(self, key):
+        """(sketch index, its label, a photo of its class) for a sampler key; call inside torch's fork_rng."""
+        sketch_index = self.sketches[item_rng(key)]
+        label = self.split.labels[sketch_index]
+        return sketch_index, label, self.random_photo(label)
+
+    def random_photo(self, label):
+        photos = self.photos_of_class[label]
+        return photos[torch.randint(len(photos), ()).item()]
+
     def __getitem__(self, key):
         with torch.random.fork_rng(devices=[]):
-            sketch_index = self.sketches[item_rng(key)]
-            label = self.split.labels[sketch_index]
-            candidates = self.photos_of_class[label]
-            photo_index = candidates[torch.randint(len(candidates), ()).item()]
+            sketch_index, label, photo_index = self.draw(key)
             sketch, photo = self.images[sketch_index], self.images[photo_index]
             if self.transform is not None:
                 sketch, photo = self.transform(sketch), self.transform(photo)
@@ -93,13 +100,9 @@ class SketchTriplets(SketchPhotoPairs):
 
     def __getitem__(self, key):
         with torch.random.fork_rng(devices=[]):
-            sketch_index = self.sketches[item_rng(key)]
-            label = self.split.labels[sketch_index]
-            positives = self.photos_of_class[label]
-            positive = positives[torch.randint(len(positives), ()).item()]
+            sketch_index, label, positive = self.draw(key)
             other = torch.randint(len(self.photos_of_class) - 1, ()).item()
-            negatives = self.photos_of_class[other + (other >= label)]  # any class but the sketch's
-            negative = negatives[torch.randint(len(negatives), ()).item()]
+            negative = self.random_photo(other + (other >= label))  # any class but the sketch's
             images = [self.images[i] for i in (sketch_index, positive, negative)]
             if self.transform is not None:
                 images = [self.transform(image) for image in images]

@@ -13,6 +13,12 @@ networks carry the same layer names, so the tensors are copied as they are, afte
 name and shape. The discriminator and the loss proxies were not released: the checkpoint holds the
 two networks that retrieval needs and can be evaluated and queried, not resumed.
 
+ONNX: `convert.py --onnx CKPT` exports a checkpoint's sketch and photo embedders to ONNX beside it (CKPT stem
+.sketch.onnx and .photo.onnx), for test.py and search.py --runtime onnx, which otherwise export them on first use
+(docs/speed.md#onnx-runtime); graphs of another version of the checkpoint are exported again.
+
+    python convert.py --onnx result/synthetic_acnet_resnet50_512_model.pth
+
 ClipPrompt: its README links {data_name}_{prompt_num}_model.pth, the state dict of its Model (both image towers,
 the whole CLIP, both prompts); every tensor is copied to its place here after a check of names and shapes, so the
 checkpoint scores what ClipPrompt's own code scores (docs/runs.md).
@@ -24,6 +30,7 @@ from methods import get_method, method_names
 from zs_sbir.checkpoint import checkpoint_record
 from zs_sbir.cli import ArgumentParser, UserError, check_numbers, run_cli
 from zs_sbir.config import parse_args as train_args
+from zs_sbir.retrieval import load_model
 from zs_sbir.safe_files import acquire_lock, check_writable_dir, save_torch
 
 
@@ -46,7 +53,9 @@ def parse_args(argv=None):
                                                          "the method's)")
     p.add_argument('--emb_dim', type=int, default=None, help="the embedding size the files hold, as in their names "
                                                              "(default: the method's)")
-    p.add_argument('--save', required=True, help='the checkpoint to write (a *_model.pth of this repo)')
+    p.add_argument('--onnx', default=None, metavar='CKPT',
+                   help="export a checkpoint of this repo to ONNX beside it (its sketch and photo graphs) and stop")
+    p.add_argument('--save', default=None, help='the checkpoint to write (a *_model.pth of this repo)')
     p.add_argument('--data_root', default='data', help='recorded as the default for test.py')
     p.add_argument('--data_name', default=None, help='recorded as the default for test.py (default: the '
                                                      "file name's first word, e.g. sketchy)")
@@ -66,7 +75,28 @@ def release_of(args):
     return next(iter(named.items()))
 
 
+def export_onnx(args):
+    """--onnx: both graphs of a checkpoint, exported (or checked to be current) beside it."""
+    released = [f'--{dest}' for dests in importers().values() for dest in dests if getattr(args, dest) is not None]
+    if released or args.save:
+        raise UserError(f'--onnx exports a checkpoint of this repo; {", ".join(released + ["--save"] * bool(args.save))} '
+                        f'converts a release: run them apart')
+    model, checkpoint = load_model(args.onnx, 'cpu', 'onnx')
+    paths = model.prepare()
+    if None in paths:
+        raise UserError(f"cannot write beside '{args.onnx}' (its folder is read-only): copy the checkpoint to a "
+                        f"writable folder; test.py and search.py export into memory there")
+    for path in paths:
+        print(f'{path}: current ({checkpoint["method"]} {checkpoint.get("backbone_tag")}, '
+              f'{checkpoint["args"]["img_size"]} px, any batch size)')
+    return paths
+
+
 def convert(args):
+    if args.onnx is not None:
+        return export_onnx(args)
+    if not args.save:
+        raise UserError('name the checkpoint to write with --save (or export one to ONNX with --onnx CKPT)')
     method, files = release_of(args)
     save = Path(args.save)
     check_writable_dir(save.parent, '--save folder')

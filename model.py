@@ -194,7 +194,7 @@ def prompted_vit(visual, images, prompt, append=False):
     prepended (no positional embedding of their own), ln_pre, the transformer, ln_post of token 0, the projection.
     Token 0 is the first prompt; with `append` (Sketch_LVM) the prompts follow and token 0 is the class token."""
     x = visual.conv1(images).flatten(2).transpose(1, 2)  # (B, grid ** 2, width)
-    cls = visual.class_embedding.to(x.dtype).expand(len(x), 1, -1)
+    cls = visual.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # shape, not len(): ONNX keeps the batch dynamic
     x = torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
     prompt = prompt.to(x.dtype)
     x = visual.transformer(visual.ln_pre(torch.cat([x, prompt] if append else [prompt, x], dim=1)))

@@ -36,6 +36,7 @@ from zs_sbir.images import pillow_suffixes, query_files, read_rgb, to_rgb8
 from zs_sbir.pictures import draw_retrieval, save_png
 from zs_sbir.safe_files import plan_outputs, writing_into
 from zs_sbir.checkpoint import model_identity
+from zs_sbir.onnx_runtime import RUNTIMES
 from zs_sbir.retrieval import load_model
 from zs_sbir.search_index import (INDEX_FORMAT, INDEX_KINDS, JOURNAL, LOCK, Searcher, build_faiss, embed_as, file_key,
                                   is_index, photo_batches, photo_files, photo_folders, read_index, write_index)
@@ -108,7 +109,7 @@ def build_index(args):
     photos = Path(args.photos).resolve()
     out = Path(args.index)
     files, skipped = photo_files(photos)
-    model, checkpoint = load_model(args.data_base, args.device)
+    model, checkpoint = load_model(args.data_base, args.device, args.runtime)
     identity = model_identity(checkpoint)
     with claimed(out):
         previous = previous_index(out, args.rebuild)
@@ -209,7 +210,7 @@ def merge_indexes(args):
 
 def run_query(args):
     check_device(args.device)
-    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
+    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search, args.runtime)
     note_incomplete(searcher)
     files = query_files(args.query_name, pillow_suffixes())
     with writing_into(args.save_root):
@@ -344,7 +345,7 @@ def check_port(host, port):
 def serve(args):
     check_device(args.device)
     check_port(args.host, args.port)
-    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search)
+    searcher = Searcher(args.index, args.data_base, args.device, args.nprobe, args.ef_search, args.runtime)
     note_incomplete(searcher)
     server = web_server(make_app(searcher, args.num), args.host, args.port, [*searcher.photo_folders, searcher.folder])
     print(f'serving {searcher.folder} ({len(searcher.table)} photos) on http://{args.host}:{args.port}')
@@ -394,6 +395,10 @@ def parse_args(argv=None):
                                                                    '(more: slower, higher recall)')
     for sub in (index, query, web):
         sub.add_argument('--device', default=default_device())
+        sub.add_argument('--runtime', default='auto', choices=RUNTIMES,
+                         help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the '
+                              'checkpoint (docs/speed.md); auto: onnx on a CPU, where it is about twice as fast, torch '
+                              'on a GPU')
     return p.parse_args(argv)
 
 

@@ -10,6 +10,8 @@
     python speed.py backbones --quick       # tiny backbones at 64 px on the CPU
     python speed.py search                  # search.py: index build images/s; query latency at 10k-1M photos
     python speed.py search --quick          # 10k and 20k vectors, seconds
+    python speed.py runtimes                # embedding photos/s: torch (eager, channels_last) vs ONNX Runtime, CPU
+    python speed.py runtimes --quick        # 64 px, 16 photos: seconds
 
 `train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
 the same run: with "seed settings" (fp32, deterministic cuDNN, NCHW, no compile, .item() after every
@@ -24,6 +26,7 @@ ranks) on the same embeddings, in the same run. The slow one runs on a subsample
 is scaled up to all of them. Each measurement runs in a fresh process so its peak memory is its own.
 """
 import argparse
+import copy
 import json
 import platform
 import resource
@@ -41,7 +44,7 @@ import numpy as np
 import torch
 
 from methods import create_model, get_method, method_names, with_defaults
-from utils import METRIC_NAMES, PHOTO, Split, retrieval_metrics, scan_split
+from utils import METRIC_NAMES, PHOTO, SKETCH, Split, retrieval_metrics, scan_split
 from zs_sbir.cli import (DEFAULT_WORKERS, ArgumentParser, Limit, UserError, check_device, check_numbers, default_device,
                          run_cli)
 from zs_sbir.datasets import EpochSampler
@@ -439,6 +442,88 @@ def bench_search(args):
             del index
 
 
+def bench_runtimes(args):
+    """Photos/s of each method's photo embedder (its default backbone, random init) on the CPU under torch (eager and
+    channels_last) and ONNX Runtime, in one run: on batches already decoded, and search.py's index loop (decode,
+    resize, embed) as the build sees it; with how far ONNX's embeddings are from torch's and whether the top 10 photos
+    of each generated sketch stay the same."""
+    check_numbers(args, batch_size=Limit(1, 4096))
+    print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
+          f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
+          f'{args.photos} generated photos, fp32, random init; median of {args.repeats} passes\n')
+    print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | index build: torch '
+          '| index build: ONNX | build ratio | max abs diff | top-10 kept |')
+    print('|---|---|---|---|---|---|---|---|---|---|---|')
+    for method in args.methods:
+        with scratch_folder('bench-runtimes-') as root:
+            row = runtime_row(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers, root)
+        print(f"| {method} | {row['backbone']} | {row['eager']:.1f} | {row['channels_last']:.1f} | {row['onnx']:.1f} "
+              f"| {row['onnx'] / row['eager']:.2f}x | {row['build_torch']:.1f} | {row['build_onnx']:.1f} "
+              f"| {row['build_onnx'] / row['build_torch']:.2f}x | {row['diff']:.1e} | {row['kept']:.3f} |", flush=True)
+    print('\nphotos/s; "top-10 kept": the share of the top 10 photos of each generated sketch that ONNX Runtime\'s '
+          'embeddings keep (1.000: the same photos)')
+
+
+def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
+    from zs_sbir.checkpoint import checkpoint_record
+    from zs_sbir.config import parse_args as train_args
+    from zs_sbir.onnx_runtime import OnnxModel
+    from zs_sbir.safe_files import save_torch
+    per_class = -(-count // 4)
+    make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=3, num_photos=per_class, num_val_photos=1,
+                   img_size=img_size, workers=max(1, workers))
+    photo_dir = root / 'synthetic' / 'train' / 'photo'
+    files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
+    options = train_args(['--method', method, '--data_name', 'synthetic', '--img_size', str(img_size),
+                          '--no_pretrained'])
+    model = create_model(method, list('abcd'), options, pretrained=False).eval()
+    save_torch(checkpoint_record(model, options, train_classes=list('abcd')), root / 'model.pth')
+    onnx = OnnxModel(model, root / 'model.pth', img_size, method, quiet=True)
+    onnx.prepare()
+    batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
+                                                        0, 'cpu')]
+    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+
+    def rate(net, layout=torch.contiguous_format):
+        inputs = [b.contiguous(memory_format=layout) for b in batches]
+        embed_as(net, inputs[0], PHOTO, 'cpu')  # warm-up
+        passes = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for images in inputs:
+                embed_as(net, images, PHOTO, 'cpu')
+            passes.append(time.perf_counter() - start)
+        return sum(map(len, inputs)) / statistics.median(passes)
+
+    def build(net):  # search.py index's loop: decode, resize, embed
+        start = time.perf_counter()
+        for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size, workers, 'cpu'):
+            embed_as(net, images, PHOTO, 'cpu')
+        return len(files) / (time.perf_counter() - start)
+    row = {'backbone': model.backbone_tag, 'eager': rate(model), 'channels_last': rate(last, torch.channels_last),
+           'onnx': rate(onnx), 'build_torch': build(model), 'build_onnx': build(onnx)}
+    sketch_dir = root / 'synthetic' / 'train' / 'sketch'
+    sketches = torch.cat([images for _, images, _ in photo_batches(
+        sorted(str(p.relative_to(sketch_dir)) for p in sketch_dir.rglob('*.png')), sketch_dir, img_size,
+        model.interpolation, batch_size, 0, 'cpu')])
+    photos = torch.cat(batches)
+    ours = {name: (embed_as(net, sketches, SKETCH, 'cpu'), embed_as(net, photos, PHOTO, 'cpu'))
+            for name, net in (('torch', model), ('onnx', onnx))}
+    row['diff'] = max((a - b).abs().max().item() for a, b in zip(ours['torch'], ours['onnx']))
+    k = min(10, len(photos))
+    tops = {name: (q @ g.T).topk(k).indices.tolist() for name, (q, g) in ours.items()}
+    row['kept'] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tops['torch'], tops['onnx'])]))
+    return row
+
+
+def _version(package):
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return 'not installed'
+
+
 def _forever(loader):
     epoch = 0
     while True:
@@ -501,6 +586,15 @@ def parse_args(argv=None):
     search.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
     search.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for the build '
                                                                               'throughput')
+    runtimes = commands.add_parser('runtimes', help='embedding photos/s on the CPU: torch vs ONNX Runtime')
+    runtimes.add_argument('--quick', action='store_true', help='64 px, 16 photos, one pass: seconds')
+    runtimes.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
+    runtimes.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
+    runtimes.add_argument('--batch_size', type=int, default=16)
+    runtimes.add_argument('--photos', type=int, default=None, help='generated photos embedded (default 128, --quick: 16)')
+    runtimes.add_argument('--repeats', type=int, default=None, help='timed passes over them (default 3, --quick: 1)')
+    runtimes.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes of the index '
+                                                                              'build')
     for sub in (train, backbones):
         sub.add_argument('--device', default=default_device(), help='cpu: measure on the CPU even when a GPU is present')
     return with_sizes(p.parse_args(argv))
@@ -511,6 +605,7 @@ SIZE_DEFAULTS = {
     'metrics': {'sizes': (['sketchy', 'tuberlin', 'quickdraw'], ['quick'])},
     'train': {'img_size': (224, 32), 'batch_size': (64, 8), 'steps': (20, 3)},
     'backbones': {'img_size': (224, 64), 'batch_size': (64, 8), 'steps': (10, 2)},
+    'runtimes': {'img_size': (224, 64), 'photos': (128, 16), 'repeats': (3, 1)},
     'search': {'sizes': ([10_000, 100_000, 1_000_000], [10_000, 20_000]), 'embed_images': (128, 16), 'img_size': (224, 64)},
 }
 
@@ -535,7 +630,7 @@ def main(argv=None):
         return
     args = parse_args(argv)
     run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones,
-             'search': bench_search}[args.command], args)
+             'search': bench_search, 'runtimes': bench_runtimes}[args.command], args)
 
 
 if __name__ == '__main__':

@@ -29,6 +29,7 @@ from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_g
                                 gzs_seen_items, gzs_shortfall, make_eval_loader, describe_pairs, split_images,
                                 split_metrics)
 from zs_sbir.images import load_image, query_files, read_rgb
+from zs_sbir.onnx_runtime import RUNTIMES
 from zs_sbir.pictures import draw_retrieval, fit_tile, heatmap, save_png
 from zs_sbir.retrieval import Gallery, embed, load_model
 from zs_sbir.safe_files import atomic_write, make_output_folder
@@ -60,6 +61,9 @@ def parse_args(argv=None):
                    help="TU-Berlin's val classes: the seeds' rule or all (default: the run's, its method's)")
     p.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for --evaluate')
     p.add_argument('--device', default=default_device())
+    p.add_argument('--runtime', default='auto', choices=RUNTIMES,
+                   help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the checkpoint '
+                        '(docs/speed.md); auto: onnx on a CPU, where it is about twice as fast, torch on a GPU')
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
@@ -93,7 +97,7 @@ def val_classes_of(args, checkpoint=None):
 
 def load_run(args):
     """The model, its training arguments and (unless evaluating) the gallery embeddings, all checked."""
-    model, checkpoint = load_model(args.data_base, args.device)
+    model, checkpoint = load_model(args.data_base, args.device, args.runtime)
     args.val_classes = val_classes_of(args, checkpoint)
     train_args = checkpoint['args']
     data_root = Path(args.data_root or train_args['data_root'])
@@ -313,6 +317,9 @@ def run(args):
         if not args.evaluate:
             raise UserError('--training_free, --gzs and --fine_grained go with --evaluate')
         if args.training_free:
+            if args.runtime == 'onnx':
+                raise UserError('--runtime onnx exports a checkpoint\'s networks: --training_free has none (leave '
+                                '--runtime out)')
             return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)
     if args.show_generated and args.evaluate:

@@ -201,13 +201,17 @@ class ClipPrompt(Method):
         through the photo tower with theirs."""
         x, sketch = self.to_input(images), domains == SKETCH
         out = None
-        for mask, tower, prompt in ((sketch, self.sketch_tower, self.sketch_prompt),
-                                    (~sketch, self.photo_tower, self.photo_prompt)):
+        for mask, domain in ((sketch, SKETCH), (~sketch, PHOTO)):
             if mask.any():
-                part = prompted_vit(tower, x[mask], prompt.expand(int(mask.sum()), -1, -1), self.append)
+                part = self.tower_embedding(x[mask], domain)
                 out = part.new_empty(len(x), part.shape[1]) if out is None else out
                 out[mask] = part
         return out
+
+    def tower_embedding(self, x, domain):
+        """Embeddings (not normalised) of normalised images through the tower and prompts of one domain."""
+        tower, prompt = (self.sketch_tower, self.sketch_prompt) if domain == SKETCH else (self.photo_tower, self.photo_prompt)
+        return prompted_vit(tower, x, prompt.expand(x.shape[0], -1, -1), self.append)
 
     def class_text(self):
         """The frozen text tower's L2-normalised embeddings of 'a photo of a {class}' for the training classes,
@@ -255,12 +259,27 @@ class ClipPrompt(Method):
     def embed(self, images, domains):
         return F.normalize(self(images, domains), dim=-1)
 
+    def embedder(self, domain):
+        return TowerEmbedder(self, domain)
+
     @classmethod
     def training_free(cls, options, pretrained=True, weights=None):
         return FrozenCLIP(options.backbone_type, options.img_size, pretrained, weights)
 
     def backbone_module(self):
         return self.sketch_tower
+
+
+class TowerEmbedder(nn.Module):
+    """One domain's tower with its prompts, uint8 images in, L2-normalised embeddings out: what an ONNX graph holds
+    (no mask over the batch, whose size stays symbolic)."""
+
+    def __init__(self, model, domain):
+        super().__init__()
+        self.model, self.domain = model, domain
+
+    def forward(self, images):
+        return F.normalize(self.model.tower_embedding(self.model.to_input(images), self.domain), dim=-1)
 
 
 class FrozenCLIP(nn.Module):

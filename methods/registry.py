@@ -13,6 +13,7 @@ released checkpoints. docs/methods.md adds one, step by step.
 import argparse
 import inspect
 
+import torch
 import torch.nn as nn
 
 from zs_sbir.cli import UserError
@@ -231,6 +232,12 @@ class Method(nn.Module):
         utils.SKETCH). Called in eval mode under torch.inference_mode (zs_sbir.retrieval.embed)."""
         raise NotImplementedError
 
+    def embedder(self, domain):
+        """A module from uint8 images (B, 3, H, W) to their embeddings as `domain`: what an ONNX graph holds (one per
+        domain, zs_sbir/onnx_runtime.py). By default `embed` with every image taken as that domain; a method whose
+        embed masks the batch by domain returns a module without the mask."""
+        return DomainEmbedder(self, domain)
+
     def pictures(self, images, domain):
         """{name: uint8 images (B, 3, h, w), or maps (B, h, w) in [0, 1]} showing what the method makes of
         images of one domain: test.py draws them beside a query, plot.py as sheets."""
@@ -245,3 +252,15 @@ class Method(nn.Module):
     def backbone_module(self):
         """The backbone inside, whose parameters and feature sizes speed.py reports."""
         return self
+
+
+class DomainEmbedder(nn.Module):
+    """A method's `embed` with every image of the batch taken as one domain (Method.embedder)."""
+
+    def __init__(self, model, domain):
+        super().__init__()
+        self.model, self.domain = model, domain
+
+    def forward(self, images):
+        domains = torch.full((images.shape[0],), self.domain, dtype=torch.long, device=images.device)
+        return self.model.embed(images, domains)

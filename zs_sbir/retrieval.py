@@ -15,6 +15,7 @@ from methods import create_model
 from utils import rank_gallery
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
 from zs_sbir.cli import UserError, first_line
+from zs_sbir.onnx_runtime import OnnxModel, choose_runtime
 
 
 def model_from_checkpoint(checkpoint, device='cpu'):
@@ -34,21 +35,27 @@ def model_from_checkpoint(checkpoint, device='cpu'):
     return model.to(device).eval()
 
 
-def load_model(path, device='cpu'):
-    """(model in eval mode, checkpoint) of a checkpoint written by train.py or convert.py."""
+def load_model(path, device='cpu', runtime='torch', quiet=False):
+    """(model in eval mode, checkpoint) of a checkpoint written by train.py or convert.py; with runtime 'onnx' (or
+    'auto' on a CPU) the model embeds through ONNX Runtime, its graphs exported beside the checkpoint on first use
+    (zs_sbir/onnx_runtime.py)."""
+    runtime = choose_runtime(runtime, device)
     checkpoint = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
     try:
-        return model_from_checkpoint(checkpoint, device), checkpoint
+        model = model_from_checkpoint(checkpoint, device)
     except RuntimeError as error:
         raise UserError(f"'{path}' does not hold a {checkpoint['method']} model matching its own arguments: "
                         f"{first_line(error)}") from error
+    if runtime == 'onnx':
+        model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], quiet)
+    return model, checkpoint
 
 
 @torch.inference_mode()
 def embed(model, images, domains, amp=False):
     """float32 embeddings (L2-normalised by the method) of uint8 images already on the model's device, each
     taken as its domain; `amp`: under bfloat16 autocast."""
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp):
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=amp and not isinstance(model, OnnxModel)):
         return model.embed(images, domains).float()
 
 

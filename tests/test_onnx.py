@@ -1,0 +1,164 @@
+"""ONNX Runtime (zs_sbir/onnx_runtime.py): every method and backbone family the CLI takes embeds as torch does (1e-4),
+in any batch size and domain mix; the torch model is left as it was; the same metrics and top-10 photos on the
+generated data through test.py and search.py; a damaged or stale graph is exported again; a read-only folder keeps
+its graphs in memory; bad requests are one line."""
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import convert
+import search
+import test as test_script
+from helpers import DEVICE, TINY_CLIP, build, check_cli, make_model, rng_images
+from utils import PHOTO, SKETCH
+from zs_sbir.checkpoint import checkpoint_record
+from zs_sbir.cli import UserError
+from zs_sbir.config import parse_args
+from zs_sbir.onnx_runtime import OnnxModel, choose_runtime, explicit_adaptive_pooling, graph_path, read_metadata
+from zs_sbir.retrieval import embed, load_model
+from zs_sbir.safe_files import save_torch
+
+DOMAINS = torch.tensor([SKETCH, PHOTO, PHOTO, SKETCH, PHOTO])
+
+
+def saved_checkpoint(folder, method, backbone, size, seed=0):
+    """A random-init checkpoint of `method` (8-d where the size is free) as train.py writes one."""
+    torch.manual_seed(seed)
+    emb = [] if method == 'clipprompt' else ['--emb_dim', '8']
+    options = parse_args(['--method', method, '--backbone_type', backbone, '--img_size', str(size), '--data_name',
+                          'synthetic', '--no_pretrained', *emb])
+    model = make_model(method, 3, backbone, options.emb_dim, pretrained=False, img_size=size)
+    path = folder / f'synthetic_{method}_{backbone}_model.pth'
+    save_torch(checkpoint_record(model, options, train_classes=['a', 'b', 'c']), path)
+    return path
+
+
+def embeddings(model, images, domains):
+    return torch.cat([embed(model, images[i:i + n], domains[i:i + n]) for i, n in ((0, 1), (1, 4))])
+
+
+@pytest.mark.parametrize('method, backbone, size', [
+    ('acnet', 'resnet18', 32), ('msedge', 'resnet18', 32),                         # ResNet (the seeds' family)
+    ('acnet', 'convnext_atto', 32), ('msedge', 'convnext_atto', 32),               # ConvNeXt
+    ('acnet', 'vit_tiny_patch16_224', 32), ('msedge', 'vit_tiny_patch16_224', 48),  # ViT at a size not its own
+    ('msedge', 'vit_small_patch14_dinov2', 32),                                    # ViT with padded patches
+    ('msedge', 'vgg16', 64), ('acnet', 'vgg16', 64),                               # VGG: fc6 pools 2x2 up to 7x7
+    ('clipprompt', TINY_CLIP, 32),                                                 # two CLIP towers with prompts
+])
+def test_onnx_embeds_as_torch_for_every_family(tmp_path, method, backbone, size):
+    path = saved_checkpoint(tmp_path, method, backbone, size)
+    onnx_model, _ = load_model(path, 'cpu', 'onnx', quiet=True)
+    domains = DOMAINS if backbone != 'vgg16' else torch.full_like(DOMAINS, PHOTO)  # one 550 MB graph is enough
+    images = rng_images(len(domains), size, seed=1)
+    before = embeddings(onnx_model.model, images, domains)  # torch's
+    exported = embeddings(onnx_model, images, domains)  # batches of 1 and 4, both domains mixed
+    assert exported.shape == before.shape and exported.dtype == torch.float32
+    assert (exported - before).abs().max() < 1e-4
+    assert torch.equal(embeddings(onnx_model.model, images, domains), before)  # exporting changed nothing in torch
+    for domain in domains.unique().tolist():
+        meta = read_metadata(graph_path(path, domain))
+        assert meta['domain'] == {SKETCH: 'sketch', PHOTO: 'photo'}[domain] and meta['img_size'] == str(size)
+
+
+@pytest.mark.parametrize('size_in, size_out', [(2, 7), (3, 7), (5, 7), (1, 7), (14, 7), (6, 4)])
+def test_explicit_adaptive_pooling_has_pytorchs_bins(size_in, size_out):
+    x = torch.randn(2, 3, size_in, size_in + 1)
+    expected = F.adaptive_avg_pool2d(x, (size_out, size_out))
+    with explicit_adaptive_pooling():
+        pooled = F.adaptive_avg_pool2d(x, (size_out, size_out))
+    assert F.adaptive_avg_pool2d is not None and torch.allclose(pooled, expected, atol=1e-6)
+    # by hand: output (0, 0) of 2 -> 7 averages input row 0 (bin [0, 1)), of 5 -> 7 rows [0, 1)
+    if size_in in (2, 5):
+        assert torch.allclose(pooled[..., 0, 0], x[..., 0, 0], atol=1e-6)
+
+
+def test_the_same_metrics_and_top_10_on_the_generated_data(runs, tiny_data, tmp_path, capsys):
+    for method, checkpoint in runs.items():
+        scores = {runtime: test_script.main(['--evaluate', '--data_base', str(checkpoint), '--workers', '0',
+                                             '--runtime', runtime]) for runtime in ('torch', 'onnx')}
+        assert scores['torch'].keys() == scores['onnx'].keys()
+        assert all(abs(scores['torch'][k] - scores['onnx'][k]) < 1e-6 for k in scores['torch']), (method, scores)
+        capsys.readouterr()
+        tops = []
+        for runtime in ('torch', 'onnx', 'auto'):  # auto on a CPU: onnx
+            test_script.main(['--data_base', str(checkpoint), '--num', '10', '--save_root', str(tmp_path / runtime),
+                              '--device', 'cpu', '--runtime', runtime])
+            tops.append(re.findall(r'^\s+\d+\s+[\d.]+\s+\S+\s+(\S+)$', capsys.readouterr().out, re.M))
+        assert len(tops[0]) == 2 * 10 and tops[0] == tops[1] == tops[2], method  # 2 val classes, one query each
+
+
+def test_search_index_and_query_agree_across_runtimes(checkpoints, gallery, tmp_path, capsys):
+    metas = {runtime: build(checkpoints[0], gallery, tmp_path / runtime, '--runtime', runtime)
+             for runtime in ('torch', 'onnx')}
+    assert metas['torch']['model'] == metas['onnx']['model']  # the same model, whatever embeds it
+    import numpy as np
+    vectors = {runtime: np.load(next((tmp_path / runtime).glob('vectors-*.npy'))) for runtime in metas}
+    assert np.abs(vectors['torch'] - vectors['onnx']).max() < 1e-5
+    sketch = next(gallery.rglob('*.*'))
+    answers = [search.main(['query', '--index', str(tmp_path / runtime), '--query_name', str(sketch), '--num', '10',
+                            '--save_root', str(tmp_path / f'q-{runtime}'), '--device', DEVICE, '--runtime', runtime])
+               for runtime in ('torch', 'onnx')]
+    assert [hit.path for hit in answers[0][0]] == [hit.path for hit in answers[1][0]]
+
+
+def test_a_damaged_or_stale_graph_is_exported_again(tmp_path, capsys):
+    path = saved_checkpoint(tmp_path, 'msedge', 'resnet18', 32)
+    images = rng_images(3, 32, seed=2)
+    domains = torch.tensor([SKETCH, PHOTO, PHOTO])
+    load_model(path, 'cpu', 'onnx')[0].prepare()
+    assert capsys.readouterr().out.count('(once per checkpoint)') == 2
+    sketch_graph = graph_path(path, SKETCH)
+    sketch_graph.write_bytes(sketch_graph.read_bytes()[:1000])  # cut short
+    model = load_model(path, 'cpu', 'onnx')[0]
+    model.prepare()
+    assert re.search(r'exporting .*sketch\.onnx \(the file there is damaged\)', capsys.readouterr().out)
+    assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
+    saved_checkpoint(tmp_path, 'msedge', 'resnet18', 32, seed=1)  # the run trained again: other weights, same file
+    model = load_model(path, 'cpu', 'onnx')[0]
+    fresh = embed(model, images, domains)
+    assert capsys.readouterr().out.count('belongs to another version of the checkpoint') == 2
+    assert (fresh - embed(model.model, images, domains)).abs().max() < 1e-4
+    model = load_model(path, 'cpu', 'onnx')[0]
+    model.prepare()
+    assert capsys.readouterr().out == ''  # current graphs are loaded as they are
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith('.') or 'tmp' in p.name]  # no lock or temporary left
+
+
+def test_a_read_only_folder_keeps_its_graphs_in_memory(tmp_path, capsys, monkeypatch):
+    path = saved_checkpoint(tmp_path, 'acnet', 'resnet18', 32)
+
+    def read_only(lock, *args, **kwargs):  # what os.open raises in a folder this user cannot write (root can)
+        raise PermissionError(13, 'Permission denied', str(lock))
+    monkeypatch.setattr('zs_sbir.onnx_runtime.acquire_lock', read_only)
+    model = load_model(path, 'cpu', 'onnx')[0]
+    images, domains = rng_images(2, 32), torch.tensor([SKETCH, PHOTO])
+    assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
+    assert capsys.readouterr().out.count('in memory (its folder cannot be written)') == 2
+    check_cli(capsys, convert.main, ['--onnx', path], r"cannot write beside .*read-only", [tmp_path])
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_convert_onnx_exports_both_graphs(tmp_path, capsys):
+    path = saved_checkpoint(tmp_path, 'clipprompt', TINY_CLIP, 32)
+    assert convert.main(['--onnx', str(path)]) is None
+    out = capsys.readouterr().out
+    assert out.count(': current (clipprompt') == 2
+    assert graph_path(path, SKETCH).is_file() and graph_path(path, PHOTO).is_file()
+    assert read_metadata(graph_path(path, PHOTO))['method'] == 'clipprompt'
+
+
+def test_bad_runtime_requests_are_one_line(tmp_path, capsys, tiny_data):
+    path = saved_checkpoint(tmp_path, 'acnet', 'resnet18', 32)
+    with pytest.raises(UserError, match='--runtime onnx runs on the CPU'):
+        choose_runtime('onnx', 'cuda')
+    assert choose_runtime('auto', 'cuda') == 'torch' and choose_runtime('auto', 'cpu') == 'onnx'
+    check_cli(capsys, convert.main, ['--onnx', path, '--save', tmp_path / 'x.pth'], 'run them apart', [tmp_path])
+    check_cli(capsys, convert.main, ['--onnx', tmp_path / 'missing.pth'], "checkpoint not found: '", [tmp_path])
+    check_cli(capsys, test_script.main, ['--evaluate', '--training_free', '--no_pretrained', '--data_root', tiny_data,
+                                         '--data_name', 'synthetic', '--runtime', 'onnx'],
+              '--training_free has none', [tmp_path])
+    check_cli(capsys, convert.main, [], 'name the checkpoint to write with --save', [tmp_path])
+    assert isinstance(load_model(path, 'cpu', 'auto')[0], OnnxModel)
+    assert not isinstance(load_model(path, 'cpu', 'torch')[0], OnnxModel)

@@ -24,6 +24,7 @@ the whole CLIP, both prompts); every tensor is copied to its place here after a 
 checkpoint scores what ClipPrompt's own code scores (docs/runs.md).
 """
 import argparse
+import os
 from pathlib import Path
 
 from methods import get_method, method_names
@@ -81,11 +82,17 @@ def export_onnx(args):
     if released or args.save:
         raise UserError(f'--onnx exports a checkpoint of this repo; {", ".join(released + ["--save"] * bool(args.save))} '
                         f'converts a release: run them apart')
+    if not args.onnx:
+        raise UserError('--onnx must name a checkpoint file')
+    folder = Path(args.onnx).resolve().parent
+    if not os.access(folder, os.W_OK):  # before any export: convert.py writes the graphs or nothing
+        raise UserError(f"cannot write beside '{args.onnx}' (its folder is read-only): copy the checkpoint to a "
+                        f"writable folder; test.py and search.py export into memory there")
     model, checkpoint = load_model(args.onnx, 'cpu', 'onnx')
     paths = model.prepare()
     if None in paths:
-        raise UserError(f"cannot write beside '{args.onnx}' (its folder is read-only): copy the checkpoint to a "
-                        f"writable folder; test.py and search.py export into memory there")
+        raise UserError(f"could not write the graphs beside '{args.onnx}' (said above): free space there, or copy the "
+                        f"checkpoint to a folder that can be written")
     for path in paths:
         print(f'{path}: current ({checkpoint["method"]} {checkpoint.get("backbone_tag")}, '
               f'{checkpoint["args"]["img_size"]} px, any batch size)')

@@ -447,7 +447,7 @@ def bench_runtimes(args):
     channels_last) and ONNX Runtime, in one run: on batches already decoded, and search.py's index loop (decode,
     resize, embed) as the build sees it; with how far ONNX's embeddings are from torch's and whether the top 10 photos
     of each generated sketch stay the same."""
-    check_numbers(args, batch_size=Limit(1, 4096))
+    check_numbers(args, batch_size=Limit(1, 4096), photos=Limit(1, 10 ** 6))
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
           f'{args.photos} generated photos, fp32, random init; median of {args.repeats} passes\n')
@@ -467,7 +467,7 @@ def bench_runtimes(args):
 def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
     from zs_sbir.checkpoint import checkpoint_record
     from zs_sbir.config import parse_args as train_args
-    from zs_sbir.onnx_runtime import OnnxModel
+    from zs_sbir.onnx_runtime import OnnxModel, file_sha256
     from zs_sbir.safe_files import save_torch
     per_class = -(-count // 4)
     make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=3, num_photos=per_class, num_val_photos=1,
@@ -478,7 +478,7 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
                           '--no_pretrained'])
     model = create_model(method, list('abcd'), options, pretrained=False).eval()
     save_torch(checkpoint_record(model, options, train_classes=list('abcd')), root / 'model.pth')
-    onnx = OnnxModel(model, root / 'model.pth', img_size, method, quiet=True)
+    onnx = OnnxModel(model, root / 'model.pth', img_size, method, file_sha256(root / 'model.pth'), quiet=True)
     onnx.prepare()
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]

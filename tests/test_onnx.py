@@ -135,8 +135,8 @@ def test_a_read_only_folder_keeps_its_graphs_in_memory(tmp_path, capsys, monkeyp
     model = load_model(path, 'cpu', 'onnx')[0]
     images, domains = rng_images(2, 32), torch.tensor([SKETCH, PHOTO])
     assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
-    assert capsys.readouterr().out.count('in memory (its folder cannot be written)') == 2
-    check_cli(capsys, convert.main, ['--onnx', path], r"cannot write beside .*read-only", [tmp_path])
+    assert capsys.readouterr().out.count('in memory (nothing can be written beside it: Permission denied)') == 2
+    check_cli(capsys, convert.main, ['--onnx', path], r"could not write the graphs beside '.*' \(said above\)", [tmp_path])
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
 
 
@@ -162,3 +162,58 @@ def test_bad_runtime_requests_are_one_line(tmp_path, capsys, tiny_data):
     check_cli(capsys, convert.main, [], 'name the checkpoint to write with --save', [tmp_path])
     assert isinstance(load_model(path, 'cpu', 'auto')[0], OnnxModel)
     assert not isinstance(load_model(path, 'cpu', 'torch')[0], OnnxModel)
+
+
+def test_every_way_a_graph_file_can_be_wrong(tmp_path, capsys, monkeypatch):
+    path = saved_checkpoint(tmp_path, 'acnet', 'resnet18', 32)  # ACNet: the two domains embed differently
+    images, domains = rng_images(3, 32, seed=3), torch.tensor([SKETCH, PHOTO, PHOTO])
+    load_model(path, 'cpu', 'onnx', quiet=True)[0].prepare()
+    sketch_graph, photo_graph = graph_path(path, SKETCH), graph_path(path, PHOTO)
+    photo_graph.write_bytes(sketch_graph.read_bytes())  # the other domain's graph under this one's name
+    model = load_model(path, 'cpu', 'onnx')[0]
+    assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
+    assert 'photo.onnx (the file there is the graph of the other domain)' in capsys.readouterr().out
+    # a temporary file of a process killed while writing is cleared by the next export
+    (tmp_path / f'.{sketch_graph.name}.killed.tmp').write_bytes(b'x' * 100)
+    sketch_graph.unlink()
+    sketch_graph.mkdir()  # a folder where the graph goes: one line, and nothing written
+    with pytest.raises(UserError, match=r"sketch\.onnx' is a folder, where the sketch graph of .* goes"):
+        load_model(path, 'cpu', 'onnx', quiet=True)[0].prepare()
+    sketch_graph.rmdir()
+    load_model(path, 'cpu', 'onnx', quiet=True)[0].prepare()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([path.name, sketch_graph.name, photo_graph.name])
+    # a full disk: the run goes on with the graph in memory, and says so
+    sketch_graph.unlink()
+
+    def full_disk(target, write):
+        raise UserError(f"could not write '{target}' (No space left on device; 0 MB free there)")
+    monkeypatch.setattr('zs_sbir.onnx_runtime.atomic_write', full_disk)
+    model = load_model(path, 'cpu', 'onnx')[0]
+    assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
+    assert 'No space left on device; 0 MB free there); this run keeps the graph in memory' in capsys.readouterr().out
+    assert not sketch_graph.exists()
+    assert embed(model, images[:0], domains[:0]).shape == (0, 8)  # an empty batch, as torch gives it
+
+
+def test_a_name_too_long_for_its_graph_keeps_the_graph_in_memory(tmp_path, capsys):
+    path = saved_checkpoint(tmp_path, 'msedge', 'resnet18', 32)
+    long = path.rename(tmp_path / ('L' * 245 + '.pth'))  # a legal name; + '.sketch.onnx' is not
+    model = load_model(long, 'cpu', 'onnx')[0]
+    images, domains = rng_images(2, 32), torch.tensor([SKETCH, PHOTO])
+    assert (embed(model, images, domains) - embed(model.model, images, domains)).abs().max() < 1e-4
+    assert 'in memory (nothing can be written beside it: File name too long)' in capsys.readouterr().out
+
+
+def test_a_checkpoint_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch):
+    path = saved_checkpoint(tmp_path, 'msedge', 'resnet18', 32)
+    import zs_sbir.retrieval as retrieval
+    rebuild = retrieval.model_from_checkpoint
+
+    def replaced_meanwhile(checkpoint, device):
+        model = rebuild(checkpoint, device)
+        saved_checkpoint(tmp_path, 'msedge', 'resnet18', 32, seed=1)  # train.py saving a new best just then
+        return model
+    monkeypatch.setattr(retrieval, 'model_from_checkpoint', replaced_meanwhile)
+    with pytest.raises(UserError, match='changed while it was read'):
+        load_model(path, 'cpu', 'onnx')
+    assert not graph_path(path, PHOTO).exists()

@@ -507,3 +507,22 @@ def test_a_run_that_finished_while_this_one_waited_is_not_replaced(tiny_data, tm
         train_main(tiny(tiny_data, tmp_path, '--epochs', '1', '--seed', '7'))
     assert exit_info.value.code == 2 and 'exists from an earlier run: pass --resume' in capsys.readouterr().err
     assert finished and digests(tmp_path) == finished  # the other run's files, untouched
+
+
+def test_an_atomic_write_leaves_no_temporary_file_on_ctrl_c_or_a_folder_in_the_way(tmp_path):
+    from zs_sbir.cli import UserError
+    from zs_sbir.safe_files import atomic_write, save_together
+    target = tmp_path / 'file.bin'
+    target.write_bytes(b'old')
+
+    def interrupted(tmp):
+        Path(tmp).write_bytes(b'half')
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        atomic_write(target, interrupted)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file.bin'] and target.read_bytes() == b'old'
+    (tmp_path / 'folder').mkdir()  # a folder where the second file goes: the first is renamed, the second is not
+    with pytest.raises(UserError, match=r"could not write '.*folder' \(Is a directory\): move what is there away"):
+        save_together([(target, lambda tmp: Path(tmp).write_bytes(b'new')),
+                       (tmp_path / 'folder', lambda tmp: Path(tmp).write_bytes(b'x'))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['file.bin', 'folder'] and target.read_bytes() == b'new'

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from utils import PHOTO, SKETCH
 from zs_sbir.cli import UserError, first_line
-from zs_sbir.safe_files import acquire_lock, atomic_write
+from zs_sbir.safe_files import acquire_lock, atomic_write, remove_stale_temporaries
 
 ONNX_FORMAT = 'zs-sbir-onnx-1'  # bump when an export changes what a graph computes: older graphs are exported again
 OPSET = 17
@@ -149,58 +149,72 @@ def export_graph(model, domain, img_size, metadata):
     return graph.SerializeToString()
 
 
-def ensure_graph(model, checkpoint_path, domain, img_size, sha256=None, method=None, quiet=False):
-    """(path or None, ONNX bytes or None) of the up-to-date graph of one domain: the file beside the checkpoint when it
-    matches, else exported again (saved when the folder is writable, else returned as bytes)."""
+def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, quiet=False):
+    """(ONNX Runtime session, path or None) of the up-to-date graph of one domain: the file beside the checkpoint
+    when it matches, else exported again and saved there; held in memory only (path None) where nothing can be
+    written beside the checkpoint (a read-only folder, a full disk, a name too long)."""
     checkpoint_path = Path(checkpoint_path)
-    sha256 = sha256 or file_sha256(checkpoint_path)
     path = graph_path(checkpoint_path, domain)
     metadata = {'format': ONNX_FORMAT, 'checkpoint_sha256': sha256, 'checkpoint': checkpoint_path.name,
-                'method': str(method), 'img_size': str(img_size), 'torch': torch.__version__}
-    problem = graph_problem(path, metadata)
-    if problem is None:
-        return path, None
+                'method': str(method), 'img_size': str(img_size), 'domain': DOMAIN_NAMES[domain],
+                'torch': torch.__version__}
     try:
+        found, problem = current_session(path, metadata)
+        if found is not None:
+            return found, path
         release = acquire_lock(path.with_name(f'.{path.name}.lock'), f"'{path}'", wait=3600)
-    except OSError:  # a read-only folder: the graph lives in memory
-        say(quiet, f'exporting the {DOMAIN_NAMES[domain]} graph of {checkpoint_path} to ONNX in memory '
-                   f'(its folder cannot be written)')
-        return None, export_graph(model, domain, img_size, metadata)
+    except OSError as error:
+        return in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error), None
     try:
-        problem = graph_problem(path, metadata)  # another process may have exported it while this one waited
-        if problem is not None:
-            say(quiet, f'exporting {path} ({problem})')
-            data = export_graph(model, domain, img_size, metadata)
+        found, problem = current_session(path, metadata)  # another process may have exported it meanwhile
+        if found is not None:
+            return found, path
+        if path.is_dir():
+            raise UserError(f"'{path}' is a folder, where the {DOMAIN_NAMES[domain]} graph of '{checkpoint_path}' "
+                            f"goes: move it away, or pass --runtime torch")
+        say(quiet, f'exporting {path} ({problem})')
+        data = export_graph(model, domain, img_size, metadata)
+        remove_stale_temporaries(path)  # left by a process killed while writing (we hold the lock)
+        try:
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+        except UserError as error:  # a full disk: the run goes on with the graph in memory
+            say(quiet, f'{error}; this run keeps the graph in memory')
+            return session(data), None
+        return session(data), path
     finally:
         release()
-    return path, None
 
 
-def graph_problem(path, metadata):
-    """Why the file at `path` is not the graph `metadata` describes, in words; None when it is."""
+def in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error):
+    """A session of a graph exported into memory, for a checkpoint beside which nothing can be written."""
+    say(quiet, f'exporting the {DOMAIN_NAMES[domain]} graph of {checkpoint_path} to ONNX in memory (nothing can be '
+               f'written beside it: {error.strerror or error})')
+    return session(export_graph(model, domain, img_size, metadata))
+
+
+def current_session(path, metadata):
+    """(session, None) of the file at `path` when it is the graph `metadata` describes, else (None, why not)."""
     if not path.is_file():
-        return 'once per checkpoint'
-    recorded = read_metadata(path)
-    if recorded is None:
-        return 'the file there is damaged'
-    for key in ('format', 'checkpoint_sha256', 'img_size'):
+        return None, 'a folder is there' if path.is_dir() else 'once per checkpoint'
+    data = path.read_bytes()  # checked and loaded from the same bytes: a file replaced meanwhile cannot slip in
+    try:
+        found = session(data)
+    except UserError:
+        return None, 'the file there is damaged'
+    recorded = found.get_modelmeta().custom_metadata_map
+    why = {'format': 'the file there is of another export format',
+           'checkpoint_sha256': 'the file there belongs to another version of the checkpoint',
+           'img_size': 'the file there is for another image size',
+           'domain': 'the file there is the graph of the other domain'}
+    for key, problem in why.items():
         if recorded.get(key) != metadata[key]:
-            return {'format': 'the file there is of another export format',
-                    'checkpoint_sha256': 'the file there belongs to another version of the checkpoint',
-                    'img_size': 'the file there is for another image size'}[key]
-    return None
+            return None, problem
+    return found, None
 
 
 def read_metadata(path):
-    """The metadata of an ONNX file, or None when it is not a readable ONNX file."""
-    import onnx
-    try:
-        graph = onnx.load(str(path), load_external_data=False)
-        onnx.checker.check_model(graph)
-    except Exception:
-        return None
-    return {prop.key: prop.value for prop in graph.metadata_props}
+    """The metadata an ONNX file records."""
+    return session(Path(path).read_bytes()).get_modelmeta().custom_metadata_map
 
 
 def say(quiet, message):
@@ -208,19 +222,17 @@ def say(quiet, message):
         print(message, flush=True)
 
 
-def session(source):
-    """An ONNX Runtime session (CPU, as many threads as torch uses) of a graph file or its bytes."""
+def session(data):
+    """An ONNX Runtime session (CPU, as many threads as torch uses) of a graph's bytes."""
     import onnxruntime as ort
+    ort.disable_telemetry_events()
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.log_severity_level = 3  # errors only
     try:
-        return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
-                                    providers=['CPUExecutionProvider'])
+        return ort.InferenceSession(data, options, providers=['CPUExecutionProvider'])
     except Exception as error:
-        where = f"'{source}'" if isinstance(source, Path) else 'the exported graph'
-        raise UserError(f'ONNX Runtime cannot load {where}: {first_line(error)}; delete it to export it again, or '
-                        f'pass --runtime torch') from error
+        raise UserError(f'ONNX Runtime cannot load the graph: {first_line(error)}') from error
 
 
 # ----------------------------------------------------------------------------------------------- runtime
@@ -228,12 +240,13 @@ def session(source):
 class OnnxModel:
     """A trained model whose `embed` runs its exported graphs in ONNX Runtime (the CPU); everything else it is asked
     (pictures, interpolation, backbone_tag, ...) the torch model answers. Each domain's graph is exported or loaded
-    on its first use, so an index of photos never exports the sketch graph."""
+    on its first use, so an index of photos never exports the sketch graph. `sha256`: that of the checkpoint file the
+    model was loaded from."""
     runtime = 'onnx'
 
-    def __init__(self, model, checkpoint_path, img_size, method, quiet=False):
+    def __init__(self, model, checkpoint_path, img_size, method, sha256, quiet=False):
         self.model, self.checkpoint_path, self.img_size, self.method = model, Path(checkpoint_path), img_size, method
-        self.quiet, self.sessions, self.sha256 = quiet, {}, file_sha256(checkpoint_path)
+        self.quiet, self.sessions, self.sha256 = quiet, {}, sha256
 
     def __getattr__(self, name):
         return getattr(self.__dict__['model'], name)
@@ -247,19 +260,19 @@ class OnnxModel:
 
     def session_of(self, domain):
         if domain not in self.sessions:
-            path, data = ensure_graph(self.model, self.checkpoint_path, domain, self.img_size, self.sha256,
-                                      self.method, self.quiet)
-            self.sessions[domain] = (session(path if data is None else data), path)
+            self.sessions[domain] = ensure_graph(self.model, self.checkpoint_path, domain, self.img_size, self.sha256,
+                                                 self.method, self.quiet)
         return self.sessions[domain]
 
     def embed(self, images, domains):
         """float32 embeddings (on the CPU) of uint8 images (B, 3, H, W), each taken as its domain."""
-        images = images.cpu().contiguous()
-        domains = domains.cpu()
-        out = None
-        for domain in domains.unique().tolist():
-            rows = (domains == domain).nonzero()[:, 0]
-            part = self.session_of(domain)[0].run(None, {'images': np.ascontiguousarray(images[rows].numpy())})[0]
-            out = torch.empty(len(images), part.shape[1]) if out is None else out
+        images, domains = images.cpu().contiguous(), domains.cpu()
+        parts = {domain: (rows, self.session_of(domain)[0].run(None, {'images': images[rows].numpy()})[0])
+                 for domain in domains.unique().tolist() for rows in [(domains == domain).nonzero()[:, 0]]}
+        if not parts:  # an empty batch
+            width = self.session_of(PHOTO)[0].get_outputs()[0].shape[1]
+            return torch.empty(0, width)
+        out = torch.empty(len(images), next(iter(parts.values()))[1].shape[1])
+        for rows, part in parts.values():
             out[rows] = torch.from_numpy(part)
         return out

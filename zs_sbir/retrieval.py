@@ -8,6 +8,7 @@ through a FAISS index for millions of photos).
     hits = Gallery(photo_vectors, photo_paths, class_names).top_k(query, 10)
 """
 from collections import namedtuple
+from pathlib import Path
 
 import torch
 
@@ -15,7 +16,7 @@ from methods import create_model
 from utils import rank_gallery
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
 from zs_sbir.cli import UserError, first_line
-from zs_sbir.onnx_runtime import OnnxModel, choose_runtime
+from zs_sbir.onnx_runtime import OnnxModel, choose_runtime, file_sha256
 
 
 def model_from_checkpoint(checkpoint, device='cpu'):
@@ -40,6 +41,7 @@ def load_model(path, device='cpu', runtime='torch', quiet=False):
     'auto' on a CPU) the model embeds through ONNX Runtime, its graphs exported beside the checkpoint on first use
     (zs_sbir/onnx_runtime.py)."""
     runtime = choose_runtime(runtime, device)
+    sha256 = file_sha256(path) if runtime == 'onnx' and Path(path).is_file() else None
     checkpoint = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
     try:
         model = model_from_checkpoint(checkpoint, device)
@@ -47,7 +49,9 @@ def load_model(path, device='cpu', runtime='torch', quiet=False):
         raise UserError(f"'{path}' does not hold a {checkpoint['method']} model matching its own arguments: "
                         f"{first_line(error)}") from error
     if runtime == 'onnx':
-        model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], quiet)
+        if file_sha256(path) != sha256:  # the graphs are tied to the file's digest: it must be that of what was read
+            raise UserError(f"'{path}' changed while it was read (a run saving it?): run the command again")
+        model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], sha256, quiet)
     return model, checkpoint
 
 

@@ -37,16 +37,26 @@ def save_together(writes):
             staged.append((tmp, path))
             write(tmp)
             os.chmod(tmp, 0o666 & ~UMASK)  # mkstemp makes 0600; give the file normal permissions
-    except (OSError, RuntimeError) as error:  # torch.save reports a full disk as a RuntimeError
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+    except BaseException as error:  # Ctrl-C too: no temporary file is left behind
+        _remove(staged)
+        if not isinstance(error, (OSError, RuntimeError)):  # torch.save reports a full disk as a RuntimeError
+            raise
         free = shutil.disk_usage(path.parent).free / 2 ** 20 if path.parent.exists() else 0
         reason = error.strerror if isinstance(error, OSError) and error.strerror else first_line(error)
         raise UserError(f"could not write '{path}' ({reason}; {free:.0f} MB free there): the files being "
                         f"saved were left as they were") from error
-    for tmp, path in staged:
-        os.replace(tmp, path)
+    for i, (tmp, path) in enumerate(staged):
+        try:
+            os.replace(tmp, path)
+        except OSError as error:  # e.g. a folder of that name: the files not yet renamed stay as they were
+            _remove(staged[i:])
+            raise UserError(f"could not write '{path}' ({error.strerror}): move what is there away") from error
+
+
+def _remove(staged):
+    for tmp, _ in staged:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def atomic_write(path, write):

@@ -91,7 +91,8 @@ def parse_args(argv=None):
                    help="run every configuration once per seed (train.py --seed), each seed's runs in "
                         '{save_root}/seed-{seed}, and table the mean and sample standard deviation over them')
     p.add_argument('--all_metrics', action='store_true',
-                   help='all four metrics for every dataset, not only those papers compare on it')
+                   help='all four metrics and precise (their mean) for every dataset, not only those papers '
+                        'compare on it')
     p.add_argument('train_args', nargs='*', help='after --: extra train.py options for every run')
     return p.parse_args(argv)
 
@@ -207,7 +208,7 @@ def best_rows(save_root, convention=None, paths=None):
             print(f'skipped {path}: it has no {shown} metrics (written before they were saved)')
             continue
         variant = name['variant'].replace('_', ' ').strip()
-        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{metric_name(m, shown)}']) for m in METRIC_NAMES
+        gzs = {f'GZS {m}': 100 * float(best[f'gzs_{metric_name(m, shown)}']) for m in (*METRIC_NAMES, 'precise')
                if f'gzs_{metric_name(m, shown)}' in best}
         fine = {f'FG {m}': 100 * float(best[f'fg_{m}']) for m in FINE_GRAINED_NAMES if f'fg_{m}' in best}
         if gzs and all(pd.notna(best.get(c)) for c in GZS_POOL):  # fewer seen items than the protocol's 20 %?
@@ -222,7 +223,8 @@ def best_rows(save_root, convention=None, paths=None):
                      'epochs': len(frame), 'select_on': select_on, 'metrics': shown,
                      'val_classes': frame['val_classes'].iloc[-1] if 'val_classes' in frame else 'seeds',
                      'seed': run_seed(path), 'path': str(path),
-                     **{m: 100 * float(best[metric_name(m, shown)]) for m in METRIC_NAMES}, **gzs, **fine})
+                     **{m: 100 * float(best[metric_name(m, shown)]) for m in (*METRIC_NAMES, 'precise')}, **gzs,
+                     **fine})
     return drop_repeated_seeds(pd.DataFrame(rows))
 
 
@@ -261,12 +263,14 @@ def over_seeds(rows):
 
 
 def dataset_metrics(dataset, all_metrics=False):
-    """The metrics a table shows for a dataset: those papers compare, or all four."""
+    """The metrics a table shows for a dataset: those papers compare, or all four and precise (the mean of the
+    four, which selects the epoch)."""
     if not all_metrics:
         for prefix, metrics in PAPER_METRICS:
             if dataset.startswith(prefix):
                 return metrics
-    return METRIC_NAMES
+        return METRIC_NAMES
+    return (*METRIC_NAMES, 'precise')
 
 
 def ablation_sources():

@@ -450,7 +450,8 @@ def bench_runtimes(args):
     check_numbers(args, batch_size=Limit(1, 4096), photos=Limit(1, 10 ** 6))
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
-          f'{args.photos} generated photos, fp32, random init; median of {args.repeats} passes\n')
+          f'{args.photos} generated photos, fp32, random init; median of {args.repeats} passes, the runtimes taking '
+          f'turns\n')
     print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | index build: torch '
           '| index build: ONNX | build ratio | max abs diff | top-10 kept |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
@@ -482,26 +483,29 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
     onnx.prepare()
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]
-    last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    nets = {'eager': (model, torch.contiguous_format), 'onnx': (onnx, torch.contiguous_format),
+            'channels_last': (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last)}
+    inputs = {name: [b.contiguous(memory_format=layout) for b in batches] for name, (_, layout) in nets.items()}
+    for name, (net, _) in nets.items():
+        embed_as(net, inputs[name][0], PHOTO, 'cpu')  # warm-up
 
-    def rate(net, layout=torch.contiguous_format):
-        inputs = [b.contiguous(memory_format=layout) for b in batches]
-        embed_as(net, inputs[0], PHOTO, 'cpu')  # warm-up
-        passes = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            for images in inputs:
-                embed_as(net, images, PHOTO, 'cpu')
-            passes.append(time.perf_counter() - start)
-        return sum(map(len, inputs)) / statistics.median(passes)
+    def embed_pass(name):
+        start = time.perf_counter()
+        for images in inputs[name]:
+            embed_as(nets[name][0], images, PHOTO, 'cpu')
+        return len(files) / (time.perf_counter() - start)
 
-    def build(net):  # search.py index's loop: decode, resize, embed
+    def build(name):  # search.py index's loop: decode, resize, embed
         start = time.perf_counter()
         for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size, workers, 'cpu'):
-            embed_as(net, images, PHOTO, 'cpu')
+            embed_as(nets[name][0], images, PHOTO, 'cpu')
         return len(files) / (time.perf_counter() - start)
-    row = {'backbone': model.backbone_tag, 'eager': rate(model), 'channels_last': rate(last, torch.channels_last),
-           'onnx': rate(onnx), 'build_torch': build(model), 'build_onnx': build(onnx)}
+    # the runtimes take turns, pass after pass, so that a machine speeding up or slowing down favours none
+    rates = [{name: embed_pass(name) for name in nets} for _ in range(repeats)]
+    builds = [{name: build(name) for name in ('eager', 'onnx')} for _ in range(repeats)]
+    row = {'backbone': model.backbone_tag, **{name: statistics.median(r[name] for r in rates) for name in nets},
+           **{f'build_{"torch" if name == "eager" else name}': statistics.median(b[name] for b in builds)
+              for name in ('eager', 'onnx')}}
     sketch_dir = root / 'synthetic' / 'train' / 'sketch'
     sketches = torch.cat([images for _, images, _ in photo_batches(
         sorted(str(p.relative_to(sketch_dir)) for p in sketch_dir.rglob('*.png')), sketch_dir, img_size,

@@ -82,11 +82,11 @@ def test_the_same_metrics_and_top_10_on_the_generated_data(runs, tiny_data, tmp_
         assert all(abs(scores['torch'][k] - scores['onnx'][k]) < 1e-6 for k in scores['torch']), (method, scores)
         capsys.readouterr()
         tops = []
-        for runtime in ('torch', 'onnx', 'auto'):  # auto on a CPU: onnx
+        for runtime in ('torch', 'auto'):  # auto on a CPU: onnx (test_bad_runtime_requests checks the choice)
             test_script.main(['--data_base', str(checkpoint), '--num', '10', '--save_root', str(tmp_path / runtime),
                               '--device', 'cpu', '--runtime', runtime])
             tops.append(re.findall(r'^\s+\d+\s+[\d.]+\s+\S+\s+(\S+)$', capsys.readouterr().out, re.M))
-        assert len(tops[0]) == 2 * 10 and tops[0] == tops[1] == tops[2], method  # 2 val classes, one query each
+        assert len(tops[0]) == 2 * 10 and tops[0] == tops[1], method  # 2 val classes, one query each
 
 
 def test_search_index_and_query_agree_across_runtimes(checkpoints, gallery, tmp_path, capsys):

@@ -397,7 +397,7 @@ def parse_args(argv=None):
         sub.add_argument('--device', default=default_device())
         sub.add_argument('--runtime', default='auto', choices=RUNTIMES,
                          help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the '
-                              'checkpoint (docs/speed.md); auto: onnx on a CPU, where it is about twice as fast, torch '
+                              'checkpoint (docs/speed.md); auto: onnx on a CPU, where it is the faster (1.2-2x), torch '
                               'on a GPU')
     return p.parse_args(argv)
 

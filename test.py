@@ -63,7 +63,7 @@ def parse_args(argv=None):
     p.add_argument('--device', default=default_device())
     p.add_argument('--runtime', default='auto', choices=RUNTIMES,
                    help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the checkpoint '
-                        '(docs/speed.md); auto: onnx on a CPU, where it is about twice as fast, torch on a GPU')
+                        '(docs/speed.md); auto: onnx on a CPU, where it is the faster (1.2-2x), torch on a GPU')
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')

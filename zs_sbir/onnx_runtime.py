@@ -1,6 +1,6 @@
 """ONNX Runtime for the embedding networks (docs/speed.md#onnx-runtime): a checkpoint's sketch and photo embedders,
-exported once to ONNX files beside it, and a model whose `embed` runs them. On a CPU they embed about twice as fast
-as torch, with the same embeddings to 1e-5 (the tests hold every method and backbone family to 1e-4).
+exported once to ONNX files beside it, and a model whose `embed` runs them. On a CPU they embed 1.1x to 2.2x as fast
+as torch (docs/speed.md has the figures), with the same embeddings to 1e-5 (the tests hold every method and backbone family to 1e-4).
 
     model, checkpoint = load_model('result/synthetic_msedge_resnet50_512_model.pth', runtime='onnx')  # retrieval.py
     python convert.py --onnx result/synthetic_msedge_resnet50_512_model.pth     # export now, not on first use

@@ -468,7 +468,7 @@ def bench_runtimes(args):
 def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
     from zs_sbir.checkpoint import checkpoint_record
     from zs_sbir.config import parse_args as train_args
-    from zs_sbir.onnx_runtime import OnnxModel, file_sha256
+    from zs_sbir.retrieval import load_model
     from zs_sbir.safe_files import save_torch
     per_class = -(-count // 4)
     make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=3, num_photos=per_class, num_val_photos=1,
@@ -477,9 +477,10 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
     files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
     options = train_args(['--method', method, '--data_name', 'synthetic', '--img_size', str(img_size),
                           '--no_pretrained'])
-    model = create_model(method, list('abcd'), options, pretrained=False).eval()
-    save_torch(checkpoint_record(model, options, train_classes=list('abcd')), root / 'model.pth')
-    onnx = OnnxModel(model, root / 'model.pth', img_size, method, file_sha256(root / 'model.pth'), quiet=True)
+    save_torch(checkpoint_record(create_model(method, list('abcd'), options, pretrained=False), options,
+                                 train_classes=list('abcd')), root / 'model.pth')
+    onnx = load_model(root / 'model.pth', 'cpu', 'onnx', quiet=True)[0]  # as test.py and search.py load it
+    model = onnx.model
     onnx.prepare()
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]

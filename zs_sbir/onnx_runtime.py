@@ -10,7 +10,7 @@ uint8 images (batch, 3, img_size, img_size) in, L2-normalised float32 embeddings
 records the sha256 of the checkpoint file it was exported from and this module's export format; a graph that does
 not match them (the checkpoint was trained again or replaced, the file is damaged or was cut short) is exported
 again. A graph is written whole (a temporary file, then a rename) under a lock, so two processes never write one
-file at once; beside a checkpoint in a read-only folder the graphs live in memory only.
+file at once; where nothing can be written beside the checkpoint the graphs live in memory only.
 """
 import copy
 import hashlib
@@ -82,8 +82,8 @@ def _pool_matrix(size_in, size_out):
 @contextmanager
 def explicit_adaptive_pooling():
     """While exporting, F.adaptive_avg_pool2d to a size that does not divide the input (timm's VGG head below 224 px
-    pools its 2x2 map up to 7x7) is computed as two products with averaging matrices: the same bins and values, in
-    operations ONNX has (its exporter refuses the non-divisible case)."""
+    pools its 2x2 map up to 7x7) is computed as one product with a constant averaging matrix: the same bins and
+    values, in operations ONNX has (its exporter refuses the non-divisible case)."""
     original = F.adaptive_avg_pool2d
 
     def pooled(x, output_size):
@@ -117,11 +117,12 @@ def fixed_input_size(model, img_size):
     """The model, or a copy whose timm ViTs have their positional embeddings resized for img_size px once: they
     resize them at every forward (dynamic_img_size), with an antialiased bicubic filter ONNX does not have. The
     values are those the forward computes (a padded input counts its padded patches)."""
-    vits = [m for m in model.modules() if getattr(m, 'dynamic_img_size', False) and hasattr(m, 'set_input_size')]
-    if not vits:
+    def vits(net):
+        return [m for m in net.modules() if getattr(m, 'dynamic_img_size', False) and hasattr(m, 'set_input_size')]
+    if not vits(model):
         return model
     model = copy.deepcopy(model)
-    for vit in [m for m in model.modules() if getattr(m, 'dynamic_img_size', False) and hasattr(m, 'set_input_size')]:
+    for vit in vits(model):
         patch = vit.patch_embed.patch_size
         pad = getattr(vit.patch_embed, 'dynamic_img_pad', False)
         grid = [-(-img_size // p) if pad else img_size // p for p in patch]
@@ -145,7 +146,7 @@ def export_graph(model, domain, img_size, metadata):
                           output_names=['embeddings'],
                           dynamic_axes={'images': {0: 'batch'}, 'embeddings': {0: 'batch'}})
     graph = onnx.load_from_string(buffer.getvalue())
-    onnx.helper.set_model_props(graph, {**metadata, 'domain': DOMAIN_NAMES[domain]})
+    onnx.helper.set_model_props(graph, metadata)
     return graph.SerializeToString()
 
 
@@ -195,7 +196,7 @@ def in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error):
 def current_session(path, metadata):
     """(session, None) of the file at `path` when it is the graph `metadata` describes, else (None, why not)."""
     if not path.is_file():
-        return None, 'a folder is there' if path.is_dir() else 'once per checkpoint'
+        return None, 'once per checkpoint'  # (a folder there is refused by ensure_graph)
     data = path.read_bytes()  # checked and loaded from the same bytes: a file replaced meanwhile cannot slip in
     try:
         found = session(data)

@@ -450,19 +450,29 @@ def bench_runtimes(args):
     check_numbers(args, batch_size=Limit(1, 4096), photos=Limit(1, 10 ** 6))
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
-          f'{args.photos} generated photos, fp32, random init; median of {args.repeats} passes, the runtimes taking '
-          f'turns\n')
+          f'{args.photos} generated photos, fp32, random init; {args.repeats} passes, the runtimes taking '
+          f'turns batch by batch (the builds pass by pass); medians of the photos/s and of the ratios of neighbouring '
+          f'timings\n')
     print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | index build: torch '
           '| index build: ONNX | build ratio | max abs diff | top-10 kept |')
     print('|---|---|---|---|---|---|---|---|---|---|---|')
-    for method in args.methods:
-        with scratch_folder('bench-runtimes-') as root:
-            row = runtime_row(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers, root)
+    for method in args.methods:  # each in a fresh process, as a command runs one: no method's state times another's
+        row = run_runtime_child(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers)
+        if row is None:
+            continue
         print(f"| {method} | {row['backbone']} | {row['eager']:.1f} | {row['channels_last']:.1f} | {row['onnx']:.1f} "
-              f"| {row['onnx'] / row['eager']:.2f}x | {row['build_torch']:.1f} | {row['build_onnx']:.1f} "
-              f"| {row['build_onnx'] / row['build_torch']:.2f}x | {row['diff']:.1e} | {row['kept']:.3f} |", flush=True)
+              f"| {row['ratio']:.2f}x | {row['build_torch']:.1f} | {row['build_onnx']:.1f} "
+              f"| {row['build_ratio']:.2f}x | {row['diff']:.1e} | {row['kept']:.3f} |", flush=True)
     print('\nphotos/s; "top-10 kept": the share of the top 10 photos of each generated sketch that ONNX Runtime\'s '
           'embeddings keep (1.000: the same photos)')
+
+
+def run_runtime_child(*row_args):
+    out = subprocess.run([sys.executable, __file__, '_runtime', *map(str, row_args)], capture_output=True, text=True)
+    if out.returncode != 0:
+        print(f'  ({row_args[0]}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else out.returncode})')
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
@@ -490,23 +500,34 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
     for name, (net, _) in nets.items():
         embed_as(net, inputs[name][0], PHOTO, 'cpu')  # warm-up
 
-    def embed_pass(name):
+    def embed_seconds(name, images):
         start = time.perf_counter()
-        for images in inputs[name]:
-            embed_as(nets[name][0], images, PHOTO, 'cpu')
-        return len(files) / (time.perf_counter() - start)
+        embed_as(nets[name][0], images, PHOTO, 'cpu')
+        return time.perf_counter() - start
 
-    def build(name):  # search.py index's loop: decode, resize, embed
+    def build_seconds(name):  # search.py index's loop: decode, resize, embed
         start = time.perf_counter()
         for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size, workers, 'cpu'):
             embed_as(nets[name][0], images, PHOTO, 'cpu')
-        return len(files) / (time.perf_counter() - start)
-    # the runtimes take turns, pass after pass, so that a machine speeding up or slowing down favours none
-    rates = [{name: embed_pass(name) for name in nets} for _ in range(repeats)]
-    builds = [{name: build(name) for name in ('eager', 'onnx')} for _ in range(repeats)]
-    row = {'backbone': model.backbone_tag, **{name: statistics.median(r[name] for r in rates) for name in nets},
-           **{f'build_{"torch" if name == "eager" else name}': statistics.median(b[name] for b in builds)
-              for name in ('eager', 'onnx')}}
+        return time.perf_counter() - start
+    # The runtimes take turns batch after batch (the build: pass after pass) and each ratio is one of neighbouring
+    # timings: these machines speed up and slow down by tens of percent within minutes, which then favours none.
+    seconds = {name: [] for name in nets}
+    for _ in range(repeats):
+        for i in range(len(batches)):
+            for name in nets:
+                seconds[name].append(embed_seconds(name, inputs[name][i]))
+    builds = {name: [] for name in ('eager', 'onnx')}
+    for _ in range(repeats):
+        for name in builds:
+            builds[name].append(build_seconds(name))
+    sizes = [len(b) for b in batches] * repeats
+    row = {'backbone': model.backbone_tag,
+           **{name: statistics.median(n / t for n, t in zip(sizes, seconds[name])) for name in nets},
+           'ratio': statistics.median(t / o for t, o in zip(seconds['eager'], seconds['onnx'])),
+           'build_torch': len(files) / statistics.median(builds['eager']),
+           'build_onnx': len(files) / statistics.median(builds['onnx']),
+           'build_ratio': statistics.median(t / o for t, o in zip(builds['eager'], builds['onnx']))}
     sketch_dir = root / 'synthetic' / 'train' / 'sketch'
     sketches = torch.cat([images for _, images, _ in photo_batches(
         sorted(str(p.relative_to(sketch_dir)) for p in sketch_dir.rglob('*.png')), sketch_dir, img_size,
@@ -597,7 +618,7 @@ def parse_args(argv=None):
     runtimes.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
     runtimes.add_argument('--batch_size', type=int, default=16)
     runtimes.add_argument('--photos', type=int, default=None, help='generated photos embedded (default 128, --quick: 16)')
-    runtimes.add_argument('--repeats', type=int, default=None, help='timed passes over them (default 3, --quick: 1)')
+    runtimes.add_argument('--repeats', type=int, default=None, help='timed passes over them (default 5, --quick: 1)')
     runtimes.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes of the index '
                                                                               'build')
     for sub in (train, backbones):
@@ -610,7 +631,7 @@ SIZE_DEFAULTS = {
     'metrics': {'sizes': (['sketchy', 'tuberlin', 'quickdraw'], ['quick'])},
     'train': {'img_size': (224, 32), 'batch_size': (64, 8), 'steps': (20, 3)},
     'backbones': {'img_size': (224, 64), 'batch_size': (64, 8), 'steps': (10, 2)},
-    'runtimes': {'img_size': (224, 64), 'photos': (128, 16), 'repeats': (3, 1)},
+    'runtimes': {'img_size': (224, 64), 'photos': (128, 16), 'repeats': (5, 1)},
     'search': {'sizes': ([10_000, 100_000, 1_000_000], [10_000, 20_000]), 'embed_images': (128, 16), 'img_size': (224, 64)},
 }
 
@@ -632,6 +653,11 @@ def main(argv=None):
         method, backbone, img_size, batch_size, steps, checkpointing, device = argv[1:]
         print(json.dumps(measure_backbone(method, backbone, int(img_size), int(batch_size), int(steps),
                                           bool(int(checkpointing)), device)))
+        return
+    if argv and argv[0] == '_runtime':
+        method, *sizes = argv[1:]
+        with scratch_folder('bench-runtimes-') as root:
+            print(json.dumps(runtime_row(method, *map(int, sizes), root)))
         return
     args = parse_args(argv)
     run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones,

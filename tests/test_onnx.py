@@ -217,3 +217,18 @@ def test_a_checkpoint_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch
     with pytest.raises(UserError, match='changed while it was read'):
         load_model(path, 'cpu', 'onnx')
     assert not graph_path(path, PHOTO).exists()
+
+
+@pytest.mark.parametrize('method', ['acnet', 'msedge'])
+def test_speed_runtimes_prints_rates_and_the_same_top_10(method, capsys):
+    """speed.py runtimes, each method in its own process: positive rates and ratios, ONNX within 1e-4 of torch,
+    the same top 10 photos."""
+    import speed
+    speed.main(['runtimes', '--quick', '--methods', method, '--img_size', '32', '--photos', '8', '--batch_size', '4'])
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f'| {method} |')]
+    assert len(rows) == 1
+    cells = [c.strip() for c in rows[0].strip('|').split('|')]
+    rates = [float(cells[i]) for i in (2, 3, 4, 6, 7)]
+    ratios = [float(cells[i].rstrip('x')) for i in (5, 8)]
+    assert all(r > 0 for r in rates + ratios)
+    assert float(cells[9]) <= 1e-4 and cells[10] == '1.000'

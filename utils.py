@@ -14,6 +14,7 @@ import torch
 
 from zs_sbir.cli import DataError
 from zs_sbir.images import IMAGE_SUFFIXES, is_image_file, read_rgb
+from zs_sbir.processes import map_in_processes
 
 PHOTO, SKETCH = 0, 1
 DOMAINS = {'photo': PHOTO, 'sketch': SKETCH}
@@ -198,9 +199,8 @@ def drop_unreadable(split, workers=0):
     """(the split without images that fail to decode, their paths). Decodes every image once."""
     paths = [split.root / p for p in split.paths]
     if workers > 0:
-        from multiprocessing import Pool
-        with Pool(workers) as pool:
-            readable = pool.map(_is_readable, paths, chunksize=64)
+        readable = list(map_in_processes(_is_readable, paths, workers, f"checking the images of '{split.root}'",
+                                         chunksize=64))
     else:
         readable = [_is_readable(p) for p in paths]
     kept = split.subset([i for i, ok in enumerate(readable) if ok])

@@ -239,3 +239,43 @@ def test_deterministic_is_set_both_ways(first, monkeypatch):
     finally:
         torch.use_deterministic_algorithms(before[0], warn_only=True)
         cudnn.benchmark, cudnn.deterministic = before[1:]
+
+
+def test_worker_pools_keep_order_and_a_dead_worker_is_one_error_not_a_hang():
+    """multiprocessing.Pool waited forever when a worker died (CI hung 90 minutes on a SIGBUS in the cache's
+    workers); every pool of the commands is map_in_processes now, which raises."""
+    from helpers import double_or_die
+    from zs_sbir.processes import WorkerDied, map_in_processes
+    assert list(map_in_processes(double_or_die, list(range(20)), 2, 'doubling', chunksize=3)) == \
+        [2 * i for i in range(20)]
+    with pytest.raises(WorkerDied, match=r'^doubling stopped: a worker process died .*memory or disk space'):
+        list(map_in_processes(double_or_die, [1, 2, 'die', 4], 2, 'doubling'))
+
+
+def test_the_cache_keeps_nothing_on_a_full_disk_or_a_dead_worker(tiny_data, monkeypatch):
+    from helpers import kill_self
+    from zs_sbir import image_cache
+    folder = image_cache.cache_path(tiny_data, 'synthetic', 'train', 36, 'bilinear').parent
+
+    def no_space(fd, offset, length):
+        raise OSError(28, 'No space left on device')
+    monkeypatch.setattr(image_cache.os, 'posix_fallocate', no_space)  # before any worker writes into a map
+    with pytest.raises(UserError, match=r"could not write the image cache .*train_36_bilinear.npy' "
+                                        r"\(\[Errno 28\] No space left on device\): nothing was kept"):
+        image_cache.build_cache(tiny_data, 'synthetic', 36, 'bilinear', workers=2)
+    assert not [p.name for p in folder.iterdir() if '36' in p.name]
+    monkeypatch.undo()
+    monkeypatch.setattr(image_cache, '_fill', kill_self)
+    with pytest.raises(UserError, match=r"writing the image cache .*train_36_bilinear.npy' stopped: a worker"):
+        image_cache.build_cache(tiny_data, 'synthetic', 36, 'bilinear', workers=2)
+    assert not [p.name for p in folder.iterdir() if '36' in p.name]
+
+
+def test_prepare_with_a_dead_worker_writes_no_dataset(tmp_path, monkeypatch):
+    from helpers import kill_self
+    from zs_sbir import synthetic
+    monkeypatch.setattr(synthetic, '_draw_folder_job', kill_self)
+    with pytest.raises(UserError, match=r"drawing the generated dataset .* stopped: a worker process died"):
+        synthetic.make_synthetic(tmp_path, num_classes=4, num_val_classes=2, num_sketches=2, num_photos=2,
+                                 num_val_photos=2, img_size=32, workers=2)
+    assert not list(tmp_path.iterdir())  # no dataset, no half-drawn copy

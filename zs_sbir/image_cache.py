@@ -5,7 +5,6 @@ resize filter; its index records each image's path, size and modification time, 
 import json
 import os
 import tempfile
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ from tqdm import tqdm
 from utils import describe_split, scan_split
 from zs_sbir.cli import DataError, UserError, check_workers, first_line
 from zs_sbir.images import load_image
+from zs_sbir.processes import map_in_processes
 from zs_sbir.safe_files import UMASK, acquire_lock, atomic_write, check_writable_dir, remove_stale_temporaries
 
 CACHE_FORMAT = 'zs-sbir-cache-2'  # -2: the index records each image's size and modification time
@@ -82,6 +82,13 @@ class CachedImages:
 
 
 
+def reserve_blocks(path):
+    """Allocate the whole file on disk now: a memory map written into a sparse file on a full disk gets SIGBUS
+    (the process dies), where this raises OSError (no space left) before any image is decoded."""
+    with open(path, 'r+b') as file:
+        os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+
+
 def _fill(task):
     array_path, root, paths, start, size, interpolation = task
     array = np.load(array_path, mmap_mode='r+')
@@ -124,11 +131,12 @@ def _write_cache(split, split_name, path, size, interpolation, workers):
     os.close(fd)
     try:
         np.lib.format.open_memmap(partial, mode='w+', dtype=np.uint8, shape=(len(split), 3, size, size)).flush()
+        reserve_blocks(partial)
         chunk = 256
         tasks = [(partial, split.root, split.paths[i:i + chunk], i, size, interpolation)
                  for i in range(0, len(split), chunk)]
-        with Pool(max(1, workers)) as pool, tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
-            for done in pool.imap_unordered(_fill, tasks):
+        with tqdm(total=len(split), desc=f'cache {split_name}', disable=None) as bar:
+            for done in map_in_processes(_fill, tasks, workers, f"writing the image cache '{path}'"):
                 bar.update(done)
     except BaseException as error:
         os.remove(partial)

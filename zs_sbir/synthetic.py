@@ -5,7 +5,7 @@ Every class is a shape family: photos show the shape filled, coloured and textur
 cluttered background; sketches show it as wobbly, broken black strokes on white. Val classes never appear
 in train. The same seed writes the same files. `python prepare.py synthetic` is the command.
 """
-from multiprocessing import Pool
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from zs_sbir.cli import MAX_WORKERS, DataError, UserError
 from zs_sbir.images import load_image
 from zs_sbir.pictures import save_png
+from zs_sbir.processes import map_in_processes
 from zs_sbir.safe_files import (acquire_lock, check_folder_replaceable, check_writable_dir, remove_stale_staging,
                         staging_folder, swap_in)
 from utils import PHOTO, SKETCH, scan_split
@@ -287,16 +288,25 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         folders = [(tmp / split / domain / name, name, domain, count, img_size, seed, photos if pairs else 0)
                    for split, classes, photos in (('train', train, num_photos), ('val', val, num_val_photos))
                    for name in classes for domain, count in (('sketch', num_sketches), ('photo', photos))]
-        if workers > 1:
-            with Pool(min(workers, len(folders))) as pool:
-                pool.starmap(_draw_folder, folders)
-        else:
-            for job in folders:
-                _draw_folder(*job)
+        try:
+            if workers > 1:
+                for _ in map_in_processes(_draw_folder_job, folders, min(workers, len(folders)),
+                                          f"drawing the generated dataset '{out}'"):
+                    pass
+            else:
+                for job in folders:
+                    _draw_folder(*job)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         swap_in(tmp, out)  # only a complete dataset ever appears under its real name
     finally:
         release()
     return out
+
+
+def _draw_folder_job(job):
+    return _draw_folder(*job)
 
 
 def _draw_folder(folder, name, domain, count, img_size, seed, paired_photos=0):

@@ -16,6 +16,7 @@ from zs_sbir.config import parse_args
 from train import main, train
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
 from zs_sbir.cli import UserError
+from zs_sbir.images import FileImages
 from zs_sbir.safe_files import atomic_write, read_csv
 from utils import scan_split
 
@@ -279,3 +280,20 @@ def test_prepare_with_a_dead_worker_writes_no_dataset(tmp_path, monkeypatch):
         synthetic.make_synthetic(tmp_path, num_classes=4, num_val_classes=2, num_sketches=2, num_photos=2,
                                  num_val_photos=2, img_size=32, workers=2)
     assert not list(tmp_path.iterdir())  # no dataset, no half-drawn copy
+
+
+def test_the_cache_builds_where_blocks_cannot_be_reserved(tiny_data, monkeypatch):
+    """macOS has no posix_fallocate and some file systems refuse it: the cache is written as before."""
+    from zs_sbir import image_cache
+
+    def unsupported(fd, offset, length):
+        raise OSError(95, 'Operation not supported')
+    for patch in (lambda: monkeypatch.setattr(image_cache.os, 'posix_fallocate', unsupported),
+                  lambda: monkeypatch.delattr(image_cache.os, 'posix_fallocate')):
+        patch()
+        paths = image_cache.build_cache(tiny_data, 'synthetic', 40, 'bilinear', workers=1)
+        monkeypatch.undo()
+        split = scan_split(tiny_data, 'synthetic', 'val')
+        cached = image_cache.CachedImages(tiny_data, 'synthetic', 'val', split, 40, 'acnet', 'bilinear')
+        assert torch.equal(cached[2], FileImages(split.root, split.paths, 40, "bilinear")[2])
+        assert len(paths) == 2

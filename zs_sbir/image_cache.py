@@ -2,6 +2,7 @@
 one memory-mapped .npy file, read by train.py --cache instead of the image files. One cache per split, size and
 resize filter; its index records each image's path, size and modification time, so a changed image is noticed.
 """
+import errno
 import json
 import os
 import tempfile
@@ -85,8 +86,14 @@ class CachedImages:
 def reserve_blocks(path):
     """Allocate the whole file on disk now: a memory map written into a sparse file on a full disk gets SIGBUS
     (the process dies), where this raises OSError (no space left) before any image is decoded."""
+    if not hasattr(os, 'posix_fallocate'):  # macOS, Windows: the map is written as before
+        return
     with open(path, 'r+b') as file:
-        os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        try:
+            os.posix_fallocate(file.fileno(), 0, os.fstat(file.fileno()).st_size)
+        except OSError as error:
+            if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):  # no fallocate there: as before
+                raise
 
 
 def _fill(task):

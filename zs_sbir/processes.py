@@ -23,4 +23,4 @@ def map_in_processes(function, items, workers, what, chunksize=1):
             yield from pool.map(function, items, chunksize=chunksize)
     except BrokenProcessPool as error:
         raise WorkerDied(f'{what} stopped: a worker process died ({error}); the usual causes are too little '
-                         f'memory or disk space, so check those, or run with fewer --workers') from None
+                         f'memory or disk space, so check those, or run with fewer --workers') from error

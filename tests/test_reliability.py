@@ -253,9 +253,16 @@ def test_worker_pools_keep_order_and_a_dead_worker_is_one_error_not_a_hang():
         list(map_in_processes(double_or_die, [1, 2, 'die', 4], 2, 'doubling'))
 
 
-def test_the_cache_keeps_nothing_on_a_full_disk_or_a_dead_worker(tiny_data, monkeypatch):
+def private_copy(tiny_data, tmp_path):
+    """A copy of the shared tiny dataset, for tests that write into it (a cache folder)."""
+    shutil.copytree(tiny_data / 'synthetic', tmp_path / 'synthetic')
+    return tmp_path
+
+
+def test_the_cache_keeps_nothing_on_a_full_disk_or_a_dead_worker(tiny_data, tmp_path, monkeypatch):
     from helpers import kill_self
     from zs_sbir import image_cache
+    tiny_data = private_copy(tiny_data, tmp_path)
     folder = image_cache.cache_path(tiny_data, 'synthetic', 'train', 36, 'bilinear').parent
 
     def no_space(fd, offset, length):
@@ -282,9 +289,10 @@ def test_prepare_with_a_dead_worker_writes_no_dataset(tmp_path, monkeypatch):
     assert not list(tmp_path.iterdir())  # no dataset, no half-drawn copy
 
 
-def test_the_cache_builds_where_blocks_cannot_be_reserved(tiny_data, monkeypatch):
+def test_the_cache_builds_where_blocks_cannot_be_reserved(tiny_data, tmp_path, monkeypatch):
     """macOS has no posix_fallocate and some file systems refuse it: the cache is written as before."""
     from zs_sbir import image_cache
+    tiny_data = private_copy(tiny_data, tmp_path)
 
     def unsupported(fd, offset, length):
         raise OSError(95, 'Operation not supported')

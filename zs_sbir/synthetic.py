@@ -288,14 +288,12 @@ def make_synthetic(data_root, num_classes=20, num_val_classes=5, num_sketches=40
         folders = [(tmp / split / domain / name, name, domain, count, img_size, seed, photos if pairs else 0)
                    for split, classes, photos in (('train', train, num_photos), ('val', val, num_val_photos))
                    for name in classes for domain, count in (('sketch', num_sketches), ('photo', photos))]
+        drawn = (map_in_processes(_draw_folder_job, folders, min(workers, len(folders)),
+                                  f"drawing the generated dataset '{out}'") if workers > 1 else
+                 map(_draw_folder_job, folders))
         try:
-            if workers > 1:
-                for _ in map_in_processes(_draw_folder_job, folders, min(workers, len(folders)),
-                                          f"drawing the generated dataset '{out}'"):
-                    pass
-            else:
-                for job in folders:
-                    _draw_folder(*job)
+            for _ in drawn:
+                pass
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -10,7 +10,7 @@
     python speed.py backbones --quick       # tiny backbones at 64 px on the CPU
     python speed.py search                  # search.py: index build images/s; query latency at 10k-1M photos
     python speed.py search --quick          # 10k and 20k vectors, seconds
-    python speed.py runtimes                # embedding photos/s: torch (eager, channels_last) vs ONNX Runtime, CPU
+    python speed.py runtimes                # embedding photos/s: torch (eager, channels_last, bf16) vs ONNX Runtime, CPU
     python speed.py runtimes --quick        # 64 px, 16 photos: seconds
 
 `train` measures, for acnet and msedge x resnet50 and vgg16, training and evaluation images/s twice in
@@ -443,28 +443,39 @@ def bench_search(args):
 
 
 def bench_runtimes(args):
-    """Photos/s of each method's photo embedder (its default backbone, random init) on the CPU under torch (eager and
-    channels_last) and ONNX Runtime, in one run: on batches already decoded, and search.py's index loop (decode,
-    resize, embed) as the build sees it; with how far ONNX's embeddings are from torch's and whether the top 10 photos
-    of each generated sketch stay the same."""
+    """Photos/s of each method's photo embedder on the CPU under torch (eager, channels_last, and bf16 autocast) and
+    ONNX Runtime, in one run: on batches already decoded, and search.py's index loop (decode, resize, embed) as the
+    build sees it; with how far ONNX's embeddings are from torch's and how many of fp32 torch's top 10 photos of each
+    sketch ONNX and bf16 keep (recall@10 against fp32). Random init on generated photos, or with --data_base a
+    trained checkpoint on its own val split."""
     check_numbers(args, batch_size=Limit(1, 4096), photos=Limit(1, 10 ** 6))
+    methods = args.methods
+    if args.data_base:  # its method, image size and val split, checked here: a bad one is one line, not a child's
+        from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
+        checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
+        methods, args.img_size = [checkpoint['method']], checkpoint['args']['img_size']
+        checkpoint_run(args.data_base)
+    source = f'{args.data_base} on its val split' if args.data_base else f'{args.photos} generated photos, random init'
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
-          f'{args.photos} generated photos, fp32, random init; {args.repeats} passes, the runtimes taking '
-          f'turns batch by batch (the builds pass by pass); medians of the photos/s and of the ratios of neighbouring '
-          f'timings\n')
-    print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | index build: torch '
-          '| index build: ONNX | build ratio | max abs diff | top-10 kept |')
-    print('|---|---|---|---|---|---|---|---|---|---|---|')
-    for method in args.methods:  # each in a fresh process, as a command runs one: no method's state times another's
-        row = run_runtime_child(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers)
+          f'{source}; {args.repeats} passes, the runtimes taking turns batch by batch (the builds pass by pass); '
+          f'medians of the photos/s and of the ratios of neighbouring timings\n')
+    print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | torch bf16 '
+          '| bf16 / eager | index build: torch | index build: ONNX | ONNX build ratio | index build: bf16 '
+          '| bf16 build ratio | ONNX max abs diff | recall@10 ONNX | recall@10 bf16 |')
+    print('|' + '---|' * 16)
+    for method in methods:  # each in a fresh process, as a command runs one: no method's state times another's
+        row = run_runtime_child(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers,
+                                args.data_base or '')
         if row is None:
             continue
         print(f"| {method} | {row['backbone']} | {row['eager']:.1f} | {row['channels_last']:.1f} | {row['onnx']:.1f} "
-              f"| {row['ratio']:.2f}x | {row['build_torch']:.1f} | {row['build_onnx']:.1f} "
-              f"| {row['build_ratio']:.2f}x | {row['diff']:.1e} | {row['kept']:.3f} |", flush=True)
-    print('\nphotos/s; "top-10 kept": the share of the top 10 photos of each generated sketch that ONNX Runtime\'s '
-          'embeddings keep (1.000: the same photos)')
+              f"| {row['ratio_onnx']:.2f}x | {row['bf16']:.1f} | {row['ratio_bf16']:.2f}x | {row['build_eager']:.1f} "
+              f"| {row['build_onnx']:.1f} | {row['build_ratio_onnx']:.2f}x | {row['build_bf16']:.1f} "
+              f"| {row['build_ratio_bf16']:.2f}x | {row['diff']:.1e} | {row['recall_onnx']:.3f} "
+              f"| {row['recall_bf16']:.3f} |", flush=True)
+    print('\nphotos/s; recall@10: the share of the top 10 photos of each sketch under fp32 torch that the other '
+          'runtime\'s embeddings keep (1.000: the same photos)')
 
 
 def run_runtime_child(*row_args):
@@ -475,27 +486,47 @@ def run_runtime_child(*row_args):
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
+def generated_run(method, img_size, count, workers, root):
+    """(checkpoint, photo folder, photo files, sketch folder, sketch files): a random-init checkpoint of `method`
+    and generated images at img_size."""
     from zs_sbir.checkpoint import checkpoint_record
     from zs_sbir.config import parse_args as train_args
-    from zs_sbir.retrieval import load_model
     from zs_sbir.safe_files import save_torch
-    per_class = -(-count // 4)
-    make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=3, num_photos=per_class, num_val_photos=1,
-                   img_size=img_size, workers=max(1, workers))
-    photo_dir = root / 'synthetic' / 'train' / 'photo'
-    files = sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg'))[:count]
+    make_synthetic(root, num_classes=6, num_val_classes=2, num_sketches=3, num_photos=-(-count // 4),
+                   num_val_photos=1, img_size=img_size, workers=max(1, workers))
     options = train_args(['--method', method, '--data_name', 'synthetic', '--img_size', str(img_size),
                           '--no_pretrained'])
     save_torch(checkpoint_record(create_model(method, list('abcd'), options, pretrained=False), options,
                                  train_classes=list('abcd')), root / 'model.pth')
-    onnx = load_model(root / 'model.pth', 'cpu', 'onnx', quiet=True)[0]  # as test.py and search.py load it
-    model = onnx.model
+    photo_dir, sketch_dir = (root / 'synthetic' / 'train' / side for side in ('photo', 'sketch'))
+    return (root / 'model.pth', photo_dir, sorted(str(p.relative_to(photo_dir)) for p in photo_dir.rglob('*.jpg')),
+            sketch_dir, sorted(str(p.relative_to(sketch_dir)) for p in sketch_dir.rglob('*.png')))
+
+
+def checkpoint_run(checkpoint):
+    """The same for a trained checkpoint: its val split's photos and sketches, as test.py --evaluate reads them."""
+    from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
+    trained = load_torch(checkpoint, CHECKPOINT_FORMAT, 'checkpoint')['args']
+    split = scan_split(trained['data_root'], trained['data_name'], 'val',
+                       val_classes=trained.get('val_classes') or 'seeds')
+    paths = {domain: [p for p, d in zip(split.paths, split.domains) if d == domain] for domain in (PHOTO, SKETCH)}
+    return Path(checkpoint), split.root, paths[PHOTO], split.root, paths[SKETCH]
+
+
+def runtime_row(method, img_size, count, batch_size, repeats, workers, root, checkpoint=''):
+    from zs_sbir.precision import Bf16Model
+    from zs_sbir.retrieval import load_model
+    path, photo_dir, files, sketch_dir, sketch_files = (
+        checkpoint_run(checkpoint) if checkpoint else generated_run(method, img_size, count, workers, root))
+    files = files[:count]
+    onnx = load_model(path, 'cpu', 'onnx', quiet=True)[0]  # as test.py and search.py load it
+    model, img_size = onnx.model, onnx.img_size
     onnx.prepare()
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]
     nets = {'eager': (model, torch.contiguous_format), 'onnx': (onnx, torch.contiguous_format),
-            'channels_last': (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last)}
+            'channels_last': (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last),
+            'bf16': (Bf16Model(copy.deepcopy(model)), torch.channels_last)}
     inputs = {name: [b.contiguous(memory_format=layout) for b in batches] for name, (_, layout) in nets.items()}
     for name, (net, _) in nets.items():
         embed_as(net, inputs[name][0], PHOTO, 'cpu')  # warm-up
@@ -517,28 +548,28 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root):
         for i in range(len(batches)):
             for name in nets:
                 seconds[name].append(embed_seconds(name, inputs[name][i]))
-    builds = {name: [] for name in ('eager', 'onnx')}
+    builds = {name: [] for name in ('eager', 'onnx', 'bf16')}
     for _ in range(repeats):
         for name in builds:
             builds[name].append(build_seconds(name))
     sizes = [len(b) for b in batches] * repeats
     row = {'backbone': model.backbone_tag,
            **{name: statistics.median(n / t for n, t in zip(sizes, seconds[name])) for name in nets},
-           'ratio': statistics.median(t / o for t, o in zip(seconds['eager'], seconds['onnx'])),
-           'build_torch': len(files) / statistics.median(builds['eager']),
-           'build_onnx': len(files) / statistics.median(builds['onnx']),
-           'build_ratio': statistics.median(t / o for t, o in zip(builds['eager'], builds['onnx']))}
-    sketch_dir = root / 'synthetic' / 'train' / 'sketch'
-    sketches = torch.cat([images for _, images, _ in photo_batches(
-        sorted(str(p.relative_to(sketch_dir)) for p in sketch_dir.rglob('*.png')), sketch_dir, img_size,
-        model.interpolation, batch_size, 0, 'cpu')])
+           **{f'ratio_{name}': statistics.median(t / o for t, o in zip(seconds['eager'], seconds[name]))
+              for name in ('onnx', 'bf16')},
+           **{f'build_{name}': len(files) / statistics.median(builds[name]) for name in builds},
+           **{f'build_ratio_{name}': statistics.median(t / o for t, o in zip(builds['eager'], builds[name]))
+              for name in ('onnx', 'bf16')}}
+    sketches = torch.cat([images for _, images, _ in photo_batches(sketch_files, sketch_dir, img_size,
+                                                                   model.interpolation, batch_size, 0, 'cpu')])
     photos = torch.cat(batches)
-    ours = {name: (embed_as(net, sketches, SKETCH, 'cpu'), embed_as(net, photos, PHOTO, 'cpu'))
-            for name, net in (('torch', model), ('onnx', onnx))}
-    row['diff'] = max((a - b).abs().max().item() for a, b in zip(ours['torch'], ours['onnx']))
+    ours = {name: (embed_as(nets[name][0], sketches, SKETCH, 'cpu'), embed_as(nets[name][0], photos, PHOTO, 'cpu'))
+            for name in ('eager', 'onnx', 'bf16')}
+    row['diff'] = max((a - b).abs().max().item() for a, b in zip(ours['eager'], ours['onnx']))
     k = min(10, len(photos))
     tops = {name: (q @ g.T).topk(k).indices.tolist() for name, (q, g) in ours.items()}
-    row['kept'] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tops['torch'], tops['onnx'])]))
+    for name in ('onnx', 'bf16'):
+        row[f'recall_{name}'] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tops['eager'], tops[name])]))
     return row
 
 
@@ -612,7 +643,7 @@ def parse_args(argv=None):
     search.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
     search.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes for the build '
                                                                               'throughput')
-    runtimes = commands.add_parser('runtimes', help='embedding photos/s on the CPU: torch vs ONNX Runtime')
+    runtimes = commands.add_parser('runtimes', help='embedding photos/s on the CPU: torch (fp32, bf16) vs ONNX Runtime')
     runtimes.add_argument('--quick', action='store_true', help='64 px, 16 photos, one pass: seconds')
     runtimes.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
     runtimes.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
@@ -621,6 +652,8 @@ def parse_args(argv=None):
     runtimes.add_argument('--repeats', type=int, default=None, help='timed passes over them (default 5, --quick: 1)')
     runtimes.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes of the index '
                                                                               'build')
+    runtimes.add_argument('--data_base', default=None, help='a trained checkpoint: measured on its val split at its '
+                                                            'image size, instead of random init on generated photos')
     for sub in (train, backbones):
         sub.add_argument('--device', default=default_device(), help='cpu: measure on the CPU even when a GPU is present')
     return with_sizes(p.parse_args(argv))
@@ -655,9 +688,9 @@ def main(argv=None):
                                           bool(int(checkpointing)), device)))
         return
     if argv and argv[0] == '_runtime':
-        method, *sizes = argv[1:]
+        method, *sizes, checkpoint = argv[1:]
         with scratch_folder('bench-runtimes-') as root:
-            print(json.dumps(runtime_row(method, *map(int, sizes), root)))
+            print(json.dumps(runtime_row(method, *map(int, sizes), root, checkpoint)))
         return
     args = parse_args(argv)
     run_cli({'metrics': bench_metrics, 'train': bench_train, 'backbones': bench_backbones,

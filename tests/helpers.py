@@ -32,7 +32,9 @@ BITWISE = ('--device', 'cpu')
 import search  # noqa: E402
 from methods import create_model  # noqa: E402
 from utils import METRIC_NAMES  # noqa: E402
-from zs_sbir.safe_files import write_csv  # noqa: E402
+from zs_sbir.checkpoint import checkpoint_record  # noqa: E402
+from zs_sbir.config import parse_args  # noqa: E402
+from zs_sbir.safe_files import save_torch, write_csv  # noqa: E402
 
 TINY = dict(num_classes=6, num_val_classes=2, num_sketches=4, num_photos=4, num_val_photos=6, img_size=32, seed=3)
 # A tiny open_clip model (2 blocks of width 64, 32-d embeddings) for ClipPrompt's tests: --backbone_type ViT-Tiny-16
@@ -52,6 +54,18 @@ def make_model(method, num_classes=3, backbone_type='resnet50', emb_dim=512, pre
     """A method's networks for `num_classes` training classes (create_model with train.py's option names)."""
     return create_model(method, [f'class{i}' for i in range(num_classes)],
                         dict(backbone_type=backbone_type, emb_dim=emb_dim, **options), pretrained, weights)
+
+
+def saved_checkpoint(folder, method, backbone, size, seed=0):
+    """A random-init checkpoint of `method` (8-d where the size is free) as train.py writes one."""
+    torch.manual_seed(seed)
+    emb = [] if method == 'clipprompt' else ['--emb_dim', '8']
+    options = parse_args(['--method', method, '--backbone_type', backbone, '--img_size', str(size), '--data_name',
+                          'synthetic', '--no_pretrained', *emb])
+    model = make_model(method, 3, backbone, options.emb_dim, pretrained=False, img_size=size)
+    path = folder / f'synthetic_{method}_{backbone}_model.pth'
+    save_torch(checkpoint_record(model, options, train_classes=['a', 'b', 'c']), path)
+    return path
 
 
 def lr(value=1e-5):

@@ -11,28 +11,13 @@ import torch.nn.functional as F
 import convert
 import search
 import test as test_script
-from helpers import DEVICE, TINY_CLIP, build, check_cli, make_model, rng_images
+from helpers import DEVICE, TINY_CLIP, build, check_cli, rng_images, saved_checkpoint
 from utils import PHOTO, SKETCH
-from zs_sbir.checkpoint import checkpoint_record
 from zs_sbir.cli import UserError
-from zs_sbir.config import parse_args
 from zs_sbir.onnx_runtime import OnnxModel, choose_runtime, explicit_adaptive_pooling, graph_path, read_metadata
 from zs_sbir.retrieval import embed, load_model
-from zs_sbir.safe_files import save_torch
 
 DOMAINS = torch.tensor([SKETCH, PHOTO, PHOTO, SKETCH, PHOTO])
-
-
-def saved_checkpoint(folder, method, backbone, size, seed=0):
-    """A random-init checkpoint of `method` (8-d where the size is free) as train.py writes one."""
-    torch.manual_seed(seed)
-    emb = [] if method == 'clipprompt' else ['--emb_dim', '8']
-    options = parse_args(['--method', method, '--backbone_type', backbone, '--img_size', str(size), '--data_name',
-                          'synthetic', '--no_pretrained', *emb])
-    model = make_model(method, 3, backbone, options.emb_dim, pretrained=False, img_size=size)
-    path = folder / f'synthetic_{method}_{backbone}_model.pth'
-    save_torch(checkpoint_record(model, options, train_classes=['a', 'b', 'c']), path)
-    return path
 
 
 def embeddings(model, images, domains):
@@ -228,7 +213,20 @@ def test_speed_runtimes_prints_rates_and_the_same_top_10(method, capsys):
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f'| {method} |')]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip('|').split('|')]
-    rates = [float(cells[i]) for i in (2, 3, 4, 6, 7)]
-    ratios = [float(cells[i].rstrip('x')) for i in (5, 8)]
+    rates = [float(cells[i]) for i in (2, 3, 4, 6, 8, 9, 11)]
+    ratios = [float(cells[i].rstrip('x')) for i in (5, 7, 10, 12)]
     assert all(r > 0 for r in rates + ratios)
-    assert float(cells[9]) <= 1e-4 and cells[10] == '1.000'
+    assert float(cells[13]) <= 1e-4 and cells[14] == '1.000' and float(cells[15]) >= 0.8  # bf16: near-ties may swap
+
+
+def test_speed_runtimes_on_a_trained_checkpoint(runs, capsys, tmp_path):
+    """speed.py runtimes --data_base: the checkpoint's method, image size and val split; ONNX keeps fp32's top 10."""
+    import speed
+    speed.main(['runtimes', '--data_base', str(runs['msedge']), '--photos', '8', '--batch_size', '4', '--repeats', '1',
+                '--workers', '0'])
+    out = capsys.readouterr().out
+    assert '32 px' in out and f"{runs['msedge']} on its val split" in out
+    rows = [line for line in out.splitlines() if line.startswith('| msedge |')]
+    cells = [c.strip() for c in rows[0].strip('|').split('|')]
+    assert len(rows) == 1 and cells[14] == '1.000' and 0 <= float(cells[15]) <= 1
+    check_cli(capsys, speed.main, ['runtimes', '--data_base', tmp_path / 'missing.pth'], "checkpoint not found: '")

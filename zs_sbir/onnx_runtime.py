@@ -1,5 +1,5 @@
 """ONNX Runtime for the embedding networks (docs/speed.md#onnx-runtime): a checkpoint's sketch and photo embedders,
-exported once to ONNX files beside it, and a model whose `embed` runs them. On a CPU they embed 1.1x to 2.2x as fast
+exported once to ONNX files beside it, and a model whose `embed` runs them. On a CPU they embed 1.0x to 2.0x as fast
 as torch (docs/speed.md has the figures), with the same embeddings to 1e-5 (the tests hold every method and backbone family to 1e-4).
 
     model, checkpoint = load_model('result/synthetic_msedge_resnet50_512_model.pth', runtime='onnx')  # retrieval.py
@@ -42,9 +42,15 @@ def onnx_available():
         return False
 
 
-def choose_runtime(runtime, device, option='--runtime'):
-    """'torch' or 'onnx': auto is ONNX Runtime on a CPU (where it is the faster, docs/speed.md), torch on a GPU."""
+def choose_runtime(runtime, device, option='--runtime', precision='fp32'):
+    """'torch' or 'onnx': auto is ONNX Runtime on a CPU (where it is the faster, docs/speed.md), torch on a GPU;
+    --precision bf16 runs through torch."""
     on_cpu = torch.device(device).type == 'cpu'
+    if precision == 'bf16':
+        if runtime == 'onnx':
+            raise UserError(f'--precision bf16 embeds through torch (ONNX Runtime has no bf16 convolutions on a CPU): '
+                            f'leave {option} out, or pass {option} torch')
+        return 'torch'
     if runtime == 'auto':
         return 'onnx' if on_cpu and onnx_available() else 'torch'
     if runtime == 'onnx' and not on_cpu:

@@ -17,6 +17,7 @@ from utils import rank_gallery
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
 from zs_sbir.cli import UserError, first_line
 from zs_sbir.onnx_runtime import OnnxModel, choose_runtime, file_sha256
+from zs_sbir.precision import with_precision
 
 
 def model_from_checkpoint(checkpoint, device='cpu'):
@@ -36,11 +37,11 @@ def model_from_checkpoint(checkpoint, device='cpu'):
     return model.to(device).eval()
 
 
-def load_model(path, device='cpu', runtime='torch', quiet=False):
+def load_model(path, device='cpu', runtime='torch', quiet=False, precision='fp32'):
     """(model in eval mode, checkpoint) of a checkpoint written by train.py or convert.py; with runtime 'onnx' (or
     'auto' on a CPU) the model embeds through ONNX Runtime, its graphs exported beside the checkpoint on first use
-    (zs_sbir/onnx_runtime.py)."""
-    runtime = choose_runtime(runtime, device)
+    (zs_sbir/onnx_runtime.py); with precision 'bf16' through torch under bfloat16 autocast (zs_sbir/precision.py)."""
+    runtime = choose_runtime(runtime, device, precision=precision)
     sha256 = file_sha256(path) if runtime == 'onnx' and Path(path).is_file() else None
     checkpoint = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
     try:
@@ -52,7 +53,7 @@ def load_model(path, device='cpu', runtime='torch', quiet=False):
         if file_sha256(path) != sha256:  # the graphs are tied to the file's digest: it must be that of what was read
             raise UserError(f"'{path}' changed while it was read (a run saving it?): run the command again")
         model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], sha256, quiet)
-    return model, checkpoint
+    return with_precision(model, precision), checkpoint
 
 
 @torch.inference_mode()

@@ -247,12 +247,12 @@ def tune(index, nprobe=32, ef_search=128):
 class Searcher:
     """An index with the model it was built with: the top photos for a sketch image (its `gallery`)."""
 
-    def __init__(self, index, data_base=None, device='cpu', nprobe=32, ef_search=128, runtime='torch'):
+    def __init__(self, index, data_base=None, device='cpu', nprobe=32, ef_search=128, runtime='torch', precision='fp32'):
         import faiss
         self.folder = Path(index)
         self.meta, self.table, self.vectors = read_index(self.folder)
         data_base = data_base or self.meta['checkpoint']
-        self.model, checkpoint = load_model(data_base, device, runtime)
+        self.model, checkpoint = load_model(data_base, device, runtime, precision=precision)
         if model_identity(checkpoint) != self.meta['model']:
             raise UserError(f"'{data_base}' is not the model index '{self.folder}' was built with "
                             f"({self.meta['checkpoint']}): query it with that model, or build the index again")

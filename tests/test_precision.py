@@ -1,0 +1,79 @@
+"""--precision bf16 (zs_sbir/precision.py): every method and backbone family the CLI takes embeds within cosine 0.99
+of fp32, really in bf16 (not fp32 under another name), and leaves fp32's embeddings as they were; test.py and
+search.py take it on every path that embeds; --runtime onnx with it is one line."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import search
+import test as test_script
+from helpers import DEVICE, TINY_CLIP, build, check_cli, rng_images, saved_checkpoint
+from utils import PHOTO, SKETCH
+from zs_sbir.cli import UserError
+from zs_sbir.onnx_runtime import choose_runtime
+from zs_sbir.precision import Bf16Model
+from zs_sbir.retrieval import embed, load_model
+
+DOMAINS = torch.tensor([SKETCH, PHOTO, PHOTO, SKETCH, PHOTO])
+
+
+@pytest.mark.parametrize('method, backbone, size', [
+    ('acnet', 'resnet18', 32), ('msedge', 'resnet18', 32),
+    ('acnet', 'convnext_atto', 32), ('msedge', 'convnext_atto', 32),
+    ('acnet', 'vit_tiny_patch16_224', 32), ('msedge', 'vit_small_patch14_dinov2', 32),
+    ('acnet', 'vgg16', 64), ('clipprompt', TINY_CLIP, 32),
+])
+def test_bf16_embeds_close_to_fp32_for_every_family(tmp_path, method, backbone, size):
+    path = saved_checkpoint(tmp_path, method, backbone, size)
+    fp32, _ = load_model(path, 'cpu', 'torch')
+    images = rng_images(len(DOMAINS), size, seed=1)
+    before = embed(fp32, images, DOMAINS)
+    bf16, _ = load_model(path, 'cpu', 'torch', precision='bf16')
+    assert isinstance(bf16, Bf16Model)
+    low = embed(bf16, images, DOMAINS)
+    assert low.dtype == torch.float32 and low.shape == before.shape
+    assert F.cosine_similarity(low, before).min() > 0.99
+    assert (low - before).abs().max() > 1e-4  # computed in bf16 (8 bits of mantissa), not in fp32
+    assert torch.equal(embed(bf16.model, images, DOMAINS), before)  # the fp32 model beside it: as it was
+
+
+def test_test_py_and_search_py_take_bf16(runs, checkpoints, gallery, tmp_path, capsys):
+    for method, checkpoint in runs.items():
+        scores = {precision: test_script.main(['--evaluate', '--data_base', str(checkpoint), '--workers', '0',
+                                               '--runtime', 'torch', '--precision', precision])
+                  for precision in ('fp32', 'bf16')}
+        assert scores['fp32'].keys() == scores['bf16'].keys()
+        # the same split and model: a metric moves only where bf16 reorders near-equal similarities
+        assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.05 for k in scores['fp32']), (method, scores)
+    metas = {precision: build(checkpoints[0], gallery, tmp_path / precision, '--precision', precision)
+             for precision in ('fp32', 'bf16')}
+    assert metas['fp32']['model'] == metas['bf16']['model']
+    vectors = {p: np.load(next((tmp_path / p).glob('vectors-*.npy'))) for p in metas}
+    cosines = (vectors['fp32'] * vectors['bf16']).sum(1)  # both L2-normalised
+    assert cosines.min() > 0.99 and np.abs(vectors['fp32'] - vectors['bf16']).max() > 1e-4
+    sketch = next(gallery.rglob('*.*'))
+    hits = search.main(['query', '--index', str(tmp_path / 'fp32'), '--query_name', str(sketch), '--num', '5',
+                        '--save_root', str(tmp_path / 'q'), '--device', DEVICE, '--precision', 'bf16'])[0]
+    assert len(hits) == 5
+
+
+def test_training_free_takes_bf16(tiny_data):
+    common = ['--evaluate', '--training_free', '--no_pretrained', '--data_root', str(tiny_data), '--data_name',
+              'synthetic', '--img_size', '32', '--backbone_type', 'resnet18', '--workers', '0', '--device', 'cpu']
+    scores = {precision: test_script.main([*common, '--precision', precision]) for precision in ('fp32', 'bf16')}
+    assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.05 for k in scores['fp32'])
+
+
+def test_bf16_with_onnx_is_one_line(tmp_path, capsys, runs):
+    assert choose_runtime('auto', 'cpu', precision='bf16') == 'torch'
+    with pytest.raises(UserError, match='--precision bf16 embeds through torch'):
+        choose_runtime('onnx', 'cpu', precision='bf16')
+    check_cli(capsys, test_script.main, ['--evaluate', '--data_base', runs['acnet'], '--runtime', 'onnx',
+                                         '--precision', 'bf16'], '--precision bf16 embeds through torch',
+              [runs['acnet'].parent])
+    check_cli(capsys, search.main, ['index', '--data_base', runs['acnet'], '--photos', tmp_path, '--index',
+                                    tmp_path / 'i', '--runtime', 'onnx', '--precision', 'bf16'],
+              '--precision bf16 embeds through torch', [runs['acnet'].parent])
+    check_cli(capsys, test_script.main, ['--evaluate', '--data_base', runs['acnet'], '--precision', 'fp16'],
+              "invalid choice: 'fp16'")

@@ -1,0 +1,43 @@
+"""`--precision bf16` of test.py and search.py (docs/speed.md#bf16): the model embeds under bfloat16 autocast with
+its weights and inputs channels_last, through torch. On a CPU with AVX512-BF16 or AMX (AMD Zen 4 and later, Intel
+Sapphire Rapids and later) and on a GPU it is the fastest path; on an older CPU bf16 is emulated and slower than
+fp32. Embeddings stay within cosine 0.99 of fp32's (the tests hold every method and backbone family to it); fp32
+is the default, and every number in README is fp32's.
+
+    model = with_precision(load_model(path, 'cpu', 'torch')[0], 'bf16')     # what load_model(..., precision='bf16') does
+"""
+import copy
+
+import torch
+
+PRECISIONS = ('fp32', 'bf16')
+
+
+def with_precision(model, precision):
+    """The model itself for fp32; for bf16, a model whose embed runs under bfloat16 autocast."""
+    return Bf16Model(model) if precision == 'bf16' else model
+
+
+class Bf16Model:
+    """A model whose `embed` runs a bfloat16 copy of its networks under autocast, channels_last (float32 out);
+    everything else (pictures, interpolation, backbone_tag, ...) the fp32 model answers as it is."""
+    precision = 'bf16'
+
+    def __init__(self, model):
+        self.model = model
+        # bf16 weights once: autocast alone casts every fp32 weight again at every call, which on a CPU costs
+        # ViT-B/32 more than its products (0.5x fp32's photos/s; with this copy 2x). channels_last: oneDNN's
+        # blocked bf16 convolutions, 1.2x NCHW's. The copy holds half the model's size in memory.
+        self.low = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
+
+    def __getattr__(self, name):
+        return getattr(self.__dict__['model'], name)
+
+    def eval(self):
+        return self
+
+    def embed(self, images, domains):
+        # autocast still decides each operation's precision: LayerNorm and the methods' fp32 islands (MSEdge's
+        # edge maps and pooling) run in fp32, products in bf16
+        with torch.autocast(images.device.type, torch.bfloat16):
+            return self.low.embed(images.contiguous(memory_format=torch.channels_last), domains).float()

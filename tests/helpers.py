@@ -2,6 +2,7 @@
 import hashlib
 import os
 import re
+import shutil
 import signal
 import socket
 import sys
@@ -54,6 +55,13 @@ def make_model(method, num_classes=3, backbone_type='resnet50', emb_dim=512, pre
     """A method's networks for `num_classes` training classes (create_model with train.py's option names)."""
     return create_model(method, [f'class{i}' for i in range(num_classes)],
                         dict(backbone_type=backbone_type, emb_dim=emb_dim, **options), pretrained, weights)
+
+
+def private_copy(tiny_data, tmp_path):
+    """A copy of the shared tiny dataset, for tests that write into it (a cache folder): test_data digests the
+    shared one, and a test that wrote there would make the suite's outcome depend on its order."""
+    shutil.copytree(tiny_data / 'synthetic', tmp_path / 'synthetic')
+    return tmp_path
 
 
 def saved_checkpoint(folder, method, backbone, size, seed=0):

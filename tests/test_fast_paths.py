@@ -3,7 +3,7 @@ augmentations, bf16 autocast and torch.compile, each against the plain path."""
 import pytest
 import torch
 
-from helpers import BITWISE, DEVICE, lr, make_model, rng_images
+from helpers import BITWISE, DEVICE, lr, make_model, private_copy, rng_images
 from methods import get_method
 from train import train
 from utils import PHOTO, SKETCH, scan_split
@@ -53,7 +53,8 @@ def test_augmentations_at_p0_are_the_identity(method):
     assert torch.equal(flipped, images[0].flip(-1))
 
 
-def test_cache_holds_exactly_the_decoded_images(tiny_data):
+def test_cache_holds_exactly_the_decoded_images(tiny_data, tmp_path):
+    tiny_data = private_copy(tiny_data, tmp_path)
     for method in ('acnet', 'msedge'):
         interpolation = get_method(method).interpolation
         build_cache(tiny_data, 'synthetic', 32, interpolation, workers=2)
@@ -67,6 +68,7 @@ def test_cache_holds_exactly_the_decoded_images(tiny_data):
 
 @pytest.mark.parametrize('method', ['acnet', 'msedge'])
 def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, method):
+    tiny_data = private_copy(tiny_data, tmp_path / 'data')
     build_cache(tiny_data, 'synthetic', 32, get_method(method).interpolation, workers=2)
     rows = []
     for name, extra in (('files', []), ('cache', ['--cache'])):
@@ -79,6 +81,7 @@ def test_training_from_the_cache_gives_the_same_results(tiny_data, tmp_path, met
 
 
 def test_missing_or_stale_cache_is_a_clear_error(tiny_data, tmp_path):
+    tiny_data = private_copy(tiny_data, tmp_path)
     split = scan_split(tiny_data, 'synthetic', 'val')
     with pytest.raises(DataError, match=r'no image cache at .*prepare.py cache .*--img_size 48 --method msedge'):
         CachedImages(tiny_data, 'synthetic', 'val', split, 48, 'msedge', 'bicubic')

@@ -11,7 +11,7 @@ import train as train_module
 from methods.acnet import ACNet
 from zs_sbir import training
 from zs_sbir.seeding import configure_backends
-from helpers import BITWISE, ROOT, free_port, tiny
+from helpers import BITWISE, ROOT, free_port, private_copy, tiny
 from zs_sbir.config import parse_args
 from train import main, train
 from zs_sbir.checkpoint import CHECKPOINT_FORMAT, VECTORS_FORMAT, load_torch
@@ -251,12 +251,6 @@ def test_worker_pools_keep_order_and_a_dead_worker_is_one_error_not_a_hang():
         [2 * i for i in range(20)]
     with pytest.raises(WorkerDied, match=r'^doubling stopped: a worker process died .*memory or disk space'):
         list(map_in_processes(double_or_die, [1, 2, 'die', 4], 2, 'doubling'))
-
-
-def private_copy(tiny_data, tmp_path):
-    """A copy of the shared tiny dataset, for tests that write into it (a cache folder)."""
-    shutil.copytree(tiny_data / 'synthetic', tmp_path / 'synthetic')
-    return tmp_path
 
 
 def test_the_cache_keeps_nothing_on_a_full_disk_or_a_dead_worker(tiny_data, tmp_path, monkeypatch):

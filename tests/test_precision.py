@@ -14,6 +14,7 @@ from zs_sbir.cli import UserError
 from zs_sbir.onnx_runtime import choose_runtime
 from zs_sbir.precision import Bf16Model
 from zs_sbir.retrieval import embed, load_model
+from zs_sbir.search_index import Searcher
 
 DOMAINS = torch.tensor([SKETCH, PHOTO, PHOTO, SKETCH, PHOTO])
 
@@ -38,14 +39,35 @@ def test_bf16_embeds_close_to_fp32_for_every_family(tmp_path, method, backbone, 
     assert torch.equal(embed(bf16.model, images, DOMAINS), before)  # the fp32 model beside it: as it was
 
 
-def test_test_py_and_search_py_take_bf16(runs, checkpoints, gallery, tmp_path, capsys):
+@pytest.fixture()
+def bf16_calls(monkeypatch):
+    """How many batches each Bf16Model embedded: proof that a command's --precision bf16 reached its embedding."""
+    calls = []
+    real = Bf16Model.embed
+
+    def counted(self, images, domains):
+        calls.append(len(images))
+        return real(self, images, domains)
+    monkeypatch.setattr(Bf16Model, 'embed', counted)
+    return calls
+
+
+def test_test_py_and_search_py_take_bf16(runs, checkpoints, gallery, tmp_path, capsys, bf16_calls):
     for method, checkpoint in runs.items():
-        scores = {precision: test_script.main(['--evaluate', '--data_base', str(checkpoint), '--workers', '0',
-                                               '--runtime', 'torch', '--precision', precision])
-                  for precision in ('fp32', 'bf16')}
+        scores = {}
+        for precision in ('fp32', 'bf16'):
+            before = len(bf16_calls)
+            scores[precision] = test_script.main(['--evaluate', '--data_base', str(checkpoint), '--workers', '0',
+                                                  '--runtime', 'torch', '--precision', precision, '--gzs'])
+            assert (len(bf16_calls) > before) == (precision == 'bf16')
         assert scores['fp32'].keys() == scores['bf16'].keys()
         # the same split and model: a metric moves only where bf16 reorders near-equal similarities
-        assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.05 for k in scores['fp32']), (method, scores)
+        assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.01 for k in scores['fp32']), (method, scores)
+        before = len(bf16_calls)
+        test_script.main(['--data_base', str(checkpoint), '--num', '5', '--save_root', str(tmp_path / method),
+                          '--device', 'cpu', '--precision', 'bf16'])  # retrieval: the query, and MSEdge's pictures
+        assert bf16_calls[before:] == [1, 1]  # one query per val class, each embedded in bf16
+        assert len(list((tmp_path / method).glob('*.png'))) == 2
     metas = {precision: build(checkpoints[0], gallery, tmp_path / precision, '--precision', precision)
              for precision in ('fp32', 'bf16')}
     assert metas['fp32']['model'] == metas['bf16']['model']
@@ -53,16 +75,36 @@ def test_test_py_and_search_py_take_bf16(runs, checkpoints, gallery, tmp_path, c
     cosines = (vectors['fp32'] * vectors['bf16']).sum(1)  # both L2-normalised
     assert cosines.min() > 0.99 and np.abs(vectors['fp32'] - vectors['bf16']).max() > 1e-4
     sketch = next(gallery.rglob('*.*'))
+    before = len(bf16_calls)
     hits = search.main(['query', '--index', str(tmp_path / 'fp32'), '--query_name', str(sketch), '--num', '5',
                         '--save_root', str(tmp_path / 'q'), '--device', DEVICE, '--precision', 'bf16'])[0]
-    assert len(hits) == 5
+    assert len(hits) == 5 and len(bf16_calls) - before == 2  # the warm-up and the query (serve shares this Searcher)
+    assert isinstance(Searcher(tmp_path / 'fp32', precision='bf16').model, Bf16Model)
 
 
-def test_training_free_takes_bf16(tiny_data):
+def test_training_free_takes_bf16(tiny_data, bf16_calls):
     common = ['--evaluate', '--training_free', '--no_pretrained', '--data_root', str(tiny_data), '--data_name',
               'synthetic', '--img_size', '32', '--backbone_type', 'resnet18', '--workers', '0', '--device', 'cpu']
     scores = {precision: test_script.main([*common, '--precision', precision]) for precision in ('fp32', 'bf16')}
-    assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.05 for k in scores['fp32'])
+    assert bf16_calls and all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.01 for k in scores['fp32'])
+
+
+def test_a_bf16_copy_can_be_copied_and_a_cpu_without_bf16_is_told(monkeypatch, capsys, tmp_path):
+    import copy
+    from zs_sbir import precision
+    model = Bf16Model(torch.nn.Linear(2, 2))
+    assert isinstance(copy.copy(model), Bf16Model) and isinstance(copy.deepcopy(model), Bf16Model)
+    flags = tmp_path / 'cpuinfo'
+    for line, lacks in (('flags\t: fpu avx2 avx512f', True), ('flags\t: fpu avx512f avx512_bf16', False),
+                        ('flags\t: fpu amx_bf16 amx_tile', False), ('processor\t: 0', False)):
+        flags.write_text(line + '\n')
+        real_open = open
+        monkeypatch.setattr('builtins.open', lambda path, *a, **k: real_open(flags if path == '/proc/cpuinfo' else path,
+                                                                             *a, **k))
+        assert precision.cpu_lacks_bf16() is lacks
+        precision.with_precision(torch.nn.Linear(2, 2), 'bf16', 'cpu')
+        assert ('emulated here and slower than fp32' in capsys.readouterr().out) is lacks
+        monkeypatch.undo()
 
 
 def test_bf16_with_onnx_is_one_line(tmp_path, capsys, runs):
@@ -77,3 +119,8 @@ def test_bf16_with_onnx_is_one_line(tmp_path, capsys, runs):
               '--precision bf16 embeds through torch', [runs['acnet'].parent])
     check_cli(capsys, test_script.main, ['--evaluate', '--data_base', runs['acnet'], '--precision', 'fp16'],
               "invalid choice: 'fp16'")
+    for argv in (['index', '--data_base', runs['acnet'], '--photos', tmp_path], ['query', '--query_name', 'x.png'],
+                 ['serve']):
+        # the device is checked before the runtime it decides
+        check_cli(capsys, search.main, [*argv, '--index', tmp_path / 'i', '--device', 'foo', '--precision', 'bf16'],
+                  "--device 'foo' is not a device name")

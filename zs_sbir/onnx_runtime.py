@@ -256,7 +256,9 @@ class OnnxModel:
         self.quiet, self.sessions, self.sha256 = quiet, {}, sha256
 
     def __getattr__(self, name):
-        return getattr(self.__dict__['model'], name)
+        if name == 'model':  # not set yet (a copy or unpickling in progress): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def eval(self):
         return self

@@ -1,8 +1,9 @@
-"""`--precision bf16` of test.py and search.py (docs/speed.md#bf16): the model embeds under bfloat16 autocast with
-its weights and inputs channels_last, through torch. On a CPU with AVX512-BF16 or AMX (AMD Zen 4 and later, Intel
-Sapphire Rapids and later) and on a GPU it is the fastest path; on an older CPU bf16 is emulated and slower than
-fp32. Embeddings stay within cosine 0.99 of fp32's (the tests hold every method and backbone family to it); fp32
-is the default, and every number in README is fp32's.
+"""`--precision bf16` of test.py and search.py (docs/speed.md#bf16): the model embeds with a bfloat16 copy of its
+networks under autocast, weights and inputs channels_last, through torch. On a CPU with AVX512-BF16 or AMX (AMD Zen 4
+and later, Intel Sapphire Rapids and later) it embeds 1.9x to 2.7x as fast as fp32 torch (GPUs: not measured yet);
+on an older CPU bf16 is emulated and slower than fp32, and a line says so. Embeddings stay within cosine 0.99 of
+fp32's (the tests hold every method and backbone family to it); fp32 is the default, and every number in README is
+fp32's.
 
     model = with_precision(load_model(path, 'cpu', 'torch')[0], 'bf16')     # what load_model(..., precision='bf16') does
 """
@@ -13,9 +14,24 @@ import torch
 PRECISIONS = ('fp32', 'bf16')
 
 
-def with_precision(model, precision):
+def with_precision(model, precision, device='cpu'):
     """The model itself for fp32; for bf16, a model whose embed runs under bfloat16 autocast."""
-    return Bf16Model(model) if precision == 'bf16' else model
+    if precision != 'bf16':
+        return model
+    if torch.device(device).type == 'cpu' and cpu_lacks_bf16():
+        print('note: this CPU has no bf16 arithmetic (AVX512-BF16 or AMX): --precision bf16 is emulated here and '
+              'slower than fp32', flush=True)
+    return Bf16Model(model)
+
+
+def cpu_lacks_bf16():
+    """True where /proc/cpuinfo (Linux) lists neither AVX512-BF16 nor AMX-BF16; False where it cannot be read."""
+    try:
+        with open('/proc/cpuinfo') as f:
+            flags = next((line for line in f if line.startswith('flags')), '').split()
+    except OSError:
+        return False
+    return bool(flags) and not {'avx512_bf16', 'amx_bf16'} & set(flags)
 
 
 class Bf16Model:
@@ -31,13 +47,15 @@ class Bf16Model:
         self.low = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
 
     def __getattr__(self, name):
-        return getattr(self.__dict__['model'], name)
+        if name == 'model':  # not set yet (a copy or unpickling in progress): no endless lookup
+            raise AttributeError(name)
+        return getattr(self.model, name)
 
     def eval(self):
         return self
 
     def embed(self, images, domains):
-        # autocast still decides each operation's precision: LayerNorm and the methods' fp32 islands (MSEdge's
-        # edge maps and pooling) run in fp32, products in bf16
+        # products, convolutions and norms run in bf16; MSEdge's edge maps and max pooling in fp32 (its own
+        # autocast-free islands), from the copy's bf16-rounded normalisation constants
         with torch.autocast(images.device.type, torch.bfloat16):
             return self.low.embed(images.contiguous(memory_format=torch.channels_last), domains).float()

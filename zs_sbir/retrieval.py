@@ -53,7 +53,7 @@ def load_model(path, device='cpu', runtime='torch', quiet=False, precision='fp32
         if file_sha256(path) != sha256:  # the graphs are tied to the file's digest: it must be that of what was read
             raise UserError(f"'{path}' changed while it was read (a run saving it?): run the command again")
         model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], sha256, quiet)
-    return with_precision(model, precision), checkpoint
+    return with_precision(model, precision, device), checkpoint
 
 
 @torch.inference_mode()

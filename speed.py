@@ -454,7 +454,7 @@ def bench_runtimes(args):
         from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
         checkpoint = load_torch(args.data_base, CHECKPOINT_FORMAT, 'checkpoint')
         methods, args.img_size = [checkpoint['method']], checkpoint['args']['img_size']
-        checkpoint_run(args.data_base)
+        val_split(checkpoint)
     source = (f'{args.data_base} on its val split (its sketches against {args.photos} of its photos, drawn across its '
               f'classes)' if args.data_base else f'{args.photos} generated photos, random init')
     print(f'CPU: {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads; torch '
@@ -507,12 +507,16 @@ def generated_run(method, img_size, count, workers, root):
 def checkpoint_run(checkpoint):
     """The same for a trained checkpoint: its val split's photos and sketches, as test.py --evaluate reads them."""
     from zs_sbir.checkpoint import CHECKPOINT_FORMAT, load_torch
-    record = load_torch(checkpoint, CHECKPOINT_FORMAT, 'checkpoint')
-    trained = record['args']
-    split = scan_split(trained['data_root'], trained['data_name'], 'val', val_classes=trained.get('val_classes') or
-                       get_method(record['method'], trained).defaults['val_classes'])
+    split = val_split(load_torch(checkpoint, CHECKPOINT_FORMAT, 'checkpoint'))
     paths = {domain: [p for p, d in zip(split.paths, split.domains) if d == domain] for domain in (PHOTO, SKETCH)}
     return Path(checkpoint), split.root, paths[PHOTO], split.root, paths[SKETCH]
+
+
+def val_split(record):
+    """A loaded checkpoint's val split, with its val classes (the run's, else its method's)."""
+    trained = record['args']
+    return scan_split(trained['data_root'], trained['data_name'], 'val', val_classes=trained.get('val_classes') or
+                      get_method(record['method'], trained).defaults['val_classes'])
 
 
 def runtime_row(method, img_size, count, batch_size, repeats, workers, root, checkpoint=''):

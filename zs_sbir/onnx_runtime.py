@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from utils import PHOTO, SKETCH
 from zs_sbir.cli import UserError, first_line
+from zs_sbir.precision import ModelWrapper
 from zs_sbir.safe_files import acquire_lock, atomic_write, remove_stale_temporaries
 
 ONNX_FORMAT = 'zs-sbir-onnx-1'  # bump when an export changes what a graph computes: older graphs are exported again
@@ -244,7 +245,7 @@ def session(data):
 
 # ----------------------------------------------------------------------------------------------- runtime
 
-class OnnxModel:
+class OnnxModel(ModelWrapper):
     """A trained model whose `embed` runs its exported graphs in ONNX Runtime (the CPU); everything else it is asked
     (pictures, interpolation, backbone_tag, ...) the torch model answers. Each domain's graph is exported or loaded
     on its first use, so an index of photos never exports the sketch graph. `sha256`: that of the checkpoint file the
@@ -254,14 +255,6 @@ class OnnxModel:
     def __init__(self, model, checkpoint_path, img_size, method, sha256, quiet=False):
         self.model, self.checkpoint_path, self.img_size, self.method = model, Path(checkpoint_path), img_size, method
         self.quiet, self.sessions, self.sha256 = quiet, {}, sha256
-
-    def __getattr__(self, name):
-        if name == 'model':  # not set yet (a copy or unpickling in progress): no endless lookup
-            raise AttributeError(name)
-        return getattr(self.model, name)
-
-    def eval(self):
-        return self
 
     def prepare(self, domains=(SKETCH, PHOTO)):
         """Export (if need be) and load the graphs of `domains` now; returns their paths (None: held in memory)."""

@@ -34,17 +34,10 @@ def cpu_lacks_bf16():
     return bool(flags) and not {'avx512_bf16', 'amx_bf16'} & set(flags)
 
 
-class Bf16Model:
-    """A model whose `embed` runs a bfloat16 copy of its networks under autocast, channels_last (float32 out);
-    everything else (pictures, interpolation, backbone_tag, ...) the fp32 model answers as it is."""
-    precision = 'bf16'
-
-    def __init__(self, model):
-        self.model = model
-        # bf16 weights once: autocast alone casts every fp32 weight again at every call, which on a CPU costs
-        # ViT-B/32 more than its products (0.5x fp32's photos/s; with this copy 2x). channels_last: oneDNN's
-        # blocked bf16 convolutions, 1.2x NCHW's. The copy holds half the model's size in memory.
-        self.low = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
+class ModelWrapper:
+    """A trained model seen through another embedding path: `embed` is the wrapper's own, everything else
+    (pictures, interpolation, backbone_tag, ...) the wrapped fp32 torch model `model` answers (Bf16Model here,
+    onnx_runtime.OnnxModel)."""
 
     def __getattr__(self, name):
         if name == 'model':  # not set yet (a copy or unpickling in progress): no endless lookup
@@ -53,6 +46,18 @@ class Bf16Model:
 
     def eval(self):
         return self
+
+
+class Bf16Model(ModelWrapper):
+    """A model whose `embed` runs a bfloat16 copy of its networks under autocast, channels_last (float32 out)."""
+    precision = 'bf16'
+
+    def __init__(self, model):
+        self.model = model
+        # bf16 weights once: autocast alone casts every fp32 weight again at every call, which on a CPU costs
+        # ViT-B/32 more than its products (0.5x fp32's photos/s; with this copy 2x). channels_last: oneDNN's
+        # blocked bf16 convolutions, 1.2x NCHW's. The copy holds half the model's size in memory.
+        self.low = copy.deepcopy(model).to(torch.bfloat16, memory_format=torch.channels_last)
 
     def embed(self, images, domains):
         # products, convolutions and norms run in bf16; MSEdge's edge maps and max pooling in fp32 (its own

@@ -220,7 +220,7 @@ def gpu_check_commands(*stages):
 
 def test_every_command_of_the_gpu_check_parses():
     """A GPU session has minutes of device time: a renamed option must fail here, not there."""
-    lines = gpu_check_commands('wheels') + gpu_check_commands('all')  # wheels here, then every stage on the GPU
+    lines = gpu_check_commands('wheels') + gpu_check_commands()  # wheels here, then every stage on the GPU
     scripts = []
     for line in lines:
         words = shlex.split(line)[1:]

@@ -61,8 +61,11 @@ def test_test_py_and_search_py_take_bf16(runs, checkpoints, gallery, tmp_path, c
                                                   '--runtime', 'torch', '--precision', precision, '--gzs'])
             assert (len(bf16_calls) > before) == (precision == 'bf16')
         assert scores['fp32'].keys() == scores['bf16'].keys()
-        # the same split and model: a metric moves only where bf16 reorders near-equal similarities
-        assert all(abs(scores['fp32'][k] - scores['bf16'][k]) < 0.01 for k in scores['fp32']), (method, scores)
+        # the same split and model: a metric moves only where bf16 reorders near-equal similarities; on this data
+        # one reordered pair moves one by about 0.005 (the CPU's bf16 moved them by 0.0052 at most), and a GPU's
+        # bf16 kernels round differently: a few such pairs are allowed
+        moved = {k: abs(scores['fp32'][k] - scores['bf16'][k]) for k in scores['fp32']}
+        assert max(moved.values()) < 0.03, (method, moved)
         before = len(bf16_calls)
         test_script.main(['--data_base', str(checkpoint), '--num', '5', '--save_root', str(tmp_path / method),
                           '--device', 'cpu', '--precision', 'bf16'])  # retrieval: the query, and MSEdge's pictures

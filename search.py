@@ -37,7 +37,7 @@ from zs_sbir.pictures import draw_retrieval, save_png
 from zs_sbir.safe_files import plan_outputs, writing_into
 from zs_sbir.checkpoint import model_identity
 from zs_sbir.onnx_runtime import RUNTIMES, choose_runtime
-from zs_sbir.precision import PRECISIONS
+from zs_sbir.precision import PRECISION_HELP, PRECISIONS
 from zs_sbir.retrieval import load_model
 from zs_sbir.search_index import (INDEX_FORMAT, INDEX_KINDS, JOURNAL, LOCK, Searcher, build_faiss, embed_as, file_key,
                                   is_index, photo_batches, photo_files, photo_folders, read_index, write_index)
@@ -402,9 +402,7 @@ def parse_args(argv=None):
                          help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the '
                               'checkpoint (docs/speed.md); auto: onnx on a CPU, where it is the faster (1.1-2x), torch '
                               'on a GPU')
-        sub.add_argument('--precision', default='fp32', choices=PRECISIONS,
-                         help='bf16: embed in bfloat16 through torch, faster on CPUs with AVX512-BF16 or AMX (GPUs: '
-                              'not measured), within cosine 0.99 of fp32 (docs/speed.md#bf16)')
+        sub.add_argument('--precision', default='fp32', choices=PRECISIONS, help=PRECISION_HELP)
     return p.parse_args(argv)
 
 

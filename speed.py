@@ -444,9 +444,9 @@ def bench_search(args):
 
 def bench_runtimes(args):
     """Photos/s of each method's photo embedder on the CPU under torch (eager, channels_last, and bf16 autocast) and
-    ONNX Runtime, in one run: on batches already decoded, and search.py's index loop (decode, resize, embed) as the
+    ONNX Runtime (fp32, and int8 graphs), in one run: on batches already decoded, and search.py's index loop (decode, resize, embed) as the
     build sees it; with how far ONNX's embeddings are from torch's and how many of fp32 torch's top 10 photos of each
-    sketch ONNX and bf16 keep (recall@10 against fp32). Random init on generated photos, or with --data_base a
+    sketch ONNX, bf16 and int8 keep (recall@10 against fp32). Random init on generated photos, or with --data_base a
     trained checkpoint on its own val split."""
     check_numbers(args, batch_size=Limit(1, 4096), photos=Limit(1, 10 ** 6))
     methods = args.methods
@@ -461,22 +461,36 @@ def bench_runtimes(args):
           f'{torch.__version__}, onnxruntime {_version("onnxruntime")}; {args.img_size} px, batch {args.batch_size}, '
           f'{source}; {args.repeats} passes, the runtimes taking turns batch by batch (the builds pass by pass); '
           f'medians of the photos/s and of the ratios of neighbouring timings\n')
-    print('| method | backbone | torch eager | torch channels_last | ONNX Runtime | ONNX / eager | torch bf16 '
-          '| bf16 / eager | index build: torch | index build: ONNX | ONNX build ratio | index build: bf16 '
-          '| bf16 build ratio | ONNX max abs diff | recall@10 ONNX | recall@10 bf16 |')
-    print('|' + '---|' * 16)
+    columns = runtime_columns()
+    print('| ' + ' | '.join(name for name, _ in columns) + ' |')
+    print('|' + '---|' * len(columns))
     for method in methods:  # each in a fresh process, as a command runs one: no method's state times another's
         row = run_runtime_child(method, args.img_size, args.photos, args.batch_size, args.repeats, args.workers,
                                 args.data_base or '')
-        if row is None:
-            continue
-        print(f"| {method} | {row['backbone']} | {row['eager']:.1f} | {row['channels_last']:.1f} | {row['onnx']:.1f} "
-              f"| {row['ratio_onnx']:.2f}x | {row['bf16']:.1f} | {row['ratio_bf16']:.2f}x | {row['build_eager']:.1f} "
-              f"| {row['build_onnx']:.1f} | {row['build_ratio_onnx']:.2f}x | {row['build_bf16']:.1f} "
-              f"| {row['build_ratio_bf16']:.2f}x | {row['diff']:.1e} | {row['recall_onnx']:.3f} "
-              f"| {row['recall_bf16']:.3f} |", flush=True)
+        if row is not None:
+            print('| ' + ' | '.join(cell(row | {'method': method}) for _, cell in columns) + ' |', flush=True)
     print('\nphotos/s; recall@10: the share of the top 10 photos of each sketch under fp32 torch that the other '
           'runtime\'s embeddings keep (1.000: the same photos)')
+
+
+ALTERNATIVES = {'onnx': 'ONNX', 'bf16': 'bf16', 'int8': 'int8'}  # against fp32 torch eager
+
+
+def runtime_columns():
+    """(header, cell of a row) of `speed.py runtimes`' table."""
+    rate = lambda key: lambda row: f'{row[key]:.1f}'  # noqa: E731
+    ratio = lambda key: lambda row: f'{row[key]:.2f}x'  # noqa: E731
+    return [('method', lambda row: row['method']), ('backbone', lambda row: row['backbone']),
+            ('torch eager', rate('eager')), ('torch channels_last', rate('channels_last')),
+            ('ONNX Runtime', rate('onnx')), ('ONNX / eager', ratio('ratio_onnx')),
+            ('torch bf16', rate('bf16')), ('bf16 / eager', ratio('ratio_bf16')),
+            ('ONNX int8', rate('int8')), ('int8 / eager', ratio('ratio_int8')),
+            ('index build: torch', rate('build_eager')),
+            *[column for key, label in ALTERNATIVES.items() for column in
+              ((f'index build: {label}', rate(f'build_{key}')), (f'{label} build ratio', ratio(f'build_ratio_{key}')))],
+            ('ONNX max abs diff', lambda row: f"{row['diff']:.1e}"),
+            *[(f'recall@10 {label}', lambda row, key=key: f"{row[f'recall_{key}']:.3f}") for key, label in
+              ALTERNATIVES.items()]]
 
 
 def run_runtime_child(*row_args):
@@ -528,11 +542,15 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
     onnx = load_model(path, 'cpu', 'onnx', quiet=True)[0]  # as test.py and search.py load it
     model, img_size = onnx.model, onnx.img_size
     onnx.prepare()
+    # int8 calibrates on the training split: the checkpoint's, or the generated one beside the photos
+    int8 = load_model(path, 'cpu', 'onnx', quiet=True, precision='int8',
+                      calibration=None if checkpoint else photo_dir.parent)[0]
+    int8.prepare()
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]
     nets = {'eager': (model, torch.contiguous_format), 'onnx': (onnx, torch.contiguous_format),
             'channels_last': (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last),
-            'bf16': (Bf16Model(copy.deepcopy(model)), torch.channels_last)}
+            'bf16': (Bf16Model(copy.deepcopy(model)), torch.channels_last), 'int8': (int8, torch.contiguous_format)}
     inputs = {name: [b.contiguous(memory_format=layout) for b in batches] for name, (_, layout) in nets.items()}
     for name, (net, _) in nets.items():
         embed_as(net, inputs[name][0], PHOTO, 'cpu')  # warm-up
@@ -554,7 +572,7 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
         for i in range(len(batches)):
             for name in nets:
                 seconds[name].append(embed_seconds(name, inputs[name][i]))
-    builds = {name: [] for name in ('eager', 'onnx', 'bf16')}
+    builds = {name: [] for name in ('eager', *ALTERNATIVES)}
     for _ in range(repeats):
         for name in builds:
             builds[name].append(build_seconds(name))
@@ -562,19 +580,19 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
     row = {'backbone': model.backbone_tag,
            **{name: statistics.median(n / t for n, t in zip(sizes, seconds[name])) for name in nets},
            **{f'ratio_{name}': statistics.median(t / o for t, o in zip(seconds['eager'], seconds[name]))
-              for name in ('onnx', 'bf16')},
+              for name in ALTERNATIVES},
            **{f'build_{name}': len(files) / statistics.median(builds[name]) for name in builds},
            **{f'build_ratio_{name}': statistics.median(t / o for t, o in zip(builds['eager'], builds[name]))
-              for name in ('onnx', 'bf16')}}
+              for name in ALTERNATIVES}}
     sketches = torch.cat([images for _, images, _ in photo_batches(sketch_files, sketch_dir, img_size,
                                                                    model.interpolation, batch_size, 0, 'cpu')])
     photos = torch.cat(batches)
     ours = {name: (embed_as(nets[name][0], sketches, SKETCH, 'cpu'), embed_as(nets[name][0], photos, PHOTO, 'cpu'))
-            for name in ('eager', 'onnx', 'bf16')}
+            for name in ('eager', *ALTERNATIVES)}
     row['diff'] = max((a - b).abs().max().item() for a, b in zip(ours['eager'], ours['onnx']))
     k = min(10, len(photos))
     tops = {name: (q @ g.T).topk(k).indices.tolist() for name, (q, g) in ours.items()}
-    for name in ('onnx', 'bf16'):
+    for name in ALTERNATIVES:
         row[f'recall_{name}'] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tops['eager'], tops[name])]))
     return row
 

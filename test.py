@@ -30,7 +30,7 @@ from zs_sbir.evaluation import (embed_split, fine_grained_metrics, format_fine_g
                                 split_metrics)
 from zs_sbir.images import load_image, query_files, read_rgb
 from zs_sbir.onnx_runtime import RUNTIMES
-from zs_sbir.precision import PRECISIONS, with_precision
+from zs_sbir.precision import PRECISION_HELP, PRECISIONS, with_precision
 from zs_sbir.pictures import draw_retrieval, fit_tile, heatmap, save_png
 from zs_sbir.retrieval import Gallery, embed, load_model
 from zs_sbir.safe_files import atomic_write, make_output_folder
@@ -65,9 +65,7 @@ def parse_args(argv=None):
     p.add_argument('--runtime', default='auto', choices=RUNTIMES,
                    help='what embeds the images: torch, or ONNX Runtime with the graphs exported beside the checkpoint '
                         '(docs/speed.md); auto: onnx on a CPU, where it is the faster (1.1-2x), torch on a GPU')
-    p.add_argument('--precision', default='fp32', choices=PRECISIONS,
-                   help='bf16: embed in bfloat16 through torch, faster on CPUs with AVX512-BF16 or AMX (GPUs: not '
-                        'measured), within cosine 0.99 of fp32 (docs/speed.md#bf16)')
+    p.add_argument('--precision', default='fp32', choices=PRECISIONS, help=PRECISION_HELP)
     free = p.add_argument_group('training-free baseline: --evaluate --training_free scores a backbone with no training '
                                 '(docs/training.md); --data_root/--data_name default to data/sketchy')
     free.add_argument('--training_free', action='store_true', help='no checkpoint: the backbone as it comes')
@@ -325,6 +323,9 @@ def run(args):
             if args.runtime == 'onnx':
                 raise UserError('--runtime onnx exports a checkpoint\'s networks: --training_free has none (leave '
                                 '--runtime out)')
+            if args.precision == 'int8':
+                raise UserError('--precision int8 quantizes a checkpoint\'s exported networks: --training_free has '
+                                'none (use fp32 or bf16)')
             return training_free(args)
     model, checkpoint, vectors, data_root, data_name = load_run(args)
     if args.show_generated and args.evaluate:

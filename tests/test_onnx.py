@@ -205,6 +205,14 @@ def test_a_checkpoint_replaced_while_it_is_read_is_refused(tmp_path, monkeypatch
     assert not graph_path(path, PHOTO).exists()
 
 
+def runtimes_row(out, method):
+    """speed.py runtimes' row of `method`, as {column header: cell}."""
+    table = [[c.strip() for c in line.strip('|').split('|')] for line in out.splitlines() if line.startswith('| ')]
+    rows = [row for row in table[1:] if row[0] == method]
+    assert len(rows) == 1 and len(rows[0]) == len(table[0])
+    return dict(zip(table[0], rows[0]))
+
+
 @pytest.mark.parametrize('method', ['acnet', 'msedge'])
 def test_speed_runtimes_prints_rates_and_the_same_top_10(method, capsys):
     """speed.py runtimes, each method in its own process: positive rates and ratios, ONNX within 1e-4 of torch,
@@ -212,13 +220,13 @@ def test_speed_runtimes_prints_rates_and_the_same_top_10(method, capsys):
     import speed
     # 24 photos: a sketch's top 10 is a choice among them (with 10 or fewer every runtime keeps them all)
     speed.main(['runtimes', '--quick', '--methods', method, '--img_size', '32', '--photos', '24', '--batch_size', '8'])
-    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith(f'| {method} |')]
-    assert len(rows) == 1
-    cells = [c.strip() for c in rows[0].strip('|').split('|')]
-    rates = [float(cells[i]) for i in (2, 3, 4, 6, 8, 9, 11)]
-    ratios = [float(cells[i].rstrip('x')) for i in (5, 7, 10, 12)]
-    assert all(r > 0 for r in rates + ratios)
-    assert float(cells[13]) <= 1e-4 and cells[14] == '1.000' and 0 <= float(cells[15]) <= 1
+    row = runtimes_row(capsys.readouterr().out, method)
+    ratios = [float(v.rstrip('x')) for k, v in row.items() if 'ratio' in k or ' / eager' in k]
+    rates = [float(v) for k, v in row.items() if k not in ('method', 'backbone') and
+             not any(word in k for word in ('ratio', ' / eager', 'diff', 'recall'))]
+    assert len(rates) == 9 and len(ratios) == 6 and all(r > 0 for r in rates + ratios)
+    assert float(row['ONNX max abs diff']) <= 1e-4 and row['recall@10 ONNX'] == '1.000'
+    assert all(0 <= float(row[f'recall@10 {name}']) <= 1 for name in ('bf16', 'int8'))
 
 
 def test_speed_runtimes_on_a_trained_checkpoint(runs, capsys, tmp_path):
@@ -228,7 +236,6 @@ def test_speed_runtimes_on_a_trained_checkpoint(runs, capsys, tmp_path):
                 '--workers', '0'])  # the tiny val split's 12 photos: a top 10 among 12
     out = capsys.readouterr().out
     assert '32 px' in out and f"{runs['msedge']} on its val split (its sketches against 12 of its photos" in out
-    rows = [line for line in out.splitlines() if line.startswith('| msedge |')]
-    cells = [c.strip() for c in rows[0].strip('|').split('|')]
-    assert len(rows) == 1 and cells[14] == '1.000' and 0 <= float(cells[15]) <= 1
+    row = runtimes_row(out, 'msedge')
+    assert row['recall@10 ONNX'] == '1.000' and 0 <= float(row['recall@10 int8']) <= 1
     check_cli(capsys, speed.main, ['runtimes', '--data_base', tmp_path / 'missing.pth'], "checkpoint not found: '")

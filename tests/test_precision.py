@@ -11,7 +11,7 @@ import test as test_script
 from helpers import DEVICE, TINY_CLIP, build, check_cli, rng_images, saved_checkpoint
 from utils import PHOTO, SKETCH
 from zs_sbir.cli import UserError
-from zs_sbir.onnx_runtime import choose_runtime
+from zs_sbir.onnx_runtime import choose_runtime, graph_path, read_metadata
 from zs_sbir.precision import Bf16Model
 from zs_sbir.retrieval import embed, load_model
 from zs_sbir.search_index import Searcher
@@ -127,3 +127,81 @@ def test_bf16_with_onnx_is_one_line(tmp_path, capsys, runs):
         # the device is checked before the runtime it decides
         check_cli(capsys, search.main, [*argv, '--index', tmp_path / 'i', '--device', 'foo', '--precision', 'bf16'],
                   "--device 'foo' is not a device name")
+
+
+# ------------------------------------------------------------------------------------------------- int8
+
+@pytest.mark.parametrize('method, backbone, size', [
+    ('acnet', 'resnet18', 32), ('msedge', 'resnet18', 32), ('acnet', 'convnext_atto', 32),
+    ('acnet', 'vit_tiny_patch16_224', 32), ('msedge', 'vit_small_patch14_dinov2', 32), ('clipprompt', TINY_CLIP, 32),
+])  # not VGG16: its 550-MB graphs take a minute to quantize (docs/speed.md#int8)
+def test_int8_embeds_close_to_fp32_for_every_family(tmp_path, tiny_data, method, backbone, size):
+    path = saved_checkpoint(tmp_path, method, backbone, size)
+    calibration = tiny_data / 'synthetic' / 'train'
+    fp32, _ = load_model(path, 'cpu', 'torch')
+    int8, _ = load_model(path, 'cpu', 'onnx', quiet=True, precision='int8', calibration=calibration)
+    images = rng_images(len(DOMAINS), size, seed=1)
+    before, low = embed(fp32, images, DOMAINS), embed(int8, images, DOMAINS)
+    assert low.dtype == torch.float32 and low.shape == before.shape
+    assert F.cosine_similarity(low, before).min() > 0.95, F.cosine_similarity(low, before)
+    assert (low - before).abs().max() > 1e-4  # quantized, not the fp32 graph under another name
+    load_model(path, 'cpu', 'onnx', quiet=True)[0].prepare()  # the fp32 graphs, to compare sizes
+    for domain in (SKETCH, PHOTO):
+        meta = read_metadata(graph_path(path, domain, 'int8'))
+        assert meta['precision'] == 'int8' and meta['calibration'] == f'32 images of {calibration}'
+        assert graph_path(path, domain, 'int8').stat().st_size < graph_path(path, domain).stat().st_size / 2 or \
+            method == 'clipprompt'  # (the tiny CLIP's graphs are mostly not weights)
+    assert torch.equal(embed(int8.model, images, DOMAINS), before)  # the fp32 model beside it: as it was
+
+
+def test_test_py_and_search_py_take_int8(runs, tiny_data, gallery, tmp_path, capsys):
+    for method, trained in runs.items():
+        checkpoint = tmp_path / method / trained.name  # a private copy: the int8 graphs are written beside it
+        checkpoint.parent.mkdir()
+        checkpoint.write_bytes(trained.read_bytes())
+        scores = {precision: test_script.main(['--evaluate', '--data_base', str(checkpoint), '--workers', '0',
+                                               '--device', 'cpu', '--precision', precision])
+                  for precision in ('fp32', 'int8')}
+        assert f'calibrated on 32 images of {tiny_data / "synthetic" / "train"}' in capsys.readouterr().out
+        moved = {k: abs(scores['fp32'][k] - scores['int8'][k]) for k in scores['fp32']}
+        assert max(moved.values()) < 0.03, (method, moved)  # as bf16's (test_test_py_and_search_py_take_bf16)
+        assert graph_path(checkpoint, SKETCH, 'int8').is_file() and graph_path(checkpoint, PHOTO, 'int8').is_file()
+    metas = {precision: build(checkpoint, gallery, tmp_path / precision, '--device', 'cpu', '--precision', precision)
+             for precision in ('fp32', 'int8')}
+    assert metas['fp32']['model'] == metas['int8']['model']  # one model: an fp32 index takes int8 queries
+    vectors = {p: np.load(next((tmp_path / p).glob('vectors-*.npy'))) for p in metas}
+    cosines = (vectors['fp32'] * vectors['int8']).sum(1)
+    assert cosines.min() > 0.95 and np.abs(vectors['fp32'] - vectors['int8']).max() > 1e-4
+    hits = search.main(['query', '--index', str(tmp_path / 'fp32'), '--query_name', str(next(gallery.rglob('*.*'))),
+                        '--num', '5', '--save_root', str(tmp_path / 'q'), '--device', 'cpu', '--precision', 'int8'])[0]
+    assert len(hits) == 5
+    searcher = Searcher(tmp_path / 'fp32', runtime='auto', precision='int8')
+    assert searcher.model.precision == 'int8'
+
+
+def test_int8_requests_that_cannot_be_are_one_line(runs, tiny_data, tmp_path, capsys):
+    assert choose_runtime('auto', 'cpu', precision='int8') == 'onnx'
+    with pytest.raises(UserError, match='--precision int8 runs on the CPU'):
+        choose_runtime('auto', 'cuda', precision='int8')
+    checkpoint = tmp_path / runs['acnet'].name
+    checkpoint.write_bytes(runs['acnet'].read_bytes())
+    check_cli(capsys, test_script.main, ['--evaluate', '--data_base', checkpoint, '--runtime', 'torch',
+                                         '--precision', 'int8'], '--precision int8 runs through ONNX Runtime',
+              [tmp_path])
+    check_cli(capsys, test_script.main, ['--evaluate', '--training_free', '--no_pretrained', '--data_root', tiny_data,
+                                         '--data_name', 'synthetic', '--device', 'cpu', '--precision', 'int8'],
+              '--training_free has none', [tmp_path])
+    check_cli(capsys, search.main, ['index', '--data_base', checkpoint, '--photos', tmp_path, '--index',
+                                    tmp_path / 'i', '--runtime', 'torch', '--precision', 'int8'],
+              '--precision int8 runs through ONNX Runtime', [tmp_path])
+    # calibration images are the checkpoint's training split: where it is gone, one line naming the folder
+    with pytest.raises(UserError, match=r"calibrates on the checkpoint's training images, and '.*nowhere/sketch' has none"):
+        load_model(checkpoint, 'cpu', 'onnx', quiet=True, precision='int8', calibration=tmp_path / 'nowhere')[0] \
+            .prepare()
+    assert not graph_path(checkpoint, SKETCH, 'int8').exists()
+    # an fp32 graph where the int8 one goes is quantized again, with a line saying why
+    load_model(checkpoint, 'cpu', 'onnx', quiet=True)[0].prepare()
+    graph_path(checkpoint, SKETCH, 'int8').write_bytes(graph_path(checkpoint, SKETCH).read_bytes())
+    load_model(checkpoint, 'cpu', 'onnx', precision='int8')[0].prepare([SKETCH])
+    assert 'sketch.int8.onnx (the file there is not an int8 graph)' in capsys.readouterr().out
+    assert read_metadata(graph_path(checkpoint, SKETCH, 'int8'))['precision'] == 'int8'

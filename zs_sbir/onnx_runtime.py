@@ -11,10 +11,16 @@ records the sha256 of the checkpoint file it was exported from and this module's
 not match them (the checkpoint was trained again or replaced, the file is damaged or was cut short) is exported
 again. A graph is written whole (a temporary file, then a rename) under a lock, so two processes never write one
 file at once; where nothing can be written beside the checkpoint the graphs live in memory only.
+
+`--precision int8` (load_model(..., precision='int8')) runs int8 copies, `{stem}.sketch.int8.onnx` and
+`.photo.int8.onnx`: ONNX Runtime's static quantization (QDQ; int8 weights per output channel, uint8 activations),
+calibrated on 32 images of the domain from the checkpoint's training split, and kept and checked like the fp32 ones.
 """
 import copy
 import hashlib
 import io
+import logging
+import tempfile
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 
 from utils import PHOTO, SKETCH
 from zs_sbir.cli import UserError, first_line
+from zs_sbir.images import load_image, walk_image_files
 from zs_sbir.precision import ModelWrapper
 from zs_sbir.safe_files import acquire_lock, atomic_write, remove_stale_temporaries
 
@@ -32,6 +39,7 @@ ONNX_FORMAT = 'zs-sbir-onnx-1'  # bump when an export changes what a graph compu
 OPSET = 17
 DOMAIN_NAMES = {SKETCH: 'sketch', PHOTO: 'photo'}
 RUNTIMES = ('auto', 'torch', 'onnx')
+CALIBRATION_IMAGES = 32  # per domain; 16 and 64 calibrated trained checkpoints alike (docs/speed.md#int8)
 
 
 def onnx_available():
@@ -47,6 +55,13 @@ def choose_runtime(runtime, device, option='--runtime', precision='fp32'):
     """'torch' or 'onnx': auto is ONNX Runtime on a CPU (where it is the faster, docs/speed.md), torch on a GPU;
     --precision bf16 runs through torch."""
     on_cpu = torch.device(device).type == 'cpu'
+    if precision == 'int8':
+        if runtime == 'torch':
+            raise UserError(f'--precision int8 runs through ONNX Runtime (int8 graphs): leave {option} out, or pass '
+                            f'{option} onnx')
+        if not on_cpu:
+            raise UserError('--precision int8 runs on the CPU (onnxruntime\'s CPU build): pass --device cpu')
+        runtime = 'onnx'
     if precision == 'bf16':
         if runtime == 'onnx':
             raise UserError(f'--precision bf16 embeds through torch (ONNX Runtime has no bf16 convolutions on a CPU): '
@@ -62,9 +77,10 @@ def choose_runtime(runtime, device, option='--runtime', precision='fp32'):
     return runtime
 
 
-def graph_path(checkpoint_path, domain):
+def graph_path(checkpoint_path, domain, precision='fp32'):
     checkpoint_path = Path(checkpoint_path)
-    return checkpoint_path.with_name(f'{checkpoint_path.stem}.{DOMAIN_NAMES[domain]}.onnx')
+    tag = '' if precision == 'fp32' else f'.{precision}'
+    return checkpoint_path.with_name(f'{checkpoint_path.stem}.{DOMAIN_NAMES[domain]}{tag}.onnx')
 
 
 def file_sha256(path):
@@ -157,22 +173,75 @@ def export_graph(model, domain, img_size, metadata):
     return graph.SerializeToString()
 
 
-def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, quiet=False):
+def calibration_images(folder, domain, img_size, interpolation):
+    """CALIBRATION_IMAGES uint8 images (N, 3, img_size, img_size) of `domain`, spread over the sorted image files
+    under folder/sketch or folder/photo (a training split)."""
+    root = Path(folder) / DOMAIN_NAMES[domain]
+    files = walk_image_files(root)[0] if root.is_dir() else []
+    if not files:
+        raise UserError(f"--precision int8 calibrates on the checkpoint's training images, and '{root}' has none: "
+                        f"run where its dataset is (its --data_root), or use --precision fp32")
+    picked = files[::max(1, len(files) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    return np.stack([load_image(root / f, img_size, interpolation).numpy() for f in picked])
+
+
+def quantize_graph(data, images, metadata):
+    """The int8 ONNX bytes of fp32 graph bytes: static QDQ quantization calibrated on `images`."""
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{'images': images[i:i + 8]} for i in range(0, len(images), 8)])
+
+        def get_next(self):
+            return next(self.batches, None)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer's advice on pre-processing, which quant_pre_process does
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            fp32, pre, int8 = (str(Path(tmp) / name) for name in ('fp32.onnx', 'pre.onnx', 'int8.onnx'))
+            Path(fp32).write_bytes(data)
+            quant_pre_process(fp32, pre, skip_symbolic_shape=True)
+            quantize_static(pre, int8, Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            graph = onnx.load(int8)
+    finally:
+        root.setLevel(level)
+    onnx.helper.set_model_props(graph, metadata)
+    return graph.SerializeToString()
+
+
+def graph_bytes(model, domain, img_size, metadata, calibration):
+    """The graph `metadata` describes: exported, and for int8 quantized on images from `calibration`."""
+    data = export_graph(model, domain, img_size, metadata)
+    if metadata.get('precision') != 'int8':
+        return data
+    return quantize_graph(data, calibration_images(calibration, domain, img_size, model.interpolation), metadata)
+
+
+def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, quiet=False, precision='fp32',
+                 calibration=None):
     """(ONNX Runtime session, path or None) of the up-to-date graph of one domain: the file beside the checkpoint
     when it matches, else exported again and saved there; held in memory only (path None) where nothing can be
-    written beside the checkpoint (a read-only folder, a full disk, a name too long)."""
+    written beside the checkpoint (a read-only folder, a full disk, a name too long). precision 'int8': the int8
+    graph, calibrated on the training split at `calibration`."""
     checkpoint_path = Path(checkpoint_path)
-    path = graph_path(checkpoint_path, domain)
+    path = graph_path(checkpoint_path, domain, precision)
     metadata = {'format': ONNX_FORMAT, 'checkpoint_sha256': sha256, 'checkpoint': checkpoint_path.name,
                 'method': str(method), 'img_size': str(img_size), 'domain': DOMAIN_NAMES[domain],
                 'torch': torch.__version__}
+    if precision == 'int8':
+        metadata.update(precision='int8', calibration=f'{CALIBRATION_IMAGES} images of {calibration}')
     try:
         found, problem = current_session(path, metadata)
         if found is not None:
             return found, path
         release = acquire_lock(path.with_name(f'.{path.name}.lock'), f"'{path}'", wait=3600)
     except OSError as error:
-        return in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error), None
+        return in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error, calibration), None
     try:
         found, problem = current_session(path, metadata)  # another process may have exported it meanwhile
         if found is not None:
@@ -180,8 +249,9 @@ def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, 
         if path.is_dir():
             raise UserError(f"'{path}' is a folder, where the {DOMAIN_NAMES[domain]} graph of '{checkpoint_path}' "
                             f"goes: move it away, or pass --runtime torch")
-        say(quiet, f'exporting {path} ({problem})')
-        data = export_graph(model, domain, img_size, metadata)
+        say(quiet, f'exporting {path} ({problem})' if precision == 'fp32' else
+            f'exporting {path} ({problem}), calibrated on {metadata["calibration"]}')
+        data = graph_bytes(model, domain, img_size, metadata, calibration)
         remove_stale_temporaries(path)  # left by a process killed while writing (we hold the lock)
         try:
             atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
@@ -193,11 +263,11 @@ def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, 
         release()
 
 
-def in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error):
+def in_memory(model, checkpoint_path, domain, img_size, metadata, quiet, error, calibration=None):
     """A session of a graph exported into memory, for a checkpoint beside which nothing can be written."""
     say(quiet, f'exporting the {DOMAIN_NAMES[domain]} graph of {checkpoint_path} to ONNX in memory (nothing can be '
                f'written beside it: {error.strerror or error})')
-    return session(export_graph(model, domain, img_size, metadata))
+    return session(graph_bytes(model, domain, img_size, metadata, calibration))
 
 
 def current_session(path, metadata):
@@ -213,9 +283,10 @@ def current_session(path, metadata):
     why = {'format': 'the file there is of another export format',
            'checkpoint_sha256': 'the file there belongs to another version of the checkpoint',
            'img_size': 'the file there is for another image size',
-           'domain': 'the file there is the graph of the other domain'}
+           'domain': 'the file there is the graph of the other domain',
+           'precision': 'the file there is not an int8 graph', 'calibration': 'the file there was calibrated elsewhere'}
     for key, problem in why.items():
-        if recorded.get(key) != metadata[key]:
+        if recorded.get(key) != metadata.get(key):
             return None, problem
     return found, None
 
@@ -252,9 +323,11 @@ class OnnxModel(ModelWrapper):
     model was loaded from."""
     runtime = 'onnx'
 
-    def __init__(self, model, checkpoint_path, img_size, method, sha256, quiet=False):
+    def __init__(self, model, checkpoint_path, img_size, method, sha256, quiet=False, precision='fp32',
+                 calibration=None):
         self.model, self.checkpoint_path, self.img_size, self.method = model, Path(checkpoint_path), img_size, method
         self.quiet, self.sessions, self.sha256 = quiet, {}, sha256
+        self.precision, self.calibration = precision, calibration  # int8: graphs calibrated on that training split
 
     def prepare(self, domains=(SKETCH, PHOTO)):
         """Export (if need be) and load the graphs of `domains` now; returns their paths (None: held in memory)."""
@@ -263,7 +336,7 @@ class OnnxModel(ModelWrapper):
     def session_of(self, domain):
         if domain not in self.sessions:
             self.sessions[domain] = ensure_graph(self.model, self.checkpoint_path, domain, self.img_size, self.sha256,
-                                                 self.method, self.quiet)
+                                                 self.method, self.quiet, self.precision, self.calibration)
         return self.sessions[domain]
 
     def embed(self, images, domains):

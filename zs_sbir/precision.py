@@ -1,9 +1,9 @@
 """`--precision bf16` of test.py and search.py (docs/speed.md#bf16): the model embeds with a bfloat16 copy of its
 networks under autocast, weights and inputs channels_last, through torch. On a CPU with AVX512-BF16 or AMX (AMD Zen 4
-and later, Intel Sapphire Rapids and later) it embeds 1.9x to 2.7x as fast as fp32 torch (GPUs: not measured yet);
+and later, Intel Sapphire Rapids and later) it embeds 2.0x to 3.1x as fast as fp32 torch (GPUs: not measured yet);
 on an older CPU bf16 is emulated and slower than fp32, and a line says so. Embeddings stay within cosine 0.99 of
 fp32's (the tests hold every method and backbone family to it); fp32 is the default, and every number in README is
-fp32's.
+fp32's. `--precision int8` is ONNX Runtime's: int8 graphs (zs_sbir/onnx_runtime.py), not a torch wrapper.
 
     model = with_precision(load_model(path, 'cpu', 'torch')[0], 'bf16')     # what load_model(..., precision='bf16') does
 """
@@ -11,7 +11,10 @@ import copy
 
 import torch
 
-PRECISIONS = ('fp32', 'bf16')
+PRECISIONS = ('fp32', 'bf16', 'int8')  # int8: ONNX Runtime's int8 graphs (zs_sbir/onnx_runtime.py)
+PRECISION_HELP = ('bf16: embed in bfloat16 through torch, faster on CPUs with AVX512-BF16 or AMX, within cosine 0.99 '
+                  'of fp32 (docs/speed.md#bf16); int8: through int8 ONNX graphs calibrated on the checkpoint\'s '
+                  'training images, on the CPU (docs/speed.md#int8)')
 
 
 def with_precision(model, precision, device='cpu'):

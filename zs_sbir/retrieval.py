@@ -37,10 +37,11 @@ def model_from_checkpoint(checkpoint, device='cpu'):
     return model.to(device).eval()
 
 
-def load_model(path, device='cpu', runtime='torch', quiet=False, precision='fp32'):
+def load_model(path, device='cpu', runtime='torch', quiet=False, precision='fp32', calibration=None):
     """(model in eval mode, checkpoint) of a checkpoint written by train.py or convert.py; with runtime 'onnx' (or
     'auto' on a CPU) the model embeds through ONNX Runtime, its graphs exported beside the checkpoint on first use
-    (zs_sbir/onnx_runtime.py); with precision 'bf16' through torch under bfloat16 autocast (zs_sbir/precision.py)."""
+    (zs_sbir/onnx_runtime.py); with precision 'bf16' through torch under bfloat16 autocast (zs_sbir/precision.py);
+    with 'int8' through int8 graphs calibrated on `calibration` (a training split folder; default the checkpoint's)."""
     runtime = choose_runtime(runtime, device, precision=precision)
     sha256 = file_sha256(path) if runtime == 'onnx' and Path(path).is_file() else None
     checkpoint = load_torch(path, CHECKPOINT_FORMAT, 'checkpoint')
@@ -52,7 +53,11 @@ def load_model(path, device='cpu', runtime='torch', quiet=False, precision='fp32
     if runtime == 'onnx':
         if file_sha256(path) != sha256:  # the graphs are tied to the file's digest: it must be that of what was read
             raise UserError(f"'{path}' changed while it was read (a run saving it?): run the command again")
-        model = OnnxModel(model, path, checkpoint['args']['img_size'], checkpoint['method'], sha256, quiet)
+        trained = checkpoint['args']
+        if precision == 'int8' and calibration is None:
+            calibration = Path(trained.get('data_root') or 'data') / str(trained.get('data_name')) / 'train'
+        model = OnnxModel(model, path, trained['img_size'], checkpoint['method'], sha256, quiet,
+                          'int8' if precision == 'int8' else 'fp32', calibration)
     return with_precision(model, precision, device), checkpoint
 
 

@@ -111,6 +111,8 @@ def build_index(args):
     out = Path(args.index)
     files, skipped = photo_files(photos)
     model, checkpoint = load_model(args.data_base, args.device, args.runtime, precision=args.precision)
+    if args.precision == 'int8':
+        model.prepare([PHOTO])  # quantized (or found) now: a missing training split is told before any work
     identity = model_identity(checkpoint)
     with claimed(out):
         previous = previous_index(out, args.rebuild)

@@ -545,12 +545,18 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
     # int8 calibrates on the training split: the checkpoint's, or the generated one beside the photos
     int8 = load_model(path, 'cpu', 'onnx', quiet=True, precision='int8',
                       calibration=None if checkpoint else photo_dir.parent)[0]
-    int8.prepare()
+    try:
+        int8.prepare()
+    except UserError as error:  # a checkpoint whose training split is not here: the other columns still count
+        print(f'  ({error}: no int8 columns)', file=sys.stderr)
+        int8 = None
     batches = [images for _, images, _ in photo_batches(files, photo_dir, img_size, model.interpolation, batch_size,
                                                         0, 'cpu')]
     nets = {'eager': (model, torch.contiguous_format), 'onnx': (onnx, torch.contiguous_format),
             'channels_last': (copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last),
             'bf16': (Bf16Model(copy.deepcopy(model)), torch.channels_last), 'int8': (int8, torch.contiguous_format)}
+    nets = {name: net for name, net in nets.items() if net[0] is not None}
+    alternatives = [name for name in ALTERNATIVES if name in nets]
     inputs = {name: [b.contiguous(memory_format=layout) for b in batches] for name, (_, layout) in nets.items()}
     for name, (net, _) in nets.items():
         embed_as(net, inputs[name][0], PHOTO, 'cpu')  # warm-up
@@ -572,7 +578,7 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
         for i in range(len(batches)):
             for name in nets:
                 seconds[name].append(embed_seconds(name, inputs[name][i]))
-    builds = {name: [] for name in ('eager', *ALTERNATIVES)}
+    builds = {name: [] for name in ('eager', *alternatives)}
     for _ in range(repeats):
         for name in builds:
             builds[name].append(build_seconds(name))
@@ -580,21 +586,23 @@ def runtime_row(method, img_size, count, batch_size, repeats, workers, root, che
     row = {'backbone': model.backbone_tag,
            **{name: statistics.median(n / t for n, t in zip(sizes, seconds[name])) for name in nets},
            **{f'ratio_{name}': statistics.median(t / o for t, o in zip(seconds['eager'], seconds[name]))
-              for name in ALTERNATIVES},
+              for name in alternatives},
            **{f'build_{name}': len(files) / statistics.median(builds[name]) for name in builds},
            **{f'build_ratio_{name}': statistics.median(t / o for t, o in zip(builds['eager'], builds[name]))
-              for name in ALTERNATIVES}}
+              for name in alternatives}}
     sketches = torch.cat([images for _, images, _ in photo_batches(sketch_files, sketch_dir, img_size,
                                                                    model.interpolation, batch_size, 0, 'cpu')])
     photos = torch.cat(batches)
     ours = {name: (embed_as(nets[name][0], sketches, SKETCH, 'cpu'), embed_as(nets[name][0], photos, PHOTO, 'cpu'))
-            for name in ('eager', *ALTERNATIVES)}
+            for name in ('eager', *alternatives)}
     row['diff'] = max((a - b).abs().max().item() for a, b in zip(ours['eager'], ours['onnx']))
     k = min(10, len(photos))
     tops = {name: (q @ g.T).topk(k).indices.tolist() for name, (q, g) in ours.items()}
-    for name in ALTERNATIVES:
+    for name in alternatives:
         row[f'recall_{name}'] = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(tops['eager'], tops[name])]))
-    return row
+    missing = {key: float('nan') for name in ALTERNATIVES if name not in nets for key in
+               (name, f'ratio_{name}', f'build_{name}', f'build_ratio_{name}', f'recall_{name}')}
+    return row | missing  # (printed as nan)
 
 
 def _version(package):

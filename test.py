@@ -104,6 +104,8 @@ def load_run(args):
     train_args = checkpoint['args']
     data_root = Path(args.data_root or train_args['data_root'])
     data_name = args.data_name or train_args['data_name']
+    if args.precision == 'int8':  # quantized on first use: calibrated on the training split of the dataset named here
+        model.calibration = data_root / data_name / 'train'
     if args.evaluate:
         return model, checkpoint, None, data_root, data_name
     if not (args.vectors or checkpoint['vectors_file']):  # a converted release: no saved gallery

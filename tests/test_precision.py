@@ -1,6 +1,10 @@
 """--precision bf16 (zs_sbir/precision.py): every method and backbone family the CLI takes embeds within cosine 0.99
 of fp32, really in bf16 (not fp32 under another name), and leaves fp32's embeddings as they were; test.py and
-search.py take it on every path that embeds; --runtime onnx with it is one line."""
+search.py take it on every path that embeds; --runtime onnx with it is one line. --precision int8: ONNX Runtime's
+int8 graphs for every family but VGG16, calibrated where the command says, and what cannot be is one line."""
+import re
+import shutil
+
 import numpy as np
 import pytest
 import torch
@@ -179,7 +183,7 @@ def test_test_py_and_search_py_take_int8(runs, tiny_data, gallery, tmp_path, cap
     assert searcher.model.precision == 'int8'
 
 
-def test_int8_requests_that_cannot_be_are_one_line(runs, tiny_data, tmp_path, capsys):
+def test_int8_requests_that_cannot_be_are_one_line(runs, tiny_data, tmp_path, capsys, monkeypatch, gallery):
     assert choose_runtime('auto', 'cpu', precision='int8') == 'onnx'
     with pytest.raises(UserError, match='--precision int8 runs on the CPU'):
         choose_runtime('auto', 'cuda', precision='int8')
@@ -199,6 +203,19 @@ def test_int8_requests_that_cannot_be_are_one_line(runs, tiny_data, tmp_path, ca
         load_model(checkpoint, 'cpu', 'onnx', quiet=True, precision='int8', calibration=tmp_path / 'nowhere')[0] \
             .prepare()
     assert not graph_path(checkpoint, SKETCH, 'int8').exists()
+    # test.py calibrates on the dataset it is given (--data_root), here one whose training split is gone
+    moved = tmp_path / 'moved'
+    shutil.copytree(tiny_data / 'synthetic' / 'val', moved / 'synthetic' / 'val')
+    check_cli(capsys, test_script.main, ['--evaluate', '--data_base', checkpoint, '--data_root', moved, '--device',
+                                         'cpu', '--workers', '0', '--precision', 'int8'],
+              "training images, and '" + re.escape(str(moved / 'synthetic' / 'train')) + '/', [tmp_path])
+    # search.py index: a checkpoint whose recorded (relative) data_root is not here is told before any work
+    monkeypatch.chdir(tmp_path)
+    elsewhere = saved_checkpoint(tmp_path, 'acnet', 'resnet18', 32)  # trained on data/synthetic, not here
+    check_cli(capsys, search.main, ['index', '--data_base', elsewhere, '--photos', gallery, '--index', tmp_path / 'ix',
+                                    '--device', 'cpu', '--precision', 'int8'],
+              "training images, and 'data/synthetic/train/photo' has none", [tmp_path])
+    assert not (tmp_path / 'ix').exists()
     # an fp32 graph where the int8 one goes is quantized again, with a line saying why
     load_model(checkpoint, 'cpu', 'onnx', quiet=True)[0].prepare()
     graph_path(checkpoint, SKETCH, 'int8').write_bytes(graph_path(checkpoint, SKETCH).read_bytes())

@@ -53,7 +53,7 @@ def onnx_available():
 
 def choose_runtime(runtime, device, option='--runtime', precision='fp32'):
     """'torch' or 'onnx': auto is ONNX Runtime on a CPU (where it is the faster, docs/speed.md), torch on a GPU;
-    --precision bf16 runs through torch."""
+    --precision bf16 runs through torch, int8 through ONNX Runtime (on the CPU)."""
     on_cpu = torch.device(device).type == 'cpu'
     if precision == 'int8':
         if runtime == 'torch':
@@ -61,7 +61,10 @@ def choose_runtime(runtime, device, option='--runtime', precision='fp32'):
                             f'{option} onnx')
         if not on_cpu:
             raise UserError('--precision int8 runs on the CPU (onnxruntime\'s CPU build): pass --device cpu')
-        runtime = 'onnx'
+        if not onnx_available():
+            raise UserError('--precision int8 needs the onnx and onnxruntime packages: pip install -r '
+                            'requirements.txt, or --precision fp32')
+        return 'onnx'
     if precision == 'bf16':
         if runtime == 'onnx':
             raise UserError(f'--precision bf16 embeds through torch (ONNX Runtime has no bf16 convolutions on a CPU): '
@@ -181,7 +184,7 @@ def calibration_images(folder, domain, img_size, interpolation):
     if not files:
         raise UserError(f"--precision int8 calibrates on the checkpoint's training images, and '{root}' has none: "
                         f"run where its dataset is (its --data_root), or use --precision fp32")
-    picked = files[::max(1, len(files) // CALIBRATION_IMAGES)][:CALIBRATION_IMAGES]
+    picked = [files[i] for i in np.linspace(0, len(files) - 1, min(len(files), CALIBRATION_IMAGES)).astype(int)]
     return np.stack([load_image(root / f, img_size, interpolation).numpy() for f in picked])
 
 
@@ -219,7 +222,12 @@ def graph_bytes(model, domain, img_size, metadata, calibration):
     data = export_graph(model, domain, img_size, metadata)
     if metadata.get('precision') != 'int8':
         return data
-    return quantize_graph(data, calibration_images(calibration, domain, img_size, model.interpolation), metadata)
+    images = calibration_images(calibration, domain, img_size, model.interpolation)
+    try:
+        return quantize_graph(data, images, metadata)
+    except Exception as error:  # ONNX Runtime's quantizer: an operator it cannot handle, a full temporary disk
+        raise UserError(f'the int8 quantization of the {DOMAIN_NAMES[domain]} graph failed: {first_line(error)} '
+                        f'(use --precision fp32)') from error
 
 
 def ensure_graph(model, checkpoint_path, domain, img_size, sha256, method=None, quiet=False, precision='fp32',

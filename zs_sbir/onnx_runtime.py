@@ -39,7 +39,7 @@ ONNX_FORMAT = 'zs-sbir-onnx-1'  # bump when an export changes what a graph compu
 OPSET = 17
 DOMAIN_NAMES = {SKETCH: 'sketch', PHOTO: 'photo'}
 RUNTIMES = ('auto', 'torch', 'onnx')
-CALIBRATION_IMAGES = 32  # per domain; 16 and 64 calibrated trained checkpoints alike (docs/speed.md#int8)
+CALIBRATION_IMAGES = 32  # per domain, spread over the training split's files (docs/speed.md#int8)
 
 
 def onnx_available():
